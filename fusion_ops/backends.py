@@ -1,0 +1,138 @@
+"""Backend registry: which implementation runs an op, per call.
+
+Every op of ``torch.ops.fusion_ops`` dispatches through :func:`dispatch`, which picks an
+implementation from the device of the call's tensors and from what is importable:
+
+1. ``aiter``     on ROCm GPUs, when ``import aiter`` works and the op has an AITER implementation;
+2. ``triton``    on CUDA/ROCm GPUs, when ``import triton`` works and the op has a Triton kernel;
+3. ``reference`` everywhere (pure torch, defines the numerics).
+
+An override forces one backend for every op: the environment variable
+``FUSION_OPS_BACKEND=<name>`` (read at every call), or the API :func:`set_backend` /
+:func:`use_backend` (which wins over the variable). A forced backend that has no implementation
+for an op, or that cannot run on the tensors' device, raises instead of silently falling back.
+
+Backends add themselves with :func:`register_impl`; callers never change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+BACKENDS = ("aiter", "triton", "reference")  # auto-selection preference order
+ENV_VAR = "FUSION_OPS_BACKEND"
+
+_IMPLS: dict[str, dict[str, Callable[..., Any]]] = {}
+_FORCED: str | None = None
+_LAST_USED: dict[str, str] = {}
+_IMPORTABLE: dict[str, bool] = {}
+
+
+def register_impl(op_name: str, backend: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: register ``fn`` as ``backend``'s implementation of ``fusion_ops::<op_name>``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"register_impl: unknown backend {backend!r}; expected one of {BACKENDS}")
+
+    def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
+        _IMPLS.setdefault(op_name, {})[backend] = fn
+        return fn
+
+    return decorator
+
+
+def set_backend(name: str | None) -> None:
+    """Force ``name`` for every op (``None`` restores automatic selection)."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"set_backend: unknown backend {name!r}; expected one of {BACKENDS} or None")
+    global _FORCED
+    _FORCED = name
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Context manager form of :func:`set_backend`."""
+    previous = _FORCED
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def forced_backend() -> str | None:
+    """The backend forced by the API or by ``FUSION_OPS_BACKEND``, or ``None``."""
+    if _FORCED is not None:
+        return _FORCED
+    env = os.environ.get(ENV_VAR, "").strip().lower()
+    if not env or env == "auto":
+        return None
+    if env not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={env!r}: expected one of {BACKENDS} or 'auto'")
+    return env
+
+
+def _importable(module: str) -> bool:
+    if module not in _IMPORTABLE:
+        try:
+            ok = importlib.util.find_spec(module) is not None
+            if ok and module == "aiter":  # aiter's __init__ needs ROCm: only a real import tells
+                importlib.import_module("aiter")
+        except Exception:
+            ok = False
+        _IMPORTABLE[module] = ok
+    return _IMPORTABLE[module]
+
+
+def _can_run(backend: str, device: torch.device) -> bool:
+    if backend == "reference":
+        return True
+    if device.type != "cuda":
+        return False
+    if backend == "aiter":
+        return torch.version.hip is not None and _importable("aiter")
+    return _importable("triton")
+
+
+def select_backend(op_name: str, device: torch.device) -> str:
+    """Name of the backend that runs ``op_name`` on ``device`` now."""
+    impls = _IMPLS.get(op_name, {})
+    forced = forced_backend()
+    if forced is not None:
+        if forced not in impls:
+            raise NotImplementedError(
+                f"fusion_ops.{op_name}: backend {forced!r} is forced but has no implementation of "
+                f"this op (available: {sorted(impls)})"
+            )
+        if not _can_run(forced, device):
+            raise RuntimeError(
+                f"fusion_ops.{op_name}: backend {forced!r} is forced but cannot run on device "
+                f"{device} (triton/aiter need a CUDA/ROCm GPU; aiter needs ROCm and `import aiter`)"
+            )
+        return forced
+    for backend in BACKENDS:
+        if backend in impls and _can_run(backend, device):
+            return backend
+    raise NotImplementedError(f"fusion_ops.{op_name}: no backend can run on device {device}")
+
+
+def dispatch(op_name: str, device: torch.device, *args: Any) -> Any:
+    """Run ``op_name`` with the backend selected for ``device``."""
+    backend = select_backend(op_name, device)
+    _LAST_USED[op_name] = backend
+    return _IMPLS[op_name][backend](*args)
+
+
+def last_backend(op_name: str) -> str | None:
+    """The backend that ran ``op_name`` most recently in this process (``None`` if never run)."""
+    return _LAST_USED.get(op_name)
+
+
+def implementations(op_name: str) -> tuple[str, ...]:
+    """The backends that implement ``op_name``."""
+    return tuple(b for b in BACKENDS if b in _IMPLS.get(op_name, {}))

@@ -1,0 +1,368 @@
+"""The op vocabulary: every ``torch.ops.fusion_ops`` op, its schema, validation and fake.
+
+Each op is defined once here: schema → validation → dispatch to a backend (see
+:mod:`fusion_ops.backends`). Fakes validate too, so bad input fails at trace time under
+``torch.compile`` with the same message as in eager.
+
+Standalone ops (what models call)::
+
+    rms_norm(x, weight, eps) -> y
+    fused_add_rms_norm(x, residual, weight, eps) -> (y, residual_out)
+    <scheme>_quant(x, *scheme_params) -> (q, scales)            (schemes: fusion_ops.schemes)
+    rope(positions, x, cos_sin_cache, rope_dim, is_neox) -> x_rotated
+    mla_cache_write(kv, kv_cache!, slot_mapping, layout) -> ()
+    dequant_cache(kv_cache, block_ids, layout) -> kv [len(block_ids)·block_size, head_dim]
+
+Fused ops (what the passes substitute; same numbers as the standalone sequence)::
+
+    rms_norm_<scheme>_quant(x, weight, eps, *scheme_params) -> (q, scales)
+    add_rms_norm_<scheme>_quant(x, residual, weight, eps, *scheme_params)
+        -> (q, scales, residual_out)
+    rope_mla_cache_write(positions, q, kv, cos_sin_cache, kv_cache!, slot_mapping, rope_dim,
+                         is_neox, layout) -> (q_rotated, kv_rotated)
+    dequant_cache_fp8(kv_cache, block_ids, layout, fp8_dtype) -> fp8 [n·block_size, head_dim]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from . import checks
+from .backends import dispatch, register_impl
+from .formats import CACHE_LAYOUTS, DSV4_HEAD_DIM, DSV4_SLOT_BYTES
+from .reference import cache as ref_cache
+from .reference import norm as ref_norm
+from .reference import rope as ref_rope
+from .schemes import SCHEMES, QuantScheme
+
+NAMESPACE = "fusion_ops"
+_LIB = torch.library.Library(NAMESPACE, "DEF")
+
+#: name -> schema, every op defined by this module (tests iterate over it)
+OP_SCHEMAS: dict[str, str] = {}
+
+
+def _define(
+    name: str,
+    schema: str,
+    validate: Callable[..., None],
+    fake: Callable[..., Any],
+    reference: Callable[..., Any],
+    device_arg: int = 0,
+) -> None:
+    """Define ``fusion_ops::name``: real kernel = validate + dispatch, fake = validate + fake."""
+    OP_SCHEMAS[name] = schema
+    _LIB.define(name + schema)
+    register_impl(name, "reference")(reference)
+
+    def real(*args: Any) -> Any:
+        validate(*args)
+        return dispatch(name, args[device_arg].device, *args)
+
+    def fake_impl(*args: Any) -> Any:
+        validate(*args)
+        return fake(*args)
+
+    _LIB.impl(name, real, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"{NAMESPACE}::{name}", fake_impl, lib=_LIB)
+
+
+# --- norms --------------------------------------------------------------------------------------
+def _check_norm(op: str, x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    checks.check_min_dim(op, "x", x, 1)
+    checks.check_dtype(op, "x", x, checks.FLOAT_DTYPES)
+    checks.check_dtype(op, "weight", weight, checks.FLOAT_DTYPES)
+    checks.check_dim(op, "weight", weight, 1)
+    checks.check(
+        op, "weight", weight.shape[0] == x.shape[-1],
+        f"has {weight.shape[0]} elements; expected x's last dim {x.shape[-1]}",
+    )
+    checks.check(op, "eps", eps >= 0, f"got {eps}; expected >= 0")
+    checks.check_same_device(op, x=x, weight=weight)
+
+
+def _check_add_norm(
+    op: str, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> None:
+    _check_norm(op, x, weight, eps)
+    checks.check_same_dtype(op, "residual", residual, "x", x)
+    checks.check(
+        op, "residual", residual.shape == x.shape,
+        f"has shape {tuple(residual.shape)}; expected x's shape {tuple(x.shape)}",
+    )
+
+
+_define(
+    "rms_norm",
+    "(Tensor x, Tensor weight, float eps) -> Tensor",
+    lambda x, w, eps: _check_norm("rms_norm", x, w, eps),
+    lambda x, w, eps: torch.empty_like(x, memory_format=torch.contiguous_format),
+    ref_norm.rms_norm,
+)
+_define(
+    "fused_add_rms_norm",
+    "(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)",
+    lambda x, r, w, eps: _check_add_norm("fused_add_rms_norm", x, r, w, eps),
+    lambda x, r, w, eps: (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+    ),
+    ref_norm.fused_add_rms_norm,
+)
+
+
+# --- quant family: standalone + fused, generated per scheme -------------------------------------
+def _define_scheme(s: QuantScheme) -> None:
+    def quant_ref(x: torch.Tensor, *params: Any) -> Any:
+        return s.reference(x, *params)
+
+    def rms_ref(x: torch.Tensor, w: torch.Tensor, eps: float, *params: Any) -> Any:
+        return s.reference(ref_norm.rms_norm(x, w, eps), *params)
+
+    def add_rms_ref(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float, *p: Any) -> Any:
+        y, residual_out = ref_norm.fused_add_rms_norm(x, r, w, eps)
+        return (*s.reference(y, *p), residual_out)
+
+    def check_rms(x: torch.Tensor, w: torch.Tensor, eps: float, *params: Any) -> None:
+        _check_norm(s.rms_op, x, w, eps)
+        s.check(s.rms_op, x, params)
+
+    def check_add_rms(
+        x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float, *params: Any
+    ) -> None:
+        _check_add_norm(s.add_rms_op, x, r, w, eps)
+        s.check(s.add_rms_op, x, params)
+
+    _define(
+        s.quant_op,
+        f"(Tensor x{s.params_schema}) -> (Tensor, Tensor)",
+        lambda x, *p: s.check(s.quant_op, x, p),
+        lambda x, *p: s.fake(x, p),
+        quant_ref,
+    )
+    _define(
+        s.rms_op,
+        f"(Tensor x, Tensor weight, float eps{s.params_schema}) -> (Tensor, Tensor)",
+        check_rms,
+        lambda x, w, eps, *p: s.fake(x, p),
+        rms_ref,
+    )
+    _define(
+        s.add_rms_op,
+        f"(Tensor x, Tensor residual, Tensor weight, float eps{s.params_schema})"
+        " -> (Tensor, Tensor, Tensor)",
+        check_add_rms,
+        lambda x, r, w, eps, *p: (
+            *s.fake(x, p),
+            torch.empty_like(x, memory_format=torch.contiguous_format),
+        ),
+        add_rms_ref,
+    )
+
+
+for _scheme in SCHEMES.values():
+    _define_scheme(_scheme)
+
+
+# --- RoPE ---------------------------------------------------------------------------------------
+def _check_rope(
+    op: str,
+    positions: torch.Tensor,
+    x: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    rope_dim: int,
+    x_arg: str = "x",
+) -> None:
+    checks.check_min_dim(op, x_arg, x, 2)
+    checks.check_dtype(op, x_arg, x, checks.FLOAT_DTYPES)
+    checks.check_dim(op, "positions", positions, 1)
+    checks.check(
+        op, "positions", positions.shape[0] == x.shape[0],
+        f"has {positions.shape[0]} entries; expected one per token of '{x_arg}' "
+        f"({x.shape[0]})",
+    )
+    d = x.shape[-1]
+    checks.check(
+        op, "rope_dim", rope_dim > 0 and rope_dim % 2 == 0 and rope_dim <= d,
+        f"got {rope_dim}; expected an even number in [2, {d}] (the head dim of '{x_arg}')",
+    )
+    checks.check_dim(op, "cos_sin_cache", cos_sin_cache, 2)
+    checks.check_dtype(op, "cos_sin_cache", cos_sin_cache, checks.FLOAT_DTYPES)
+    checks.check(
+        op, "cos_sin_cache", cos_sin_cache.shape[1] == rope_dim,
+        f"has shape {tuple(cos_sin_cache.shape)}; expected [max_pos, rope_dim={rope_dim}] "
+        "holding [cos | sin]",
+    )
+    checks.check_same_device(op, positions=positions, x=x, cos_sin_cache=cos_sin_cache)
+    checks.check_index_range(op, "positions", positions, cos_sin_cache.shape[0])
+
+
+def _rope_fake(positions: torch.Tensor, x: torch.Tensor, *_: Any) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+_define(
+    "rope",
+    "(Tensor positions, Tensor x, Tensor cos_sin_cache, int rope_dim, bool is_neox) -> Tensor",
+    lambda pos, x, cs, rope_dim, is_neox: _check_rope("rope", pos, x, cs, rope_dim),
+    _rope_fake,
+    ref_rope.rope,
+    device_arg=1,
+)
+
+
+# --- MLA KV cache -------------------------------------------------------------------------------
+def _check_layout(op: str, layout: str) -> None:
+    checks.check(op, "layout", layout in CACHE_LAYOUTS, f"got {layout!r}; expected {CACHE_LAYOUTS}")
+
+
+def _check_cache(op: str, kv_cache: torch.Tensor, layout: str) -> None:
+    _check_layout(op, layout)
+    checks.check_dim(op, "kv_cache", kv_cache, 3)
+    if layout == "dsv4_fp8":
+        checks.check_dtype(op, "kv_cache", kv_cache, (torch.uint8,))
+        checks.check(
+            op, "kv_cache", kv_cache.shape[2] == DSV4_SLOT_BYTES,
+            f"has shape {tuple(kv_cache.shape)}; layout 'dsv4_fp8' expects "
+            f"[num_blocks, block_size, {DSV4_SLOT_BYTES}] uint8",
+        )
+    else:
+        checks.check_dtype(op, "kv_cache", kv_cache, checks.FLOAT_DTYPES)
+    nb, bs, row = kv_cache.shape
+    checks.check(
+        op, "kv_cache",
+        kv_cache.stride(2) == 1
+        and (bs == 1 or kv_cache.stride(1) == row)
+        and (nb == 1 or kv_cache.stride(0) >= bs * row),
+        f"has strides {kv_cache.stride()}; each block must be contiguous (strides "
+        f"(>= {bs * row}, {row}, 1))",
+    )
+
+
+def _check_cache_write(
+    op: str, kv: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, layout: str
+) -> None:
+    _check_cache(op, kv_cache, layout)
+    checks.check_dim(op, "kv", kv, 2)
+    if layout == "dsv4_fp8":
+        checks.check_dtype(op, "kv", kv, (torch.bfloat16,))
+        checks.check(
+            op, "kv", kv.shape[1] == DSV4_HEAD_DIM,
+            f"has shape {tuple(kv.shape)}; layout 'dsv4_fp8' expects [tokens, {DSV4_HEAD_DIM}]",
+        )
+    else:
+        checks.check_same_dtype(op, "kv", kv, "kv_cache", kv_cache)
+        checks.check(
+            op, "kv", kv.shape[1] == kv_cache.shape[2],
+            f"has shape {tuple(kv.shape)}; expected [tokens, {kv_cache.shape[2]}] (cache head dim)",
+        )
+    checks.check_dim(op, "slot_mapping", slot_mapping, 1)
+    checks.check(
+        op, "slot_mapping", slot_mapping.shape[0] == kv.shape[0],
+        f"has {slot_mapping.shape[0]} entries; expected one per token of 'kv' ({kv.shape[0]})",
+    )
+    checks.check_same_device(op, kv=kv, kv_cache=kv_cache, slot_mapping=slot_mapping)
+    checks.check_index_range(
+        op, "slot_mapping", slot_mapping, kv_cache.shape[0] * kv_cache.shape[1],
+        allow_negative=True,
+    )
+
+
+_define(
+    "mla_cache_write",
+    "(Tensor kv, Tensor(a!) kv_cache, Tensor slot_mapping, str layout) -> ()",
+    lambda kv, cache, slots, layout: _check_cache_write("mla_cache_write", kv, cache, slots, layout),
+    lambda *args: None,
+    ref_cache.mla_cache_write,
+)
+
+
+def _check_dequant(op: str, kv_cache: torch.Tensor, block_ids: torch.Tensor, layout: str) -> None:
+    _check_cache(op, kv_cache, layout)
+    checks.check_dim(op, "block_ids", block_ids, 1)
+    checks.check_same_device(op, kv_cache=kv_cache, block_ids=block_ids)
+    checks.check_index_range(op, "block_ids", block_ids, kv_cache.shape[0])
+
+
+def _dequant_shape(kv_cache: torch.Tensor, block_ids: torch.Tensor, layout: str) -> tuple:
+    head_dim = DSV4_HEAD_DIM if layout == "dsv4_fp8" else kv_cache.shape[2]
+    return (block_ids.shape[0] * kv_cache.shape[1], head_dim)
+
+
+_define(
+    "dequant_cache",
+    "(Tensor kv_cache, Tensor block_ids, str layout) -> Tensor",
+    lambda cache, ids, layout: _check_dequant("dequant_cache", cache, ids, layout),
+    lambda cache, ids, layout: cache.new_empty(
+        _dequant_shape(cache, ids, layout),
+        dtype=torch.bfloat16 if layout == "dsv4_fp8" else cache.dtype,
+    ),
+    ref_cache.dequant_cache,
+)
+
+
+# --- fused: RoPE + cache write, dequant + FP8 cast ----------------------------------------------
+def rope_mla_cache_write_reference(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    rope_dim: int,
+    is_neox: bool,
+    layout: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    q_rot = ref_rope.rope(positions, q, cos_sin_cache, rope_dim, is_neox)
+    kv_rot = ref_rope.rope(positions, kv, cos_sin_cache, rope_dim, is_neox)
+    ref_cache.mla_cache_write(kv_rot, kv_cache, slot_mapping, layout)
+    return q_rot, kv_rot
+
+
+def _check_rope_cache(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    rope_dim: int,
+    is_neox: bool,
+    layout: str,
+) -> None:
+    op = "rope_mla_cache_write"
+    _check_rope(op, positions, q, cos_sin_cache, rope_dim, x_arg="q")
+    _check_rope(op, positions, kv, cos_sin_cache, rope_dim, x_arg="kv")
+    _check_cache_write(op, kv, kv_cache, slot_mapping, layout)
+
+
+_define(
+    "rope_mla_cache_write",
+    "(Tensor positions, Tensor q, Tensor kv, Tensor cos_sin_cache, Tensor(a!) kv_cache, "
+    "Tensor slot_mapping, int rope_dim, bool is_neox, str layout) -> (Tensor, Tensor)",
+    _check_rope_cache,
+    lambda positions, q, kv, *_: (_rope_fake(positions, q), _rope_fake(positions, kv)),
+    rope_mla_cache_write_reference,
+    device_arg=1,
+)
+
+
+def _check_dequant_fp8(
+    kv_cache: torch.Tensor, block_ids: torch.Tensor, layout: str, fp8_dtype: torch.dtype
+) -> None:
+    _check_dequant("dequant_cache_fp8", kv_cache, block_ids, layout)
+    checks.check_fp8_dtype("dequant_cache_fp8", "fp8_dtype", fp8_dtype)
+
+
+_define(
+    "dequant_cache_fp8",
+    "(Tensor kv_cache, Tensor block_ids, str layout, ScalarType fp8_dtype) -> Tensor",
+    _check_dequant_fp8,
+    lambda cache, ids, layout, dt: cache.new_empty(_dequant_shape(cache, ids, layout), dtype=dt),
+    ref_cache.dequant_cache_fp8,
+)
+
+ops = torch.ops.fusion_ops
