@@ -46,6 +46,7 @@ def mxfp4_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     code = torch.zeros_like(q, dtype=torch.uint8)
     for midpoint in FP4_MIDPOINTS:  # NaN compares false everywhere → code 0
         code += (mag >= midpoint).to(torch.uint8)
+    code = torch.where(is_nan.unsqueeze(-1), 0, code)  # a NaN block keeps only the signs
     code |= torch.signbit(q).to(torch.uint8) << 3
     code = code.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
     packed = code[..., 0] | (code[..., 1] << 4)

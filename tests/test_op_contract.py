@@ -1,0 +1,242 @@
+"""Every op: opcheck, validation errors naming op/argument, fused == standalone bit for bit."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import fusion_ops
+from fusion_ops import OP_SCHEMAS, SCHEMES
+
+ops = torch.ops.fusion_ops
+FN, FNUZ = torch.float8_e4m3fn, torch.float8_e4m3fnuz
+EPS = 1e-6
+
+
+def scheme_params(name: str, fp8_dtype: torch.dtype = FN) -> tuple[Any, ...]:
+    return {
+        "mxfp4": (),
+        "mxfp8": (),
+        "fp8_per_token": (True, fp8_dtype),
+        "fp8_group": (128, False, fp8_dtype),
+    }[name]
+
+
+def rope_inputs(tokens: int = 5, heads: int = 3) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(2)
+    return dict(
+        positions=torch.randint(0, 64, (tokens,), generator=g),
+        q=torch.randn(tokens, heads, 512, generator=g).to(torch.bfloat16),
+        kv=torch.randn(tokens, 512, generator=g).to(torch.bfloat16),
+        cos_sin_cache=torch.randn(64, 64, generator=g),
+        kv_cache=fusion_ops.alloc_mla_cache(4, 4),
+        slot_mapping=torch.tensor([3, -1, 0, 15, 9]),
+    )
+
+
+def sample_args(name: str) -> tuple[Any, ...]:
+    """Representative arguments for op ``name`` (every op in OP_SCHEMAS must have some)."""
+    x = torch.randn(4, 256).to(torch.bfloat16)
+    r = torch.randn(4, 256).to(torch.bfloat16)
+    w = torch.randn(256)
+    ri = rope_inputs()
+    cache = fusion_ops.alloc_mla_cache(4, 4)
+    ops.mla_cache_write(ri["kv"], cache, torch.arange(5), "dsv4_fp8")
+    fixed = {
+        "rms_norm": (x, w, EPS),
+        "fused_add_rms_norm": (x, r, w, EPS),
+        "rope": (ri["positions"], ri["q"], ri["cos_sin_cache"], 64, False),
+        "mla_cache_write": (ri["kv"], ri["kv_cache"], ri["slot_mapping"], "dsv4_fp8"),
+        "dequant_cache": (cache, torch.tensor([2, 0]), "dsv4_fp8"),
+        "dequant_cache_fp8": (cache, torch.tensor([2, 0]), "dsv4_fp8", FN),
+        "rope_mla_cache_write": (
+            ri["positions"], ri["q"], ri["kv"], ri["cos_sin_cache"], ri["kv_cache"],
+            ri["slot_mapping"], 64, True, "dsv4_fp8",
+        ),
+    }
+    if name in fixed:
+        return fixed[name]
+    for s in SCHEMES.values():
+        p = scheme_params(s.name)
+        if name == s.quant_op:
+            return (x, *p)
+        if name == s.rms_op:
+            return (x, w, EPS, *p)
+        if name == s.add_rms_op:
+            return (x, r, w, EPS, *p)
+    raise AssertionError(f"no sample arguments for op {name}: add them to sample_args")
+
+
+@pytest.mark.parametrize("name", sorted(OP_SCHEMAS))
+def test_opcheck(name: str) -> None:
+    op = getattr(ops, name).default
+    opcheck(op, sample_args(name))
+
+
+def test_namespace_holds_every_documented_op() -> None:
+    expected = {"rms_norm", "fused_add_rms_norm", "rope", "mla_cache_write", "dequant_cache",
+                "rope_mla_cache_write", "dequant_cache_fp8"}
+    for s in ("mxfp4", "mxfp8", "fp8_per_token", "fp8_group"):
+        expected |= {f"{s}_quant", f"rms_norm_{s}_quant", f"add_rms_norm_{s}_quant"}
+    assert set(OP_SCHEMAS) == expected
+    for name in expected:
+        assert hasattr(torch.ops.fusion_ops, name)
+
+
+# --- fused == standalone sequence, bit for bit -------------------------------------------------
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.element_size() == 1 else t.view(torch.int32 if t.element_size()
+                                                                        == 4 else torch.int16)
+
+
+def assert_bitwise(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert torch.equal(bits(x.contiguous()), bits(y.contiguous()))
+
+
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 256), (7, 512), (2, 3, 1024)])
+def test_fused_norm_quant_equals_standalone(scheme: str, dtype: torch.dtype, shape: tuple) -> None:
+    s = SCHEMES[scheme]
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(shape, generator=g) * 3).to(dtype)
+    r = torch.randn(shape, generator=g).to(dtype)
+    w = torch.randn(shape[-1], generator=g).to(dtype)
+    for fp8_dtype in (FN, FNUZ) if scheme.startswith("fp8") else (FN,):
+        p = scheme_params(scheme, fp8_dtype)
+        quant = getattr(ops, s.quant_op)
+        unfused = quant(ops.rms_norm(x, w, EPS), *p)
+        assert_bitwise(getattr(ops, s.rms_op)(x, w, EPS, *p), unfused)
+        y, res = ops.fused_add_rms_norm(x, r, w, EPS)
+        assert_bitwise(getattr(ops, s.add_rms_op)(x, r, w, EPS, *p), (*quant(y, *p), res))
+
+
+@pytest.mark.parametrize("is_neox", [False, True])
+@pytest.mark.parametrize("layout", ["dsv4_fp8", "bf16"])
+def test_fused_rope_cache_write_equals_standalone(is_neox: bool, layout: str) -> None:
+    a, b = rope_inputs(), rope_inputs()
+    if layout == "bf16":
+        a["kv_cache"] = torch.randn(4, 4, 512).to(torch.bfloat16)
+        b["kv_cache"] = a["kv_cache"].clone()
+    q_rot = ops.rope(a["positions"], a["q"], a["cos_sin_cache"], 64, is_neox)
+    kv_rot = ops.rope(a["positions"], a["kv"], a["cos_sin_cache"], 64, is_neox)
+    ops.mla_cache_write(kv_rot, a["kv_cache"], a["slot_mapping"], layout)
+    fq, fkv = ops.rope_mla_cache_write(
+        b["positions"], b["q"], b["kv"], b["cos_sin_cache"], b["kv_cache"], b["slot_mapping"], 64,
+        is_neox, layout,
+    )
+    assert_bitwise((fq, fkv, b["kv_cache"]), (q_rot, kv_rot, a["kv_cache"]))
+
+
+@pytest.mark.parametrize("fp8_dtype", [FN, FNUZ])
+def test_fused_dequant_fp8_equals_standalone_in_range(fp8_dtype: torch.dtype) -> None:
+    cache = sample_args("dequant_cache")[0]
+    ids = torch.tensor([1, 0, 2])
+    unfused = ops.dequant_cache(cache, ids, "dsv4_fp8").to(fp8_dtype)  # no overflow here
+    assert_bitwise((ops.dequant_cache_fp8(cache, ids, "dsv4_fp8", fp8_dtype),), (unfused,))
+
+
+# --- RoPE against complex multiplication ------------------------------------------------------
+@pytest.mark.parametrize("is_neox", [False, True])
+@pytest.mark.parametrize("rope_dim,d", [(64, 512), (64, 64), (8, 24)])
+def test_rope_matches_complex_rotation(is_neox: bool, rope_dim: int, d: int) -> None:
+    g = torch.Generator().manual_seed(4)
+    t, h, half = 6, 2, rope_dim // 2
+    x = torch.randn(t, h, d, generator=g, dtype=torch.float64).float()
+    pos = torch.randint(0, 32, (t,), generator=g)
+    theta = torch.rand(32, half, generator=g, dtype=torch.float64) * 2 * math.pi
+    cache = torch.cat((theta.cos(), theta.sin()), dim=1).float()
+    out = ops.rope(pos, x, cache, rope_dim, is_neox)
+    tail = x[..., d - rope_dim :].double()
+    if is_neox:
+        z = torch.complex(tail[..., :half], tail[..., half:])
+    else:
+        z = torch.complex(tail[..., 0::2], tail[..., 1::2])
+    rot = z * torch.polar(torch.ones_like(theta), theta)[pos].unsqueeze(1)
+    want = torch.cat((rot.real, rot.imag), -1) if is_neox else torch.stack(
+        (rot.real, rot.imag), -1).flatten(-2)
+    assert torch.equal(out[..., : d - rope_dim], x[..., : d - rope_dim])
+    torch.testing.assert_close(out[..., d - rope_dim :].double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_rope_accepts_strided_view_input() -> None:
+    """q split from a fused projection (a view at a nonzero offset) gives the same result."""
+    ri = rope_inputs()
+    fused = torch.randn(5, 3 * 512 + 512).to(torch.bfloat16)
+    q_view = fused[:, 512:].view(5, 3, 512)
+    assert q_view.storage_offset() == 512
+    a = ops.rope(ri["positions"], q_view, ri["cos_sin_cache"], 64, False)
+    b = ops.rope(ri["positions"], q_view.contiguous(), ri["cos_sin_cache"], 64, False)
+    assert torch.equal(a, b)
+
+
+# --- validation -------------------------------------------------------------------------------
+x256 = torch.randn(4, 256)
+w256 = torch.randn(256)
+ri = rope_inputs()
+BAD_INPUTS: list[tuple[str, Callable[[], Any], type, str]] = [
+    ("mxfp4 K", lambda: ops.mxfp4_quant(torch.randn(4, 48)), ValueError,
+     "fusion_ops.mxfp4_quant: argument 'x': last dim K=48 must be a multiple of 32"),
+    ("mxfp8 dtype", lambda: ops.mxfp8_quant(torch.ones(4, 32, dtype=torch.int32)), TypeError,
+     "fusion_ops.mxfp8_quant: argument 'x' has dtype int32"),
+    ("group K", lambda: ops.fp8_group_quant(torch.randn(2, 192), 128, False, FN), ValueError,
+     "multiple of group_size=128"),
+    ("fp8 dtype", lambda: ops.fp8_per_token_quant(x256, False, torch.bfloat16), TypeError,
+     "fusion_ops.fp8_per_token_quant: argument 'fp8_dtype'"),
+    ("norm weight", lambda: ops.rms_norm(x256, torch.randn(128), EPS), ValueError,
+     "fusion_ops.rms_norm: argument 'weight': has 128 elements; expected x's last dim 256"),
+    ("add residual dtype",
+     lambda: ops.add_rms_norm_mxfp4_quant(x256, x256.bfloat16(), w256, EPS), TypeError,
+     "fusion_ops.add_rms_norm_mxfp4_quant: argument 'residual' has dtype bfloat16"),
+    ("fused K", lambda: ops.rms_norm_mxfp4_quant(torch.randn(2, 40), torch.randn(40), EPS),
+     ValueError, "fusion_ops.rms_norm_mxfp4_quant: argument 'x': last dim K=40"),
+    ("rope odd", lambda: ops.rope(ri["positions"], ri["q"], torch.randn(64, 63), 63, False),
+     ValueError, "argument 'rope_dim': got 63; expected an even number"),
+    ("rope too large",
+     lambda: ops.rope(ri["positions"], ri["q"][..., :32], ri["cos_sin_cache"], 64, False),
+     ValueError, "argument 'rope_dim': got 64; expected an even number in [2, 32]"),
+    ("rope position", lambda: ops.rope(torch.tensor([0, 1, 2, 3, 64]), ri["q"],
+                                       ri["cos_sin_cache"], 64, False),
+     ValueError, "fusion_ops.rope: argument 'positions' holds 64; expected values < 64"),
+    ("slot range", lambda: ops.mla_cache_write(ri["kv"], fusion_ops.alloc_mla_cache(1, 4),
+                                               torch.tensor([0, 1, 2, 3, 4]), "dsv4_fp8"),
+     ValueError, "fusion_ops.mla_cache_write: argument 'slot_mapping' holds 4; expected values < 4"),
+    ("kv dtype", lambda: ops.mla_cache_write(ri["kv"].float(), ri["kv_cache"],
+                                             ri["slot_mapping"], "dsv4_fp8"),
+     TypeError, "fusion_ops.mla_cache_write: argument 'kv' has dtype float32"),
+    ("layout", lambda: ops.mla_cache_write(ri["kv"], ri["kv_cache"], ri["slot_mapping"], "fp4"),
+     ValueError, "argument 'layout': got 'fp4'"),
+    ("cache shape", lambda: ops.dequant_cache(torch.zeros(2, 4, 576, dtype=torch.uint8),
+                                              torch.tensor([0]), "dsv4_fp8"),
+     ValueError, "layout 'dsv4_fp8' expects [num_blocks, block_size, 584] uint8"),
+    ("cache not contiguous", lambda: ops.dequant_cache(
+        torch.zeros(2, 584, 4, dtype=torch.uint8).transpose(1, 2), torch.tensor([0]), "dsv4_fp8"),
+     ValueError, "each block must be contiguous"),
+    ("block id", lambda: ops.dequant_cache_fp8(ri["kv_cache"], torch.tensor([4]), "dsv4_fp8", FN),
+     ValueError, "fusion_ops.dequant_cache_fp8: argument 'block_ids' holds 4; expected values < 4"),
+    ("negative block id", lambda: ops.dequant_cache(ri["kv_cache"], torch.tensor([-1]), "dsv4_fp8"),
+     ValueError, "argument 'block_ids' holds -1; expected values >= 0"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_names_op_argument_and_expectation(case: tuple) -> None:
+    _, call, exc, message = case
+    with pytest.raises(exc) as info:
+        call()
+    assert message in str(info.value)
+
+
+def test_validation_also_fails_at_compile_time() -> None:
+    """Fakes validate too: torch.compile reports the same error while tracing."""
+    fn = torch.compile(lambda x: ops.mxfp4_quant(x), fullgraph=True, backend="eager")
+    with pytest.raises(Exception, match="last dim K=48 must be a multiple of 32"):
+        fn(torch.randn(4, 48))
