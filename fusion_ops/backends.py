@@ -49,7 +49,9 @@ def register_impl(op_name: str, backend: str) -> Callable[[Callable[..., Any]], 
 def set_backend(name: str | None) -> None:
     """Force ``name`` for every op (``None`` restores automatic selection)."""
     if name is not None and name not in BACKENDS:
-        raise ValueError(f"set_backend: unknown backend {name!r}; expected one of {BACKENDS} or None")
+        raise ValueError(
+            f"set_backend: unknown backend {name!r}; expected one of {BACKENDS} or None"
+        )
     global _FORCED
     _FORCED = name
 

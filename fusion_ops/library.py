@@ -77,7 +77,9 @@ def _check_norm(op: str, x: torch.Tensor, weight: torch.Tensor, eps: float) -> N
     checks.check_dtype(op, "weight", weight, checks.FLOAT_DTYPES)
     checks.check_dim(op, "weight", weight, 1)
     checks.check(
-        op, "weight", weight.shape[0] == x.shape[-1],
+        op,
+        "weight",
+        weight.shape[0] == x.shape[-1],
         f"has {weight.shape[0]} elements; expected x's last dim {x.shape[-1]}",
     )
     checks.check(op, "eps", eps >= 0, f"got {eps}; expected >= 0")
@@ -90,7 +92,9 @@ def _check_add_norm(
     _check_norm(op, x, weight, eps)
     checks.check_same_dtype(op, "residual", residual, "x", x)
     checks.check(
-        op, "residual", residual.shape == x.shape,
+        op,
+        "residual",
+        residual.shape == x.shape,
         f"has shape {tuple(residual.shape)}; expected x's shape {tuple(x.shape)}",
     )
 
@@ -180,19 +184,24 @@ def _check_rope(
     checks.check_dtype(op, x_arg, x, checks.FLOAT_DTYPES)
     checks.check_dim(op, "positions", positions, 1)
     checks.check(
-        op, "positions", positions.shape[0] == x.shape[0],
-        f"has {positions.shape[0]} entries; expected one per token of '{x_arg}' "
-        f"({x.shape[0]})",
+        op,
+        "positions",
+        positions.shape[0] == x.shape[0],
+        f"has {positions.shape[0]} entries; expected one per token of '{x_arg}' ({x.shape[0]})",
     )
     d = x.shape[-1]
     checks.check(
-        op, "rope_dim", rope_dim > 0 and rope_dim % 2 == 0 and rope_dim <= d,
+        op,
+        "rope_dim",
+        rope_dim > 0 and rope_dim % 2 == 0 and rope_dim <= d,
         f"got {rope_dim}; expected an even number in [2, {d}] (the head dim of '{x_arg}')",
     )
     checks.check_dim(op, "cos_sin_cache", cos_sin_cache, 2)
     checks.check_dtype(op, "cos_sin_cache", cos_sin_cache, checks.FLOAT_DTYPES)
     checks.check(
-        op, "cos_sin_cache", cos_sin_cache.shape[1] == rope_dim,
+        op,
+        "cos_sin_cache",
+        cos_sin_cache.shape[1] == rope_dim,
         f"has shape {tuple(cos_sin_cache.shape)}; expected [max_pos, rope_dim={rope_dim}] "
         "holding [cos | sin]",
     )
@@ -225,7 +234,9 @@ def _check_cache(op: str, kv_cache: torch.Tensor, layout: str) -> None:
     if layout == "dsv4_fp8":
         checks.check_dtype(op, "kv_cache", kv_cache, (torch.uint8,))
         checks.check(
-            op, "kv_cache", kv_cache.shape[2] == DSV4_SLOT_BYTES,
+            op,
+            "kv_cache",
+            kv_cache.shape[2] == DSV4_SLOT_BYTES,
             f"has shape {tuple(kv_cache.shape)}; layout 'dsv4_fp8' expects "
             f"[num_blocks, block_size, {DSV4_SLOT_BYTES}] uint8",
         )
@@ -233,7 +244,8 @@ def _check_cache(op: str, kv_cache: torch.Tensor, layout: str) -> None:
         checks.check_dtype(op, "kv_cache", kv_cache, checks.FLOAT_DTYPES)
     nb, bs, row = kv_cache.shape
     checks.check(
-        op, "kv_cache",
+        op,
+        "kv_cache",
         kv_cache.stride(2) == 1
         and (bs == 1 or kv_cache.stride(1) == row)
         and (nb == 1 or kv_cache.stride(0) >= bs * row),
@@ -250,23 +262,32 @@ def _check_cache_write(
     if layout == "dsv4_fp8":
         checks.check_dtype(op, "kv", kv, (torch.bfloat16,))
         checks.check(
-            op, "kv", kv.shape[1] == DSV4_HEAD_DIM,
+            op,
+            "kv",
+            kv.shape[1] == DSV4_HEAD_DIM,
             f"has shape {tuple(kv.shape)}; layout 'dsv4_fp8' expects [tokens, {DSV4_HEAD_DIM}]",
         )
     else:
         checks.check_same_dtype(op, "kv", kv, "kv_cache", kv_cache)
         checks.check(
-            op, "kv", kv.shape[1] == kv_cache.shape[2],
+            op,
+            "kv",
+            kv.shape[1] == kv_cache.shape[2],
             f"has shape {tuple(kv.shape)}; expected [tokens, {kv_cache.shape[2]}] (cache head dim)",
         )
     checks.check_dim(op, "slot_mapping", slot_mapping, 1)
     checks.check(
-        op, "slot_mapping", slot_mapping.shape[0] == kv.shape[0],
+        op,
+        "slot_mapping",
+        slot_mapping.shape[0] == kv.shape[0],
         f"has {slot_mapping.shape[0]} entries; expected one per token of 'kv' ({kv.shape[0]})",
     )
     checks.check_same_device(op, kv=kv, kv_cache=kv_cache, slot_mapping=slot_mapping)
     checks.check_index_range(
-        op, "slot_mapping", slot_mapping, kv_cache.shape[0] * kv_cache.shape[1],
+        op,
+        "slot_mapping",
+        slot_mapping,
+        kv_cache.shape[0] * kv_cache.shape[1],
         allow_negative=True,
     )
 
@@ -274,7 +295,9 @@ def _check_cache_write(
 _define(
     "mla_cache_write",
     "(Tensor kv, Tensor(a!) kv_cache, Tensor slot_mapping, str layout) -> ()",
-    lambda kv, cache, slots, layout: _check_cache_write("mla_cache_write", kv, cache, slots, layout),
+    lambda kv, cache, slots, layout: _check_cache_write(
+        "mla_cache_write", kv, cache, slots, layout
+    ),
     lambda *args: None,
     ref_cache.mla_cache_write,
 )

@@ -4,14 +4,11 @@ Each scheme has a standalone quant op ``<scheme>_quant`` and two fused ops,
 ``rms_norm_<scheme>_quant`` and ``add_rms_norm_<scheme>_quant``. Scheme parameters (group size,
 UE8M0 scales, FP8 dtype) are trailing op arguments, identical in the standalone and fused ops:
 
-========================  ================================================  =====================
-op                         arguments after the tensors                     returns
-========================  ================================================  =====================
-``mxfp4_quant``            —                                                packed uint8 [..., K/2], e8m0 uint8 [..., K/32]
-``mxfp8_quant``            —                                                e4m3fn [..., K], e8m0 uint8 [..., K/32]
-``fp8_per_token_quant``    ``bool use_ue8m0, ScalarType fp8_dtype``          fp8 [..., K], fp32 [..., 1]
-``fp8_group_quant``        ``int group_size, bool use_ue8m0, ScalarType fp8_dtype``  fp8 [..., K], fp32 [..., K/g]
-========================  ================================================  =====================
+* ``mxfp4_quant(x) -> (packed uint8 [..., K/2], e8m0 uint8 [..., K/32])``
+* ``mxfp8_quant(x) -> (e4m3fn [..., K], e8m0 uint8 [..., K/32])``
+* ``fp8_per_token_quant(x, bool use_ue8m0, ScalarType fp8_dtype) -> (fp8 [..., K], fp32 [..., 1])``
+* ``fp8_group_quant(x, int group_size, bool use_ue8m0, ScalarType fp8_dtype)``
+  ``-> (fp8 [..., K], fp32 [..., K/group_size])``
 """
 
 from __future__ import annotations
@@ -57,7 +54,9 @@ class QuantScheme:
             group_size = params[0]
             checks.check(op, "group_size", group_size > 0, f"got {group_size}; expected > 0")
             checks.check(
-                op, "x", k % group_size == 0,
+                op,
+                "x",
+                k % group_size == 0,
                 f"last dim K={k} must be a multiple of group_size={group_size}",
             )
         checks.check_fp8_dtype(op, "fp8_dtype", params[-1])

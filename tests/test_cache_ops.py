@@ -103,7 +103,10 @@ def test_dequant_reads_only_requested_blocks_in_given_order() -> None:
     picked = ops.dequant_cache(cache, torch.tensor([3, 1, 3]), "dsv4_fp8")
     assert picked.shape == (24, 512)
     assert torch.equal(picked, torch.cat((full[24:32], full[8:16], full[24:32])))
-    assert ops.dequant_cache(cache, torch.tensor([], dtype=torch.long), "dsv4_fp8").shape == (0, 512)
+    assert ops.dequant_cache(cache, torch.tensor([], dtype=torch.long), "dsv4_fp8").shape == (
+        0,
+        512,
+    )
 
 
 def test_dequant_scale_byte_semantics() -> None:
@@ -112,7 +115,9 @@ def test_dequant_scale_byte_semantics() -> None:
     rows = fusion_ops.library.ref_cache.block_rows(cache)  # raw byte access for the test
     one = int(torch.tensor([1.0]).to(torch.float8_e4m3fn).view(torch.uint8))
     rows[0, 0:448] = one  # token 0 NoPE codes all 1.0
-    rows[0, 4 * 576 : 4 * 576 + 7] = torch.tensor([127, 128, 137, 0, 200, 255, 126], dtype=torch.uint8)
+    rows[0, 4 * 576 : 4 * 576 + 7] = torch.tensor(
+        [127, 128, 137, 0, 200, 255, 126], dtype=torch.uint8
+    )
     out = ops.dequant_cache(cache, torch.tensor([0]), "dsv4_fp8")[0, :448].float().reshape(7, 64)
     assert out[:, 0].tolist()[:5] == [1.0, 2.0, 1024.0, 2.0**-127, 2.0**73]
     assert math.isnan(out[5, 0].item()) and out[6, 0].item() == 0.5

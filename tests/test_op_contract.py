@@ -55,8 +55,15 @@ def sample_args(name: str) -> tuple[Any, ...]:
         "dequant_cache": (cache, torch.tensor([2, 0]), "dsv4_fp8"),
         "dequant_cache_fp8": (cache, torch.tensor([2, 0]), "dsv4_fp8", FN),
         "rope_mla_cache_write": (
-            ri["positions"], ri["q"], ri["kv"], ri["cos_sin_cache"], ri["kv_cache"],
-            ri["slot_mapping"], 64, True, "dsv4_fp8",
+            ri["positions"],
+            ri["q"],
+            ri["kv"],
+            ri["cos_sin_cache"],
+            ri["kv_cache"],
+            ri["slot_mapping"],
+            64,
+            True,
+            "dsv4_fp8",
         ),
     }
     if name in fixed:
@@ -79,8 +86,15 @@ def test_opcheck(name: str) -> None:
 
 
 def test_namespace_holds_every_documented_op() -> None:
-    expected = {"rms_norm", "fused_add_rms_norm", "rope", "mla_cache_write", "dequant_cache",
-                "rope_mla_cache_write", "dequant_cache_fp8"}
+    expected = {
+        "rms_norm",
+        "fused_add_rms_norm",
+        "rope",
+        "mla_cache_write",
+        "dequant_cache",
+        "rope_mla_cache_write",
+        "dequant_cache_fp8",
+    }
     for s in ("mxfp4", "mxfp8", "fp8_per_token", "fp8_group"):
         expected |= {f"{s}_quant", f"rms_norm_{s}_quant", f"add_rms_norm_{s}_quant"}
     assert set(OP_SCHEMAS) == expected
@@ -90,13 +104,16 @@ def test_namespace_holds_every_documented_op() -> None:
 
 # --- fused == standalone sequence, bit for bit -------------------------------------------------
 def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.uint8) if t.element_size() == 1 else t.view(torch.int32 if t.element_size()
-                                                                        == 4 else torch.int16)
+    return (
+        t.view(torch.uint8)
+        if t.element_size() == 1
+        else t.view(torch.int32 if t.element_size() == 4 else torch.int16)
+    )
 
 
 def assert_bitwise(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> None:
     assert len(a) == len(b)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert x.dtype == y.dtype and x.shape == y.shape
         assert torch.equal(bits(x.contiguous()), bits(y.contiguous()))
 
@@ -130,8 +147,15 @@ def test_fused_rope_cache_write_equals_standalone(is_neox: bool, layout: str) ->
     kv_rot = ops.rope(a["positions"], a["kv"], a["cos_sin_cache"], 64, is_neox)
     ops.mla_cache_write(kv_rot, a["kv_cache"], a["slot_mapping"], layout)
     fq, fkv = ops.rope_mla_cache_write(
-        b["positions"], b["q"], b["kv"], b["cos_sin_cache"], b["kv_cache"], b["slot_mapping"], 64,
-        is_neox, layout,
+        b["positions"],
+        b["q"],
+        b["kv"],
+        b["cos_sin_cache"],
+        b["kv_cache"],
+        b["slot_mapping"],
+        64,
+        is_neox,
+        layout,
     )
     assert_bitwise((fq, fkv, b["kv_cache"]), (q_rot, kv_rot, a["kv_cache"]))
 
@@ -161,8 +185,11 @@ def test_rope_matches_complex_rotation(is_neox: bool, rope_dim: int, d: int) -> 
     else:
         z = torch.complex(tail[..., 0::2], tail[..., 1::2])
     rot = z * torch.polar(torch.ones_like(theta), theta)[pos].unsqueeze(1)
-    want = torch.cat((rot.real, rot.imag), -1) if is_neox else torch.stack(
-        (rot.real, rot.imag), -1).flatten(-2)
+    want = (
+        torch.cat((rot.real, rot.imag), -1)
+        if is_neox
+        else torch.stack((rot.real, rot.imag), -1).flatten(-2)
+    )
     assert torch.equal(out[..., : d - rope_dim], x[..., : d - rope_dim])
     torch.testing.assert_close(out[..., d - rope_dim :].double(), want, atol=1e-5, rtol=1e-5)
 
@@ -183,47 +210,116 @@ x256 = torch.randn(4, 256)
 w256 = torch.randn(256)
 ri = rope_inputs()
 BAD_INPUTS: list[tuple[str, Callable[[], Any], type, str]] = [
-    ("mxfp4 K", lambda: ops.mxfp4_quant(torch.randn(4, 48)), ValueError,
-     "fusion_ops.mxfp4_quant: argument 'x': last dim K=48 must be a multiple of 32"),
-    ("mxfp8 dtype", lambda: ops.mxfp8_quant(torch.ones(4, 32, dtype=torch.int32)), TypeError,
-     "fusion_ops.mxfp8_quant: argument 'x' has dtype int32"),
-    ("group K", lambda: ops.fp8_group_quant(torch.randn(2, 192), 128, False, FN), ValueError,
-     "multiple of group_size=128"),
-    ("fp8 dtype", lambda: ops.fp8_per_token_quant(x256, False, torch.bfloat16), TypeError,
-     "fusion_ops.fp8_per_token_quant: argument 'fp8_dtype'"),
-    ("norm weight", lambda: ops.rms_norm(x256, torch.randn(128), EPS), ValueError,
-     "fusion_ops.rms_norm: argument 'weight': has 128 elements; expected x's last dim 256"),
-    ("add residual dtype",
-     lambda: ops.add_rms_norm_mxfp4_quant(x256, x256.bfloat16(), w256, EPS), TypeError,
-     "fusion_ops.add_rms_norm_mxfp4_quant: argument 'residual' has dtype bfloat16"),
-    ("fused K", lambda: ops.rms_norm_mxfp4_quant(torch.randn(2, 40), torch.randn(40), EPS),
-     ValueError, "fusion_ops.rms_norm_mxfp4_quant: argument 'x': last dim K=40"),
-    ("rope odd", lambda: ops.rope(ri["positions"], ri["q"], torch.randn(64, 63), 63, False),
-     ValueError, "argument 'rope_dim': got 63; expected an even number"),
-    ("rope too large",
-     lambda: ops.rope(ri["positions"], ri["q"][..., :32], ri["cos_sin_cache"], 64, False),
-     ValueError, "argument 'rope_dim': got 64; expected an even number in [2, 32]"),
-    ("rope position", lambda: ops.rope(torch.tensor([0, 1, 2, 3, 64]), ri["q"],
-                                       ri["cos_sin_cache"], 64, False),
-     ValueError, "fusion_ops.rope: argument 'positions' holds 64; expected values < 64"),
-    ("slot range", lambda: ops.mla_cache_write(ri["kv"], fusion_ops.alloc_mla_cache(1, 4),
-                                               torch.tensor([0, 1, 2, 3, 4]), "dsv4_fp8"),
-     ValueError, "fusion_ops.mla_cache_write: argument 'slot_mapping' holds 4; expected values < 4"),
-    ("kv dtype", lambda: ops.mla_cache_write(ri["kv"].float(), ri["kv_cache"],
-                                             ri["slot_mapping"], "dsv4_fp8"),
-     TypeError, "fusion_ops.mla_cache_write: argument 'kv' has dtype float32"),
-    ("layout", lambda: ops.mla_cache_write(ri["kv"], ri["kv_cache"], ri["slot_mapping"], "fp4"),
-     ValueError, "argument 'layout': got 'fp4'"),
-    ("cache shape", lambda: ops.dequant_cache(torch.zeros(2, 4, 576, dtype=torch.uint8),
-                                              torch.tensor([0]), "dsv4_fp8"),
-     ValueError, "layout 'dsv4_fp8' expects [num_blocks, block_size, 584] uint8"),
-    ("cache not contiguous", lambda: ops.dequant_cache(
-        torch.zeros(2, 584, 4, dtype=torch.uint8).transpose(1, 2), torch.tensor([0]), "dsv4_fp8"),
-     ValueError, "each block must be contiguous"),
-    ("block id", lambda: ops.dequant_cache_fp8(ri["kv_cache"], torch.tensor([4]), "dsv4_fp8", FN),
-     ValueError, "fusion_ops.dequant_cache_fp8: argument 'block_ids' holds 4; expected values < 4"),
-    ("negative block id", lambda: ops.dequant_cache(ri["kv_cache"], torch.tensor([-1]), "dsv4_fp8"),
-     ValueError, "argument 'block_ids' holds -1; expected values >= 0"),
+    (
+        "mxfp4 K",
+        lambda: ops.mxfp4_quant(torch.randn(4, 48)),
+        ValueError,
+        "fusion_ops.mxfp4_quant: argument 'x': last dim K=48 must be a multiple of 32",
+    ),
+    (
+        "mxfp8 dtype",
+        lambda: ops.mxfp8_quant(torch.ones(4, 32, dtype=torch.int32)),
+        TypeError,
+        "fusion_ops.mxfp8_quant: argument 'x' has dtype int32",
+    ),
+    (
+        "group K",
+        lambda: ops.fp8_group_quant(torch.randn(2, 192), 128, False, FN),
+        ValueError,
+        "multiple of group_size=128",
+    ),
+    (
+        "fp8 dtype",
+        lambda: ops.fp8_per_token_quant(x256, False, torch.bfloat16),
+        TypeError,
+        "fusion_ops.fp8_per_token_quant: argument 'fp8_dtype'",
+    ),
+    (
+        "norm weight",
+        lambda: ops.rms_norm(x256, torch.randn(128), EPS),
+        ValueError,
+        "fusion_ops.rms_norm: argument 'weight': has 128 elements; expected x's last dim 256",
+    ),
+    (
+        "add residual dtype",
+        lambda: ops.add_rms_norm_mxfp4_quant(x256, x256.bfloat16(), w256, EPS),
+        TypeError,
+        "fusion_ops.add_rms_norm_mxfp4_quant: argument 'residual' has dtype bfloat16",
+    ),
+    (
+        "fused K",
+        lambda: ops.rms_norm_mxfp4_quant(torch.randn(2, 40), torch.randn(40), EPS),
+        ValueError,
+        "fusion_ops.rms_norm_mxfp4_quant: argument 'x': last dim K=40",
+    ),
+    (
+        "rope odd",
+        lambda: ops.rope(ri["positions"], ri["q"], torch.randn(64, 63), 63, False),
+        ValueError,
+        "argument 'rope_dim': got 63; expected an even number",
+    ),
+    (
+        "rope too large",
+        lambda: ops.rope(ri["positions"], ri["q"][..., :32], ri["cos_sin_cache"], 64, False),
+        ValueError,
+        "argument 'rope_dim': got 64; expected an even number in [2, 32]",
+    ),
+    (
+        "rope position",
+        lambda: ops.rope(torch.tensor([0, 1, 2, 3, 64]), ri["q"], ri["cos_sin_cache"], 64, False),
+        ValueError,
+        "fusion_ops.rope: argument 'positions' holds 64; expected values < 64",
+    ),
+    (
+        "slot range",
+        lambda: ops.mla_cache_write(
+            ri["kv"], fusion_ops.alloc_mla_cache(1, 4), torch.tensor([0, 1, 2, 3, 4]), "dsv4_fp8"
+        ),
+        ValueError,
+        "fusion_ops.mla_cache_write: argument 'slot_mapping' holds 4; expected values < 4",
+    ),
+    (
+        "kv dtype",
+        lambda: ops.mla_cache_write(
+            ri["kv"].float(), ri["kv_cache"], ri["slot_mapping"], "dsv4_fp8"
+        ),
+        TypeError,
+        "fusion_ops.mla_cache_write: argument 'kv' has dtype float32",
+    ),
+    (
+        "layout",
+        lambda: ops.mla_cache_write(ri["kv"], ri["kv_cache"], ri["slot_mapping"], "fp4"),
+        ValueError,
+        "argument 'layout': got 'fp4'",
+    ),
+    (
+        "cache shape",
+        lambda: ops.dequant_cache(
+            torch.zeros(2, 4, 576, dtype=torch.uint8), torch.tensor([0]), "dsv4_fp8"
+        ),
+        ValueError,
+        "layout 'dsv4_fp8' expects [num_blocks, block_size, 584] uint8",
+    ),
+    (
+        "cache not contiguous",
+        lambda: ops.dequant_cache(
+            torch.zeros(2, 584, 4, dtype=torch.uint8).transpose(1, 2), torch.tensor([0]), "dsv4_fp8"
+        ),
+        ValueError,
+        "each block must be contiguous",
+    ),
+    (
+        "block id",
+        lambda: ops.dequant_cache_fp8(ri["kv_cache"], torch.tensor([4]), "dsv4_fp8", FN),
+        ValueError,
+        "fusion_ops.dequant_cache_fp8: argument 'block_ids' holds 4; expected values < 4",
+    ),
+    (
+        "negative block id",
+        lambda: ops.dequant_cache(ri["kv_cache"], torch.tensor([-1]), "dsv4_fp8"),
+        ValueError,
+        "argument 'block_ids' holds -1; expected values >= 0",
+    ),
 ]
 
 

@@ -25,7 +25,9 @@ def check_mxfp4(x: torch.Tensor) -> None:
     packed, scales = ops.mxfp4_quant(x)
     codes = unpack_fp4(packed).reshape(-1, 32).tolist()
     xs = x.float().reshape(-1, 32).tolist()
-    for row, (vals, got_codes, got_scale) in enumerate(zip(xs, codes, scales.reshape(-1).tolist())):
+    for row, (vals, got_codes, got_scale) in enumerate(
+        zip(xs, codes, scales.reshape(-1).tolist(), strict=True)
+    ):
         want_codes, want_scale = oracles.mxfp4_block(vals)
         assert got_scale == want_scale, f"block {row}: scale {got_scale} != {want_scale}"
         assert got_codes == want_codes, f"block {row}: codes differ for {vals}"
@@ -35,7 +37,7 @@ def check_mxfp8(x: torch.Tensor) -> None:
     q, scales = ops.mxfp8_quant(x)
     got = q.view(torch.uint8).reshape(-1, 32).tolist()
     for vals, got_codes, got_scale in zip(
-        x.float().reshape(-1, 32).tolist(), got, scales.reshape(-1).tolist()
+        x.float().reshape(-1, 32).tolist(), got, scales.reshape(-1).tolist(), strict=True
     ):
         want_codes, want_scale = oracles.mxfp8_block(vals)
         assert got_scale == want_scale
@@ -49,7 +51,7 @@ def check_fp8_group(x: torch.Tensor, group: int, ue8m0: bool, dtype: torch.dtype
         q, s = ops.fp8_group_quant(x, group, ue8m0, dtype)
     got = q.view(torch.uint8).reshape(-1, group).tolist()
     for vals, got_codes, got_scale in zip(
-        x.float().reshape(-1, group).tolist(), got, s.reshape(-1).tolist()
+        x.float().reshape(-1, group).tolist(), got, s.reshape(-1).tolist(), strict=True
     ):
         want_codes, want_scale = oracles.fp8_group(vals, ue8m0, dtype)
         assert got_scale == want_scale or (math.isnan(got_scale) and math.isnan(want_scale))
@@ -183,8 +185,11 @@ def test_property_mxfp8_matches_oracle(values: list[float]) -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.one_of(finite32, special), min_size=128, max_size=128), st.booleans(),
-       st.sampled_from(FP8_DTYPES))
+@given(
+    st.lists(st.one_of(finite32, special), min_size=128, max_size=128),
+    st.booleans(),
+    st.sampled_from(FP8_DTYPES),
+)
 def test_property_fp8_group_matches_oracle(
     values: list[float], ue8m0: bool, dtype: torch.dtype
 ) -> None:

@@ -58,7 +58,9 @@ def decode_dsv4(data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     codes = data[:, :DSV4_NOPE_DIM].contiguous().view(DSV4_FP8).float()
     tile_scale = scales[:, :DSV4_TILES].to(torch.int32)
     factor = torch.where(tile_scale == E8M0_NAN, float("nan"), pow2(tile_scale - 127))
-    nope = (codes.reshape(n, DSV4_TILES, DSV4_TILE) * factor.unsqueeze(-1)).reshape(n, DSV4_NOPE_DIM)
+    nope = (codes.reshape(n, DSV4_TILES, DSV4_TILE) * factor.unsqueeze(-1)).reshape(
+        n, DSV4_NOPE_DIM
+    )
     rope = data[:, DSV4_NOPE_DIM:].contiguous().view(torch.bfloat16)
     return torch.cat((nope.to(torch.bfloat16), rope), dim=1)
 

@@ -97,6 +97,6 @@ def fp8_per_token_quant(
 def fp8_group_quant(
     x: torch.Tensor, group_size: int, use_ue8m0: bool, fp8_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., K] -> (fp8 [..., K], scale fp32 [..., K/group_size]); per-group version of the above."""
+    """x [..., K] -> (fp8 [..., K], scale fp32 [..., K/group_size]); per group."""
     q, s = _fp8_scaled(_blocks(x, group_size), use_ue8m0, fp8_dtype)
     return q.reshape(x.shape), s
