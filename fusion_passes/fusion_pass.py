@@ -1,0 +1,263 @@
+"""FusionPass: the post-grad custom pass that applies every enabled fusion family.
+
+    p = FusionPass()                                          # all families, all schemes
+    fn = torch.compile(fn, options={"post_grad_custom_post_pass": p})
+
+Patterns are registered once per pass object, under fake tensors (no kernel runs). Each family
+gets its own ``PatternMatcherPass``; matches are labelled ``<family>/<variant>/<dtype>`` from the
+fused nodes they create, and accounted per pass object (never globally).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch._inductor.pattern_matcher as pm
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import fusion_ops
+import patterns
+from patterns import FAMILIES, PatternSpec
+from patterns.base import HOPS, val
+
+from .accounting import GraphRecord, count_fusion_ops
+from .dumps import Dumper, readable, resolve_dump_dir, trace_graph
+
+ALL_SCHEMES = tuple(fusion_ops.SCHEMES)
+ALL_FUSIONS = tuple(FAMILIES)
+
+
+def _source_files() -> tuple[str, ...]:
+    """Every file whose code can change the rewrite: patterns, the pass, the op schemas."""
+    dirs = [Path(patterns.__file__).parent, Path(__file__).parent]
+    files = sorted(str(p) for d in dirs for p in d.glob("*.py"))
+    ops_dir = Path(fusion_ops.__file__).parent
+    return (*files, *(str(ops_dir / f) for f in ("library.py", "schemes.py", "formats.py")))
+
+
+class FusionPass(CustomGraphPass):
+    """Rewrites standalone op sequences into fused ``fusion_ops`` ops.
+
+    Args:
+        fusions: families to apply (default all): ``rms_quant``, ``add_rms_quant``,
+            ``rope_cache``, ``dequant_fp8``.
+        schemes: quant schemes the norm+quant families fuse (default all):
+            ``mxfp4``, ``mxfp8``, ``fp8_per_token``, ``fp8_group``.
+        dump_dir: write graph dumps there (default: ``$FUSION_PASSES_DUMP_DIR``, else none).
+        keep_graphs: keep each graph's readable code before/after in ``graphs`` (tests).
+    """
+
+    def __init__(
+        self,
+        fusions: Sequence[str] | None = None,
+        schemes: Sequence[str] | None = None,
+        dump_dir: str | os.PathLike[str] | None = None,
+        keep_graphs: bool = False,
+    ) -> None:
+        self.fusions = _validated("fusions", fusions, ALL_FUSIONS)
+        self.schemes = _validated("schemes", schemes, ALL_SCHEMES)
+        self.dump_dir = resolve_dump_dir(dump_dir)
+        self.keep_graphs = keep_graphs
+        self.match_table: dict[str, int] = {}
+        self.graphs: list[GraphRecord] = []
+        self._matchers: dict[str, pm.PatternMatcherPass] = {}
+        self._pattern_text: list[str] = []
+        start = time.perf_counter()
+        with FakeTensorMode():
+            for family in self.fusions:
+                self._register_family(family)
+        self.registration_s = time.perf_counter() - start
+        self._dumper = Dumper(self.dump_dir) if self.dump_dir is not None else None
+        if self._dumper is not None:
+            self._dumper.write_patterns(self.patterns_text())
+            self._dumper.write_summary(self.summary())
+
+    # --- registration -------------------------------------------------------------------------
+    def _register_family(self, family: str) -> None:
+        matcher = pm.PatternMatcherPass(pass_name=f"fusion_passes.{family}")
+        for spec in FAMILIES[family].pattern_specs(self.schemes):
+            known = {id(e) for entries in matcher.patterns.values() for e in entries}
+            pm.register_replacement(
+                spec.search,
+                spec.replace,
+                spec.example_inputs(),
+                pm.fwd_only,
+                matcher,
+                extra_check=_fused_op_accepts(spec),
+                scalar_workaround=spec.scalar_workaround,
+            )
+            for entries in matcher.patterns.values():
+                for entry in entries:
+                    if id(entry) not in known:
+                        text = pm.PatternPrettyPrinter.run(entry.pattern)
+                        self._pattern_text.append(f"# {spec.name}\n{text}\n")
+        self._matchers[family] = matcher
+
+    @property
+    def pattern_count(self) -> int:
+        return len(self._pattern_text)
+
+    def patterns_text(self) -> str:
+        """Every registered pattern as readable Python (what patterns.py holds)."""
+        header = (
+            f"# fusion_passes: {self.pattern_count} patterns, fusions={list(self.fusions)}, "
+            f"schemes={list(self.schemes)}\n# wildcards: eps, group_size, rope_dim\n\n"
+        )
+        return header + "\n".join(self._pattern_text)
+
+    # --- CustomGraphPass ----------------------------------------------------------------------
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        start = time.perf_counter()
+        index = len(self.graphs)
+        capture = self.keep_graphs or self._dumper is not None
+        code_before = readable(graph) if capture else None
+        ops_before = count_fusion_ops(graph)
+        existing = set(graph.nodes)
+
+        for matcher in self._matchers.values():
+            matcher.apply(graph)
+        new_nodes = [n for n in graph.nodes if n not in existing]
+        _rebuild_eager_input_vals(new_nodes)
+        # multi-output replacements are inserted at their first output; restore def-before-use
+        # (Inductor sorts again after custom passes) so DCE's lint passes
+        pm.stable_topological_sort(graph)
+        graph.eliminate_dead_code()
+
+        matches: Counter[str] = Counter()
+        for node in new_nodes:
+            if node.graph is not graph:  # erased by DCE
+                continue
+            for family in self.fusions:
+                label = FAMILIES[family].label(node)
+                if label is not None:
+                    matches[label] += 1
+        near_misses = [
+            miss for f in self.fusions for miss in FAMILIES[f].near_misses(graph, self.schemes)
+        ]
+        code_after = readable(graph) if capture else None
+        record = GraphRecord(
+            index=index,
+            matches=dict(sorted(matches.items())),
+            ops_before=ops_before,
+            ops_after=count_fusion_ops(graph),
+            near_misses=near_misses,
+            ms=(time.perf_counter() - start) * 1e3,
+            code_before=code_before if self.keep_graphs else None,
+            code_after=code_after if self.keep_graphs else None,
+        )
+        self.graphs.append(record)
+        for label, n in matches.items():
+            self.match_table[label] = self.match_table.get(label, 0) + n
+        self._emit(record, code_before, code_after)
+
+    def _emit(self, record: GraphRecord, before: str | None, after: str | None) -> None:
+        if torch._logging._internal.trace_log.handlers:  # TORCH_TRACE is on
+            trace_graph(f"fusion_passes_graph_{record.index}_before", before or "")
+            trace_graph(f"fusion_passes_graph_{record.index}_after", after or "")
+        if self._dumper is not None:
+            self._dumper.write_graph(record.index, "before", before or "")
+            self._dumper.write_graph(record.index, "after", after or "")
+            self._dumper.write_summary(self.summary())
+
+    def uuid(self) -> str:
+        """Changes with the configuration, the source of the rewrite and the torch version."""
+        config = json.dumps(self.config_dict(), sort_keys=True)
+        extra = f"{config}|torch={torch.__version__}"
+        return get_hash_for_files(_source_files(), extra=extra).hex()
+
+    # --- accounting ---------------------------------------------------------------------------
+    @property
+    def matched_count(self) -> int:
+        return sum(self.match_table.values())
+
+    def family_counts(self) -> dict[str, int]:
+        """Matches so far per family."""
+        out: Counter[str] = Counter()
+        for label, n in self.match_table.items():
+            out[label.split("/", 1)[0]] += n
+        return {f: out.get(f, 0) for f in self.fusions}
+
+    def reset(self) -> None:
+        """Forget the accounting (registered patterns stay)."""
+        self.match_table.clear()
+        self.graphs.clear()
+
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            "fusions": list(self.fusions),
+            "schemes": list(self.schemes),
+            "dump_dir": str(self.dump_dir) if self.dump_dir is not None else None,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """What summary.json holds."""
+        return {
+            "config": self.config_dict(),
+            "uuid": self.uuid(),
+            "torch": torch.__version__,
+            "patterns_registered": self.pattern_count,
+            "registration_s": round(self.registration_s, 3),
+            "matched_count": self.matched_count,
+            "match_table": dict(sorted(self.match_table.items())),
+            "graphs": [g.as_dict() for g in self.graphs],
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"FusionPass(fusions={list(self.fusions)}, schemes={list(self.schemes)}, "
+            f"matched_count={self.matched_count})"
+        )
+
+
+def _validated(what: str, chosen: Sequence[str] | None, allowed: tuple[str, ...]) -> tuple:
+    if chosen is None:
+        return allowed
+    if isinstance(chosen, str):
+        raise TypeError(f"FusionPass: '{what}' must be a list of names, got the string {chosen!r}")
+    unknown = [c for c in chosen if c not in allowed]
+    if unknown:
+        raise ValueError(f"FusionPass: unknown {what} {unknown}; expected names from {allowed}")
+    return tuple(a for a in allowed if a in chosen)  # registry order, no duplicates
+
+
+def _fused_op_accepts(spec: PatternSpec) -> Callable[[pm.Match], bool]:
+    """extra_check: fire only if the fused op accepts the matched inputs (its fake validates)."""
+    names = list(inspect.signature(spec.search).parameters)
+
+    def check(match: pm.Match) -> bool:
+        args = [val(match.kwargs[n]) for n in names]
+        mode = torch._guards.detect_fake_mode(args)
+        if mode is None:
+            return True
+        try:
+            with mode:
+                spec.replace(*args)
+        except Exception:  # noqa: BLE001 - any rejection means: do not fire
+            return False
+        return True
+
+    return check
+
+
+def _rebuild_eager_input_vals(nodes: list[torch.fx.Node]) -> None:
+    """Replacement nodes record the example strides/offsets the matcher traced them with
+    (storage offset 0); Inductor would then feed views at the wrong offset into the fused op
+    (pitfall P1). Rebuild the record from the real inputs, as make_fx does."""
+
+    def value(a: Any) -> Any:
+        return a.meta.get("val") if isinstance(a, torch.fx.Node) else None
+
+    for node in nodes:
+        if "eager_input_vals" in node.meta or node.target in HOPS:
+            node.meta["eager_input_vals"] = torch.fx.node.map_aggregate(
+                (node.args, node.kwargs), value
+            )

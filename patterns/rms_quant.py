@@ -1,0 +1,96 @@
+"""rms_quant: ``rms_norm → <scheme>_quant``  ⇒  ``rms_norm_<scheme>_quant``.
+
+Must not fire (and does not): the normed output has another user (the fused op does not return
+it); a cast sits between the norm and the quant (a dtype change); the scheme is not enabled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from fusion_ops import SCHEMES
+
+from . import quant_variants as qv
+from .base import NearMiss, PatternSpec, dtype_name, find_calls, op_name, users_by_op, val
+
+NAME = "rms_quant"
+STANDALONE_OPS = ("rms_norm", *(s.quant_op for s in SCHEMES.values()))
+FUSED_OPS = tuple(s.rms_op for s in SCHEMES.values())
+ops = torch.ops.fusion_ops
+
+
+def _spec(v: qv.QuantVariant) -> PatternSpec:
+    quant = v.quant()
+    fused = getattr(ops, SCHEMES[v.scheme].rms_op).default
+
+    if v.has_group:
+
+        def search(x: Any, weight: Any, eps: float, group_size: int) -> Any:
+            return quant(ops.rms_norm.default(x, weight, eps), *v.params(group_size))
+
+        def replace(x: Any, weight: Any, eps: float, group_size: int) -> Any:
+            return fused(x, weight, eps, *v.params(group_size))
+
+        wildcards = {"eps": qv.EXAMPLE_EPS, "group_size": qv.EXAMPLE_GROUP}
+    else:
+
+        def search(x: Any, weight: Any, eps: float) -> Any:  # type: ignore[misc]
+            return quant(ops.rms_norm.default(x, weight, eps), *v.params())
+
+        def replace(x: Any, weight: Any, eps: float) -> Any:  # type: ignore[misc]
+            return fused(x, weight, eps, *v.params())
+
+        wildcards = {"eps": qv.EXAMPLE_EPS}
+
+    def example_inputs() -> list[torch.Tensor]:
+        return [torch.empty(4, 256, dtype=torch.bfloat16), torch.empty(256, dtype=torch.bfloat16)]
+
+    return PatternSpec(NAME, v.name, search, replace, example_inputs, wildcards)
+
+
+def pattern_specs(schemes: Sequence[str]) -> list[PatternSpec]:
+    return [_spec(v) for v in qv.variants(schemes)]
+
+
+def label(node: torch.fx.Node) -> str | None:
+    """'rms_quant/<scheme label>/<x dtype>' for a fused node this family creates."""
+    name = op_name(node)
+    scheme = qv.scheme_of_op(name or "", "rms_norm_")
+    if scheme is None:
+        return None
+    return f"{NAME}/{qv.label_of_call(scheme, node)}/{dtype_name(val(node.args[0]).dtype)}"
+
+
+def near_misses(graph: torch.fx.Graph, schemes: Sequence[str]) -> list[NearMiss]:
+    """Every ``rms_norm`` left in the graph, with why it was not fused."""
+    out = []
+    for node in find_calls(graph, "rms_norm"):
+        out.append(NearMiss(NAME, node.name, "rms_norm", explain_norm_output(node, schemes)))
+    return out
+
+
+def explain_norm_output(normed: torch.fx.Node, schemes: Sequence[str]) -> str:
+    """Why the normed value ``normed`` did not feed a fusion (shared with add_rms_quant)."""
+    users = list(normed.users)
+    quant_users = [u for u in users if (op_name(u) or "").endswith("_quant")]
+    if not quant_users:
+        casts = [u for u in users if u.target is torch.ops.prims.convert_element_type.default]
+        for cast in casts:
+            if any((op_name(c) or "").endswith("_quant") for c in cast.users):
+                return (
+                    f"dtype {dtype_name(val(cast).dtype)} vs {dtype_name(val(normed).dtype)}: "
+                    "a cast sits between the norm and the quant op"
+                )
+        return f"no quant op consumes it (users: {', '.join(users_by_op(normed)) or 'none'})"
+    if len(users) > 1:
+        return (
+            f"normed output has {len(users)} users ({', '.join(users_by_op(normed))}); the fused op "
+            "does not return the unquantized value"
+        )
+    scheme = (op_name(quant_users[0]) or "").removesuffix("_quant")
+    if scheme not in schemes:
+        return f"quant scheme {scheme!r} is not enabled in this pass (enabled: {list(schemes)})"
+    return "structure matched a registered pattern but its re-check failed (see TORCHINDUCTOR_PATTERN_MATCH_DEBUG)"

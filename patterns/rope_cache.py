@@ -1,0 +1,145 @@
+"""rope_cache: ``rope(q)``, ``rope(kv)`` → ``mla_cache_write(kv_rot)``  ⇒  ``rope_mla_cache_write``.
+
+The cache write mutates the cache, so it reaches the pass wrapped in ``auto_functionalized``
+(v1, what vLLM uses) or ``auto_functionalized_v2`` (torch's default); one spec each, written in
+that functional form with kwargs in the order functionalization emits them (the order is part
+of the match). The replacement keeps the functional form, so Inductor reinplaces it.
+
+q and kv are usually views of one projection at nonzero storage offsets. The pass rebuilds the
+replacement's ``eager_input_vals`` from the real inputs (fusion_passes.fusion_pass), otherwise
+Inductor copies the wrong memory into the fused op (shared/reference: pitfall P1).
+
+Must not fire: q and kv ropes differ in positions, table, rope_dim or style; the cache is a view
+(v2 carries ``_kv_cache_size``); no q rope exists (kv-only writes are left alone).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto_functionalized_v2
+
+from fusion_ops import CACHE_LAYOUTS
+
+from .base import HOPS, NearMiss, PatternSpec, dtype_name, find_calls, op_args, op_name, val
+
+NAME = "rope_cache"
+STANDALONE_OPS = ("rope", "mla_cache_write")
+FUSED_OPS = ("rope_mla_cache_write",)
+EXAMPLE_ROPE_DIM = 64
+ops = torch.ops.fusion_ops
+
+
+def _spec(is_neox: bool, layout: str, v2: bool) -> PatternSpec:
+    write, fused = ops.mla_cache_write.default, ops.rope_mla_cache_write.default
+
+    def search(positions: Any, q: Any, kv: Any, cos_sin_cache: Any, kv_cache: Any,
+               slot_mapping: Any, rope_dim: int) -> Any:  # fmt: skip
+        q_rot = ops.rope.default(positions, q, cos_sin_cache, rope_dim, is_neox)
+        kv_rot = ops.rope.default(positions, kv, cos_sin_cache, rope_dim, is_neox)
+        if v2:
+            out = auto_functionalized_v2(
+                write, kv=kv_rot, slot_mapping=slot_mapping, layout=layout,
+                _kv_cache_base_index=0, _all_bases=[kv_cache],
+            )  # fmt: skip
+        else:
+            out = auto_functionalized(
+                write, kv=kv_rot, kv_cache=kv_cache, slot_mapping=slot_mapping, layout=layout
+            )
+        return out[1], q_rot, kv_rot
+
+    def replace(positions: Any, q: Any, kv: Any, cos_sin_cache: Any, kv_cache: Any,
+                slot_mapping: Any, rope_dim: int) -> Any:  # fmt: skip
+        common = dict(positions=positions, q=q, kv=kv, cos_sin_cache=cos_sin_cache)
+        if v2:
+            out = auto_functionalized_v2(
+                fused, **common, slot_mapping=slot_mapping, rope_dim=rope_dim, is_neox=is_neox,
+                layout=layout, _kv_cache_base_index=0, _all_bases=[kv_cache],
+            )  # fmt: skip
+        else:
+            out = auto_functionalized(
+                fused, **common, kv_cache=kv_cache, slot_mapping=slot_mapping, rope_dim=rope_dim,
+                is_neox=is_neox, layout=layout,
+            )  # fmt: skip
+        return out[2], out[0], out[1]  # new cache, q_rot, kv_rot
+
+    def example_inputs() -> list[torch.Tensor]:
+        t = 4
+        if layout == "dsv4_fp8":
+            cache = torch.empty(2, 4, 584, dtype=torch.uint8)
+        else:
+            cache = torch.empty(2, 4, 512, dtype=torch.bfloat16)
+        return [
+            torch.empty(t, dtype=torch.int64),
+            torch.empty(t, 2, 512, dtype=torch.bfloat16),
+            torch.empty(t, 512, dtype=torch.bfloat16),
+            torch.empty(16, EXAMPLE_ROPE_DIM, dtype=torch.float32),
+            cache,
+            torch.empty(t, dtype=torch.int64),
+        ]
+
+    variant = f"{'neox' if is_neox else 'gptj'}_{layout}_{'v2' if v2 else 'v1'}"
+    return PatternSpec(NAME, variant, search, replace, example_inputs,
+                       {"rope_dim": EXAMPLE_ROPE_DIM})  # fmt: skip
+
+
+def pattern_specs(schemes: Sequence[str]) -> list[PatternSpec]:
+    return [
+        _spec(is_neox, layout, v2)
+        for v2 in (False, True)
+        for layout in CACHE_LAYOUTS
+        for is_neox in (False, True)
+    ]
+
+
+def label(node: torch.fx.Node) -> str | None:
+    if op_name(node) != "rope_mla_cache_write" or node.target not in HOPS:
+        return None
+    kw = node.kwargs
+    style = "neox" if kw["is_neox"] else "gptj"
+    hop = "v2" if node.target is auto_functionalized_v2 else "v1"
+    return f"{NAME}/{style}_{kw['layout']}_{hop}/{dtype_name(val(kw['q']).dtype)}"
+
+
+def near_misses(graph: torch.fx.Graph, schemes: Sequence[str]) -> list[NearMiss]:
+    """Every ``mla_cache_write`` left in the graph, with why it was not fused."""
+    return [
+        NearMiss(NAME, n.name, "mla_cache_write", _explain_write(n))
+        for n in find_calls(graph, "mla_cache_write")
+    ]
+
+
+def _rope_key(node: torch.fx.Node) -> tuple[Any, ...]:
+    a = op_args(node)
+    return (a["positions"], a["cos_sin_cache"], a["rope_dim"], a["is_neox"])
+
+
+def _explain_write(write: torch.fx.Node) -> str:
+    if "_kv_cache_size" in write.kwargs:
+        return ("the cache is a view (auto_functionalized_v2 passes _kv_cache_size/stride/offset); "
+                "pass the cache base tensor to mla_cache_write")  # fmt: skip
+    kv_rot = op_args(write).get("kv")
+    if not isinstance(kv_rot, torch.fx.Node) or op_name(kv_rot) != "rope":
+        producer = getattr(kv_rot, "target", kv_rot)
+        return f"its kv input is not a rope output (produced by {producer})"
+    if write.target not in HOPS:
+        return "the cache write is not functionalized (graph not from torch.compile?)"
+    ropes = [n for n in find_calls(write.graph, "rope") if n is not kv_rot]
+    same = [n for n in ropes if _rope_key(n) == _rope_key(kv_rot)]
+    if same:
+        return (
+            "a q rope with the same positions/table/rope_dim/style exists but the re-check failed"
+        )
+    shares_positions = [n for n in ropes if op_args(n)["positions"] is op_args(kv_rot)["positions"]]
+    if shares_positions:
+        q_key, kv_key = _rope_key(shares_positions[0]), _rope_key(kv_rot)
+        fields = ("positions", "cos_sin_cache", "rope_dim", "is_neox")
+        diff = [f"{f} {q!s} vs {k!s}" for f, q, k in zip(fields, q_key, kv_key, strict=True)
+                if q is not k and q != k]  # fmt: skip
+        return f"q rope {shares_positions[0].name} and kv rope differ: {', '.join(diff)}"
+    if len([u for u in kv_rot.users if u.target is not operator.getitem]) > 1:
+        return "no q rope shares the kv rope's positions (kv-only write)"
+    return "no q rope shares the kv rope's positions and table (kv-only cache write)"
