@@ -60,7 +60,7 @@ def run_compiled(
     fresh: bool = True,
     calls: Iterable[tuple[Any, ...]] = (),
 ) -> Any:
-    """Compile ``fn``, run it on ``args`` (then on each tuple of ``calls``), return the first output.
+    """Compile ``fn``, run it on ``args`` (then on each of ``calls``), return the first output.
 
     With ``fresh`` (default) caches are off, so the pass runs. Either way, if a pass is given and
     saw no new graph, :class:`PassDidNotRun` is raised instead of a silent count of 0.

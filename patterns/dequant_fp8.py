@@ -68,7 +68,8 @@ def near_misses(graph: torch.fx.Graph, schemes: Sequence[str]) -> list[NearMiss]
                     f"no FP8 cast consumes it (users: {', '.join(users_by_op(node)) or 'none'})"
                 )
         elif len(users) > 1:
-            reason = (f"dequantized output has {len(users)} users ({', '.join(users_by_op(node))}); "
+            users_text = ", ".join(users_by_op(node))
+            reason = (f"dequantized output has {len(users)} users ({users_text}); "
                       "the fused op returns only the FP8 value")  # fmt: skip
         else:
             reason = "structure matched a registered pattern but its re-check failed"

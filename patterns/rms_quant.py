@@ -87,10 +87,13 @@ def explain_norm_output(normed: torch.fx.Node, schemes: Sequence[str]) -> str:
         return f"no quant op consumes it (users: {', '.join(users_by_op(normed)) or 'none'})"
     if len(users) > 1:
         return (
-            f"normed output has {len(users)} users ({', '.join(users_by_op(normed))}); the fused op "
-            "does not return the unquantized value"
+            f"normed output has {len(users)} users ({', '.join(users_by_op(normed))}); "
+            "the fused op does not return the unquantized value"
         )
     scheme = (op_name(quant_users[0]) or "").removesuffix("_quant")
     if scheme not in schemes:
         return f"quant scheme {scheme!r} is not enabled in this pass (enabled: {list(schemes)})"
-    return "structure matched a registered pattern but its re-check failed (see TORCHINDUCTOR_PATTERN_MATCH_DEBUG)"
+    return (
+        "structure matched a registered pattern but its re-check failed "
+        "(see TORCHINDUCTOR_PATTERN_MATCH_DEBUG)"
+    )
