@@ -10,6 +10,7 @@ fused nodes they create, and accounted per pass object (never globally).
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import os
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 import torch._inductor.pattern_matcher as pm
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fusion_ops
@@ -170,9 +171,15 @@ class FusionPass(CustomGraphPass):
 
     def uuid(self) -> str:
         """Changes with the configuration, the source of the rewrite and the torch version."""
-        config = json.dumps(self.config_dict(), sort_keys=True)
-        extra = f"{config}|torch={torch.__version__}"
-        return get_hash_for_files(_source_files(), extra=extra).hex()
+        digest = hashlib.sha256()
+        digest.update(json.dumps(self.config_dict(), sort_keys=True).encode())
+        digest.update(f"torch={torch.__version__}".encode())
+        # read the files on every call (torch's get_hash_for_files caches per process, so an
+        # edited pattern would keep serving the old rewrite from the FX graph cache)
+        for path in _source_files():
+            digest.update(path.encode())
+            digest.update(Path(path).read_bytes())
+        return digest.hexdigest()
 
     # --- accounting ---------------------------------------------------------------------------
     @property
@@ -230,10 +237,19 @@ def _validated(what: str, chosen: Sequence[str] | None, allowed: tuple[str, ...]
 
 
 def _fused_op_accepts(spec: PatternSpec) -> Callable[[pm.Match], bool]:
-    """extra_check: fire only if the fused op accepts the matched inputs (its fake validates)."""
+    """extra_check: fire only on a proper match the fused op accepts.
+
+    * every pattern output is a distinct node: a multi-output pattern may otherwise bind two of
+      its outputs to one graph node (e.g. the q rope and the kv rope both to the kv rope, when
+      the real q rope differs), a degenerate match that rewrites the wrong thing;
+    * the fused op's fake accepts the matched inputs (same validation as at run time).
+    """
     names = list(inspect.signature(spec.search).parameters)
 
     def check(match: pm.Match) -> bool:
+        outputs = [n for n in match.output_nodes() if n is not None]
+        if len(set(outputs)) != len(outputs):
+            return False
         args = [val(match.kwargs[n]) for n in names]
         mode = torch._guards.detect_fake_mode(args)
         if mode is None:

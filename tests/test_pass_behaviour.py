@@ -1,0 +1,358 @@
+"""Pass behaviour: must-not-fire cases (with their near-miss reasons), dynamic shapes, warm cache,
+uuid, registration under fake tensors, dumps and TORCH_TRACE."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import fusion_ops
+from fusion_passes import ENV_DUMP_DIR, FusionPass
+from fusion_passes.testing import (
+    PassDidNotRun,
+    assert_bitwise_equal,
+    assert_fully_replaced,
+    run_compiled,
+)
+from patterns import FAMILIES
+from tests.test_pass_families import rope_case
+
+ops = torch.ops.fusion_ops
+FN = torch.float8_e4m3fn
+
+
+def near_miss_reasons(p: FusionPass) -> list[str]:
+    return [m.reason for g in p.graphs for m in g.near_misses]
+
+
+def x_w(dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(4, 256, generator=g).to(dtype), torch.randn(256, generator=g).to(dtype)
+
+
+# --- must not fire ---------------------------------------------------------------------------
+def test_normed_output_with_another_user_does_not_fire(full_pass) -> None:
+    x, w = x_w()
+
+    def fn(x, w):
+        y = ops.rms_norm(x, w, 1e-6)
+        return ops.mxfp4_quant(y), y * 2  # the unquantized value is needed too
+
+    out = run_compiled(fn, x, w, fusion_pass=full_pass)
+    assert full_pass.matched_count == 0 and full_pass.match_table == {}
+    assert_bitwise_equal(out, fn(x, w))
+    reasons = near_miss_reasons(full_pass)
+    assert len(reasons) == 1 and "normed output has 2 users" in reasons[0]
+
+
+def test_add_norm_normed_output_with_another_user_does_not_fire(full_pass) -> None:
+    x, w = x_w()
+
+    def fn(x, r, w):
+        y, res = ops.fused_add_rms_norm(x, r, w, 1e-6)
+        return ops.mxfp8_quant(y), res, y.sum()
+
+    out = run_compiled(fn, x, x.clone(), w, fusion_pass=full_pass)
+    assert full_pass.matched_count == 0
+    assert_bitwise_equal(out, fn(x, x.clone(), w))
+    assert "normed output has 2 users" in near_miss_reasons(full_pass)[0]
+
+
+def test_cast_between_norm_and_quant_does_not_fire(full_pass) -> None:
+    x, w = x_w()
+
+    def fn(x, w):
+        return ops.fp8_per_token_quant(ops.rms_norm(x, w, 1e-6).half(), False, FN)
+
+    out = run_compiled(fn, x, w, fusion_pass=full_pass)
+    assert full_pass.matched_count == 0
+    assert_bitwise_equal(out, fn(x, w))
+    assert near_miss_reasons(full_pass) == [
+        "dtype fp16 vs bf16: a cast sits between the norm and the quant op"
+    ]
+
+
+def test_scheme_not_enabled_does_not_fire() -> None:
+    p = FusionPass(fusions=["rms_quant"], schemes=["mxfp4"])
+    x, w = x_w()
+
+    def fn(x, w):
+        return ops.mxfp4_quant(ops.rms_norm(x, w, 1e-6)), ops.mxfp8_quant(ops.rms_norm(x, w, 1e-5))
+
+    out = run_compiled(fn, x, w, fusion_pass=p)
+    assert p.match_table == {"rms_quant/mxfp4/bf16": 1}
+    assert_bitwise_equal(out, fn(x, w))
+    assert near_miss_reasons(p) == [
+        "quant scheme 'mxfp8' is not enabled in this pass (enabled: ['mxfp4'])"
+    ]
+
+
+def test_rope_q_and_kv_with_different_positions_do_not_fire(full_pass) -> None:
+    proj, positions, cos_sin, cache, slots = rope_case("dsv4_fp8")
+
+    def fn(proj, positions, cos_sin, cache, slots):
+        q_rot = ops.rope(positions, proj[:, :1024].view(-1, 2, 512), cos_sin, 64, False)
+        kv_rot = ops.rope(positions.flip(0), proj[:, 1024:], cos_sin, 64, False)
+        ops.mla_cache_write(kv_rot, cache, slots, "dsv4_fp8")
+        return q_rot * 1.0
+
+    eager_cache = cache.clone()
+    expected = fn(proj, positions, cos_sin, eager_cache, slots)
+    out = run_compiled(fn, proj, positions, cos_sin, cache, slots, fusion_pass=full_pass)
+    assert full_pass.matched_count == 0
+    assert_bitwise_equal(out, expected)
+    assert_bitwise_equal(cache, eager_cache, "whole cache")
+    assert "no q rope shares the kv rope's positions" in near_miss_reasons(full_pass)[0]
+
+
+def test_rope_style_mismatch_does_not_fire(full_pass) -> None:
+    proj, positions, cos_sin, cache, slots = rope_case("bf16")
+
+    def fn(proj, positions, cos_sin, cache, slots):
+        q_rot = ops.rope(positions, proj[:, :1024].view(-1, 2, 512), cos_sin, 64, True)
+        kv_rot = ops.rope(positions, proj[:, 1024:], cos_sin, 64, False)
+        ops.mla_cache_write(kv_rot, cache, slots, "bf16")
+        return q_rot * 1.0
+
+    eager_cache = cache.clone()
+    expected = fn(proj, positions, cos_sin, eager_cache, slots)
+    out = run_compiled(fn, proj, positions, cos_sin, cache, slots, fusion_pass=full_pass)
+    assert full_pass.matched_count == 0
+    assert_bitwise_equal(out, expected)
+    assert_bitwise_equal(cache, eager_cache, "whole cache")
+    assert "differ: is_neox True vs False" in near_miss_reasons(full_pass)[0]
+
+
+def test_kv_only_cache_write_does_not_fire(full_pass) -> None:
+    proj, positions, cos_sin, cache, slots = rope_case("dsv4_fp8")
+
+    def fn(proj, positions, cos_sin, cache, slots):
+        ops.mla_cache_write(ops.rope(positions, proj[:, 1024:], cos_sin, 64, False), cache, slots,
+                            "dsv4_fp8")  # fmt: skip
+        return proj * 1.0
+
+    eager_cache = cache.clone()
+    fn(proj, positions, cos_sin, eager_cache, slots)
+    run_compiled(fn, proj, positions, cos_sin, cache, slots, fusion_pass=full_pass)
+    assert full_pass.matched_count == 0
+    assert_bitwise_equal(cache, eager_cache, "whole cache")
+    assert "kv-only" in near_miss_reasons(full_pass)[0]
+
+
+def test_dequant_with_another_user_or_non_fp8_cast_does_not_fire(full_pass) -> None:
+    cache = fusion_ops.alloc_mla_cache(2, 4)
+    cache.random_(0, 200)
+    ids = torch.tensor([1, 0])
+
+    def fn(cache, ids):
+        kv = ops.dequant_cache(cache, ids, "dsv4_fp8")
+        other = ops.dequant_cache(cache, ids[:1], "dsv4_fp8")
+        return kv.to(FN), kv.float().sum(), other.half()
+
+    out = run_compiled(fn, cache, ids, fusion_pass=full_pass)
+    assert full_pass.matched_count == 0
+    assert_bitwise_equal(out, run_compiled(fn, cache, ids, fusion_pass=None))
+    reasons = sorted(near_miss_reasons(full_pass))
+    assert reasons[0].startswith("dequantized output has 2 users")
+    assert reasons[1] == "it is cast to fp16, not to an FP8 dtype (e4m3fn / e4m3fnuz)"
+
+
+def test_disabled_family_does_not_fire() -> None:
+    p = FusionPass(fusions=["dequant_fp8"])
+    x, w = x_w()
+    run_compiled(lambda x, w: ops.mxfp4_quant(ops.rms_norm(x, w, 1e-6)), x, w, fusion_pass=p)
+    assert p.matched_count == 0 and p.graphs[0].near_misses == []
+
+
+# --- shapes, eps ----------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["mark_dynamic", "dynamic=True"])
+def test_dynamic_token_count(full_pass, mode: str) -> None:
+    x, w = x_w()
+    r = torch.randn_like(x)
+    eps = 1e-5  # a Python float: dynamic=True may lift it to a graph input
+
+    def fn(x, r, w):
+        y, res = ops.fused_add_rms_norm(x, r, w, eps)
+        q = ops.fp8_group_quant(y, 128, True, FN)
+        return q, ops.mxfp4_quant(ops.rms_norm(res, w, eps))
+
+    if mode == "mark_dynamic":
+        torch._dynamo.mark_dynamic(x, 0)
+        torch._dynamo.mark_dynamic(r, 0)
+    x2, r2 = torch.randn(9, 256).to(x.dtype), torch.randn(9, 256).to(x.dtype)
+    out = run_compiled(fn, x, r, w, fusion_pass=full_pass, dynamic=(mode == "dynamic=True") or None,
+                       calls=[(x2, r2, w)])  # fmt: skip
+    assert len(full_pass.graphs) == 1  # one dynamic graph serves both token counts
+    assert full_pass.match_table == {
+        "add_rms_quant/fp8_group128_ue8m0_e4m3fn/bf16": 1,
+        "rms_quant/mxfp4/bf16": 1,
+    }
+    assert_bitwise_equal(out, fn(x, r, w))
+    assert "Sym(s" in full_pass.graphs[0].code_after  # the graph really has a symbolic size
+
+
+def test_dynamic_graph_gives_exact_results_for_other_sizes(full_pass) -> None:
+    x, w = x_w()
+    fn = lambda x, w: ops.mxfp8_quant(ops.rms_norm(x, w, 1e-6))  # noqa: E731
+    with torch._inductor.config.patch(force_disable_caches=True):
+        compiled = torch.compile(fn, options={"post_grad_custom_post_pass": full_pass},
+                                 dynamic=True)  # fmt: skip
+        for t in (3, 17, 40):  # size 1 would recompile (0/1 specialization)
+            xt = torch.randn(t, 256).to(torch.bfloat16)
+            assert_bitwise_equal(compiled(xt, w), fn(xt, w))
+    assert full_pass.matched_count == 1 and len(full_pass.graphs) == 1
+
+
+# --- caches and uuid --------------------------------------------------------------------------
+def test_warm_cache_is_reported_not_silently_zero(tmp_path: Path, monkeypatch) -> None:
+    """Second compile in a process with a warm FX-graph cache: the pass does not run; the helper
+    raises instead of letting a test read matched_count == 0."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    p = FusionPass(fusions=["rms_quant"])
+    x, w = x_w()
+
+    def fn(x, w):
+        return ops.mxfp4_quant(ops.rms_norm(x, w, 1e-6))
+
+    with torch._inductor.config.patch(fx_graph_cache=True, force_disable_caches=False):
+        run_compiled(fn, x, w, fusion_pass=p, fresh=False)
+        assert p.matched_count == 1
+        torch._dynamo.reset()
+        with pytest.raises(PassDidNotRun, match="warm Inductor/AOTAutograd cache"):
+            run_compiled(fn, x, w, fusion_pass=p, fresh=False)
+    assert p.matched_count == 1
+    run_compiled(fn, x, w, fusion_pass=p)  # fresh (the default) runs the pass again
+    assert p.matched_count == 2
+
+
+def test_uuid_stable_and_sensitive_to_config_and_source(monkeypatch, tmp_path: Path) -> None:
+    import fusion_passes.fusion_pass as fp
+
+    a, b = FusionPass(fusions=["rms_quant"]), FusionPass(fusions=["rms_quant"])
+    assert a.uuid() == b.uuid() and isinstance(a.uuid(), str)
+    assert FusionPass(fusions=["rms_quant"], schemes=["mxfp4"]).uuid() != a.uuid()
+    assert FusionPass(fusions=["rms_quant", "dequant_fp8"]).uuid() != a.uuid()
+    # a change in any source file of the rewrite changes the uuid
+    extra = tmp_path / "pattern_source.py"
+    extra.write_text("x = 1\n")
+    files = fp._source_files()
+    assert any(f.endswith("patterns/rms_quant.py") for f in files)
+    assert any(f.endswith("fusion_ops/library.py") for f in files)
+    monkeypatch.setattr(fp, "_source_files", lambda: (*files, str(extra)))
+    first = a.uuid()
+    assert first == a.uuid()
+    extra.write_text("x = 2\n")
+    assert a.uuid() != first
+
+
+def test_registration_runs_no_real_kernel(monkeypatch) -> None:
+    """Patterns are traced under fake tensors: no reference kernel runs while building the pass."""
+    from fusion_ops import backends
+
+    calls = []
+    real_dispatch = backends.dispatch
+
+    def counting(op_name, device, *args):
+        calls.append(op_name)
+        return real_dispatch(op_name, device, *args)
+
+    monkeypatch.setattr("fusion_ops.library.dispatch", counting)
+    p = FusionPass()
+    assert calls == []
+    assert p.pattern_count == sum(len(m.pattern_specs(p.schemes)) for m in FAMILIES.values())
+    ops.rms_norm(torch.randn(2, 8), torch.ones(8), 1e-6)
+    assert calls == ["rms_norm"]  # the counter does see real calls
+
+
+def test_bad_config_is_rejected() -> None:
+    with pytest.raises(ValueError, match=r"unknown fusions \['rms_qant'\]"):
+        FusionPass(fusions=["rms_qant"])
+    with pytest.raises(ValueError, match=r"unknown schemes \['nvfp4'\]"):
+        FusionPass(schemes=["nvfp4"])
+    with pytest.raises(TypeError, match="must be a list of names"):
+        FusionPass(fusions="rms_quant")
+
+
+# --- dumps ------------------------------------------------------------------------------------
+def test_dumps_summary_and_graphs(tmp_path: Path) -> None:
+    p = FusionPass(dump_dir=tmp_path / "run1")
+    x, w = x_w()
+
+    def fn(x, w):
+        y = ops.rms_norm(x, w, 1e-6)
+        return ops.mxfp4_quant(ops.rms_norm(x, w, 1e-6)), ops.mxfp8_quant(y), y + 1
+
+    run_compiled(fn, x, w, fusion_pass=p)
+    d = tmp_path / "run1"
+    assert sorted(f.name for f in d.iterdir()) == [
+        "graph_0.after.py", "graph_0.before.py", "patterns.py", "summary.json",
+    ]  # fmt: skip
+    before, after = (d / "graph_0.before.py").read_text(), (d / "graph_0.after.py").read_text()
+    assert before.count("fusion_ops.rms_norm.default") == 2 and "rms_norm_mxfp4_quant" not in before
+    assert after.count("fusion_ops.rms_norm_mxfp4_quant.default") == 1
+    assert after.count("fusion_ops.rms_norm.default") == 1  # the fan-out one stays
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["matched_count"] == 1
+    assert summary["match_table"] == {"rms_quant/mxfp4/bf16": 1}
+    g = summary["graphs"][0]
+    assert g["ops_before"]["rms_norm"] == 2 and g["ops_after"]["rms_norm"] == 1
+    assert g["ops_after"]["rms_norm_mxfp4_quant"] == 1
+    assert g["near_misses"][0]["op"] == "rms_norm"
+    assert "normed output has 2 users" in g["near_misses"][0]["reason"]
+    assert summary["config"]["fusions"] == ["add_rms_quant", "rms_quant", "rope_cache",
+                                            "dequant_fp8"]  # fmt: skip
+    patterns_py = (d / "patterns.py").read_text()
+    assert "# rms_quant/mxfp4" in patterns_py and "# rope_cache/gptj_dsv4_fp8_v2" in patterns_py
+    sections = re.findall(r"^# (?:add_rms_quant|rms_quant|rope_cache|dequant_fp8)/", patterns_py,
+                          flags=re.MULTILINE)  # fmt: skip
+    assert len(sections) == p.pattern_count == 42
+
+
+def test_dump_dir_from_environment(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv(ENV_DUMP_DIR, str(tmp_path / "env"))
+    p = FusionPass(fusions=["rms_quant"])
+    x, w = x_w()
+    run_compiled(lambda x, w: ops.mxfp4_quant(ops.rms_norm(x, w, 1e-6)), x, w, fusion_pass=p)
+    assert (tmp_path / "env" / "graph_0.after.py").exists()
+    assert json.loads((tmp_path / "env" / "summary.json").read_text())["matched_count"] == 1
+
+
+def test_torch_trace_gets_before_and_after_graphs(tmp_path: Path) -> None:
+    script = textwrap.dedent("""
+        import torch, fusion_ops
+        from fusion_passes import FusionPass
+        from fusion_passes.testing import run_compiled
+        ops = torch.ops.fusion_ops
+        p = FusionPass(fusions=["rms_quant"])
+        x, w = torch.randn(4, 64), torch.randn(64)
+        run_compiled(lambda x, w: ops.mxfp4_quant(ops.rms_norm(x, w, 1e-6)), x, w, fusion_pass=p)
+        assert p.matched_count == 1
+    """)
+    env = {**os.environ, "TORCH_TRACE": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
+    text = "".join(f.read_text() for f in tmp_path.glob("*.log"))
+    assert '"name": "fusion_passes_graph_0_before"' in text
+    assert '"name": "fusion_passes_graph_0_after"' in text
+    assert "rms_norm_mxfp4_quant" in text
+
+
+def test_fully_replaced_helper_reports_leftovers(full_pass) -> None:
+    x, w = x_w()
+
+    def fn(x, w):
+        y = ops.rms_norm(x, w, 1e-6)
+        return ops.mxfp4_quant(y), y
+
+    run_compiled(fn, x, w, fusion_pass=full_pass)
+    with pytest.raises(AssertionError, match=r"rms_norm: 1 before → 1 left after the pass"):
+        assert_fully_replaced(full_pass, ["rms_norm"])
+    with pytest.raises(AssertionError, match="rope: not in any graph before the pass"):
+        assert_fully_replaced(full_pass, ["rope"])
