@@ -1,6 +1,6 @@
 """Time to build FusionPass() with every family, in fresh processes (cold: imports excluded).
 
-    python benchmarks/registration.py [--runs 5]
+python benchmarks/registration.py [--runs 5]
 """
 
 from __future__ import annotations
@@ -34,9 +34,13 @@ def main() -> None:
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     first = [r["first_s"] for r in rows]
     second = [r["second_s"] for r in rows]
-    print(f"FusionPass() with all families: {rows[0]['patterns']} patterns, torch {rows[0]['torch']}")
+    print(
+        f"FusionPass() with all families: {rows[0]['patterns']} patterns, torch {rows[0]['torch']}"
+    )
     print(f"  first in a process : median {statistics.median(first):.3f} s, max {max(first):.3f} s")
-    print(f"  second in a process: median {statistics.median(second):.3f} s, max {max(second):.3f} s")
+    print(
+        f"  second in a process: median {statistics.median(second):.3f} s, max {max(second):.3f} s"
+    )
 
 
 if __name__ == "__main__":

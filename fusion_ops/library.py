@@ -15,9 +15,10 @@ Standalone ops (what models call)::
 
 Fused ops (what the passes substitute; same numbers as the standalone sequence)::
 
-    rms_norm_<scheme>_quant(x, weight, eps, *scheme_params) -> (q, scales)
-    add_rms_norm_<scheme>_quant(x, residual, weight, eps, *scheme_params)
-        -> (q, scales, residual_out)
+    rms_norm_<scheme>_quant(x, weight, eps, *scheme_params, return_normed=False)
+        -> (q, scales, normed_or_empty)
+    add_rms_norm_<scheme>_quant(x, residual, weight, eps, *scheme_params, return_normed=False)
+        -> (q, scales, residual_out, normed_or_empty)
     rope_mla_cache_write(positions, q, kv, cos_sin_cache, kv_cache!, slot_mapping, rope_dim,
                          is_neox, layout) -> (q_rotated, kv_rotated)
     dequant_cache_fp8(kv_cache, block_ids, layout, fp8_dtype) -> fp8 [n·block_size, head_dim]
@@ -57,12 +58,24 @@ def _define(
     OP_SCHEMAS[name] = schema
     _LIB.define(name + schema)
     register_impl(name, "reference")(reference)
+    arguments = torch._C.parse_schema(f"{NAMESPACE}::{name}{schema}").arguments
 
-    def real(*args: Any) -> Any:
+    def positional(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        """Every schema argument in order, defaults filled in (kernels may get fewer)."""
+        if len(args) == len(arguments) and not kwargs:
+            return args
+        out = list(args)
+        for a in arguments[len(args) :]:
+            out.append(kwargs[a.name] if a.name in kwargs else a.default_value)
+        return tuple(out)
+
+    def real(*args: Any, **kwargs: Any) -> Any:
+        args = positional(args, kwargs)
         validate(*args)
         return dispatch(name, args[device_arg].device, *args)
 
-    def fake_impl(*args: Any) -> Any:
+    def fake_impl(*args: Any, **kwargs: Any) -> Any:
+        args = positional(args, kwargs)
         validate(*args)
         return fake(*args)
 
@@ -119,26 +132,43 @@ _define(
 
 
 # --- quant family: standalone + fused, generated per scheme -------------------------------------
+def _normed_or_empty(y: torch.Tensor, return_normed: bool) -> torch.Tensor:
+    return y if return_normed else y.new_empty((0,))
+
+
 def _define_scheme(s: QuantScheme) -> None:
+    """``<s>_quant``, ``rms_norm_<s>_quant``, ``add_rms_norm_<s>_quant``.
+
+    The fused ops end with ``bool return_normed=False``: with True they also return the
+    unquantized normed value (for graphs where it has other users, e.g. a router gate), else an
+    empty tensor in that place. Params below are ``(*scheme_params, return_normed)``.
+    """
+
     def quant_ref(x: torch.Tensor, *params: Any) -> Any:
         return s.reference(x, *params)
 
-    def rms_ref(x: torch.Tensor, w: torch.Tensor, eps: float, *params: Any) -> Any:
-        return s.reference(ref_norm.rms_norm(x, w, eps), *params)
+    def rms_ref(x: torch.Tensor, w: torch.Tensor, eps: float, *p: Any) -> Any:
+        y = ref_norm.rms_norm(x, w, eps)
+        return (*s.reference(y, *p[:-1]), _normed_or_empty(y, p[-1]))
 
     def add_rms_ref(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float, *p: Any) -> Any:
         y, residual_out = ref_norm.fused_add_rms_norm(x, r, w, eps)
-        return (*s.reference(y, *p), residual_out)
+        return (*s.reference(y, *p[:-1]), residual_out, _normed_or_empty(y, p[-1]))
 
-    def check_rms(x: torch.Tensor, w: torch.Tensor, eps: float, *params: Any) -> None:
+    def check_rms(x: torch.Tensor, w: torch.Tensor, eps: float, *p: Any) -> None:
         _check_norm(s.rms_op, x, w, eps)
-        s.check(s.rms_op, x, params)
+        s.check(s.rms_op, x, p[:-1])
 
     def check_add_rms(
-        x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float, *params: Any
+        x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float, *p: Any
     ) -> None:
         _check_add_norm(s.add_rms_op, x, r, w, eps)
-        s.check(s.add_rms_op, x, params)
+        s.check(s.add_rms_op, x, p[:-1])
+
+    def fake_normed(x: torch.Tensor, return_normed: bool) -> torch.Tensor:
+        if return_normed:
+            return torch.empty_like(x, memory_format=torch.contiguous_format)
+        return x.new_empty((0,))
 
     _define(
         s.quant_op,
@@ -149,19 +179,21 @@ def _define_scheme(s: QuantScheme) -> None:
     )
     _define(
         s.rms_op,
-        f"(Tensor x, Tensor weight, float eps{s.params_schema}) -> (Tensor, Tensor)",
+        f"(Tensor x, Tensor weight, float eps{s.params_schema}, bool return_normed=False)"
+        " -> (Tensor, Tensor, Tensor)",
         check_rms,
-        lambda x, w, eps, *p: s.fake(x, p),
+        lambda x, w, eps, *p: (*s.fake(x, p[:-1]), fake_normed(x, p[-1])),
         rms_ref,
     )
     _define(
         s.add_rms_op,
-        f"(Tensor x, Tensor residual, Tensor weight, float eps{s.params_schema})"
-        " -> (Tensor, Tensor, Tensor)",
+        f"(Tensor x, Tensor residual, Tensor weight, float eps{s.params_schema}, "
+        "bool return_normed=False) -> (Tensor, Tensor, Tensor, Tensor)",
         check_add_rms,
         lambda x, r, w, eps, *p: (
-            *s.fake(x, p),
+            *s.fake(x, p[:-1]),
             torch.empty_like(x, memory_format=torch.contiguous_format),
+            fake_normed(x, p[-1]),
         ),
         add_rms_ref,
     )

@@ -15,7 +15,7 @@ import torch
 
 from fusion_ops import SCHEMES
 
-from .base import op_args
+from .base import PatternSpec, dtype_name, op_args, op_name, val
 
 FP8_NAMES = {torch.float8_e4m3fn: "e4m3fn", torch.float8_e4m3fnuz: "e4m3fnuz"}
 EXAMPLE_GROUP = 128  # example value of the group_size wildcard
@@ -82,3 +82,90 @@ def scheme_of_op(name: str, prefix: str) -> str | None:
         if name == f"{prefix}{scheme}_quant":
             return scheme
     return None
+
+
+def norm_quant_spec(
+    family: str, v: QuantVariant, add: bool, keep_normed: bool, keep_residual: bool = True
+) -> PatternSpec:
+    """The spec of ``[fused_add_]rms_norm → quant`` for one variant.
+
+    ``keep_normed``: the normed value has users outside the pattern, so the pattern returns it
+    and the fused op is called with ``return_normed=True``. ``keep_residual`` (add only): the
+    residual output is used later (False: the last layer, where it is not).
+    """
+    scheme = SCHEMES[v.scheme]
+    quant = v.quant()
+    fused = getattr(torch.ops.fusion_ops, scheme.add_rms_op if add else scheme.rms_op).default
+    norm = torch.ops.fusion_ops.fused_add_rms_norm.default if add else None
+    rms = torch.ops.fusion_ops.rms_norm.default
+
+    def outputs(q: Any, s: Any, y: Any, residual_out: Any) -> tuple[Any, ...]:
+        out = (q, s)
+        if add and keep_residual:
+            out += (residual_out,)
+        return out + ((y,) if keep_normed else ())
+
+    def search_impl(tensors: tuple[Any, ...], eps: float, group_size: int) -> Any:
+        if add:
+            y, residual_out = norm(*tensors, eps)
+        else:
+            y, residual_out = rms(*tensors, eps), None
+        q, s = quant(y, *v.params(group_size))
+        return outputs(q, s, y, residual_out)
+
+    def replace_impl(tensors: tuple[Any, ...], eps: float, group_size: int) -> Any:
+        res = fused(*tensors, eps, *v.params(group_size), keep_normed)
+        q, s = res[0], res[1]
+        return outputs(q, s, res[-1], res[2] if add else None)
+
+    # register_replacement reads argument names off the signature: spell them out
+    if add and v.has_group:
+
+        def search(x, residual, weight, eps, group_size):  # type: ignore[no-untyped-def]
+            return search_impl((x, residual, weight), eps, group_size)
+
+        def replace(x, residual, weight, eps, group_size):  # type: ignore[no-untyped-def]
+            return replace_impl((x, residual, weight), eps, group_size)
+    elif add:
+
+        def search(x, residual, weight, eps):  # type: ignore[no-untyped-def]
+            return search_impl((x, residual, weight), eps, 0)
+
+        def replace(x, residual, weight, eps):  # type: ignore[no-untyped-def]
+            return replace_impl((x, residual, weight), eps, 0)
+    elif v.has_group:
+
+        def search(x, weight, eps, group_size):  # type: ignore[no-untyped-def]
+            return search_impl((x, weight), eps, group_size)
+
+        def replace(x, weight, eps, group_size):  # type: ignore[no-untyped-def]
+            return replace_impl((x, weight), eps, group_size)
+    else:
+
+        def search(x, weight, eps):  # type: ignore[no-untyped-def]
+            return search_impl((x, weight), eps, 0)
+
+        def replace(x, weight, eps):  # type: ignore[no-untyped-def]
+            return replace_impl((x, weight), eps, 0)
+
+    def example_inputs() -> list[torch.Tensor]:
+        x = torch.empty(4, 256, dtype=torch.bfloat16)
+        w = torch.empty(256, dtype=torch.bfloat16)
+        return [x, torch.empty_like(x), w] if add else [x, w]
+
+    wildcards: dict[str, float | int] = {"eps": EXAMPLE_EPS}
+    if v.has_group:
+        wildcards["group_size"] = EXAMPLE_GROUP
+    variant = v.name + ("" if keep_residual else "_residual_unused")
+    variant += "+normed" if keep_normed else ""
+    return PatternSpec(family, variant, search, replace, example_inputs, wildcards)
+
+
+def label_of_fused(family: str, prefix: str, node: torch.fx.Node) -> str | None:
+    """'<family>/<scheme label>[+normed]/<x dtype>' for a fused norm+quant node, else None."""
+    scheme = scheme_of_op(op_name(node) or "", prefix)
+    if scheme is None:
+        return None
+    normed = "+normed" if op_args(node).get("return_normed") else ""
+    dtype = dtype_name(val(node.args[0]).dtype)
+    return f"{family}/{label_of_call(scheme, node)}{normed}/{dtype}"

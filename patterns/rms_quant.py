@@ -1,13 +1,13 @@
 """rms_quant: ``rms_norm → <scheme>_quant``  ⇒  ``rms_norm_<scheme>_quant``.
 
-Must not fire (and does not): the normed output has another user (the fused op does not return
-it); a cast sits between the norm and the quant (a dtype change); the scheme is not enabled.
+The normed value may have other users (a router gate next to the expert quant): the fused op
+then also returns it (``return_normed=True``, label suffix ``+normed``). Must not fire (and does
+not): a cast sits between the norm and the quant (a dtype change); the scheme is not enabled.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
@@ -22,46 +22,19 @@ FUSED_OPS = tuple(s.rms_op for s in SCHEMES.values())
 ops = torch.ops.fusion_ops
 
 
-def _spec(v: qv.QuantVariant) -> PatternSpec:
-    quant = v.quant()
-    fused = getattr(ops, SCHEMES[v.scheme].rms_op).default
-
-    if v.has_group:
-
-        def search(x: Any, weight: Any, eps: float, group_size: int) -> Any:
-            return quant(ops.rms_norm.default(x, weight, eps), *v.params(group_size))
-
-        def replace(x: Any, weight: Any, eps: float, group_size: int) -> Any:
-            return fused(x, weight, eps, *v.params(group_size))
-
-        wildcards = {"eps": qv.EXAMPLE_EPS, "group_size": qv.EXAMPLE_GROUP}
-    else:
-
-        def search(x: Any, weight: Any, eps: float) -> Any:  # type: ignore[misc]
-            return quant(ops.rms_norm.default(x, weight, eps), *v.params())
-
-        def replace(x: Any, weight: Any, eps: float) -> Any:  # type: ignore[misc]
-            return fused(x, weight, eps, *v.params())
-
-        wildcards = {"eps": qv.EXAMPLE_EPS}
-
-    def example_inputs() -> list[torch.Tensor]:
-        return [torch.empty(4, 256, dtype=torch.bfloat16), torch.empty(256, dtype=torch.bfloat16)]
-
-    return PatternSpec(NAME, v.name, search, replace, example_inputs, wildcards)
-
-
 def pattern_specs(schemes: Sequence[str]) -> list[PatternSpec]:
-    return [_spec(v) for v in qv.variants(schemes)]
+    # plain before +normed: the first pattern that matches an anchor wins, and the plain one
+    # must win wherever the normed value has no other user
+    return [
+        qv.norm_quant_spec(NAME, v, add=False, keep_normed=keep_normed)
+        for keep_normed in (False, True)
+        for v in qv.variants(schemes)
+    ]
 
 
 def label(node: torch.fx.Node) -> str | None:
-    """'rms_quant/<scheme label>/<x dtype>' for a fused node this family creates."""
-    name = op_name(node)
-    scheme = qv.scheme_of_op(name or "", "rms_norm_")
-    if scheme is None:
-        return None
-    return f"{NAME}/{qv.label_of_call(scheme, node)}/{dtype_name(val(node.args[0]).dtype)}"
+    """'rms_quant/<scheme label>[+normed]/<x dtype>' for a fused node this family creates."""
+    return qv.label_of_fused(NAME, "rms_norm_", node)
 
 
 def near_misses(graph: torch.fx.Graph, schemes: Sequence[str]) -> list[NearMiss]:

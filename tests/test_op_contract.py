@@ -130,10 +130,16 @@ def test_fused_norm_quant_equals_standalone(scheme: str, dtype: torch.dtype, sha
     for fp8_dtype in (FN, FNUZ) if scheme.startswith("fp8") else (FN,):
         p = scheme_params(scheme, fp8_dtype)
         quant = getattr(ops, s.quant_op)
-        unfused = quant(ops.rms_norm(x, w, EPS), *p)
-        assert_bitwise(getattr(ops, s.rms_op)(x, w, EPS, *p), unfused)
+        normed = ops.rms_norm(x, w, EPS)
+        fused = getattr(ops, s.rms_op)(x, w, EPS, *p)
+        assert_bitwise(fused[:2], quant(normed, *p))
+        assert fused[2].numel() == 0  # return_normed defaults to False
+        assert_bitwise(getattr(ops, s.rms_op)(x, w, EPS, *p, True), (*quant(normed, *p), normed))
         y, res = ops.fused_add_rms_norm(x, r, w, EPS)
-        assert_bitwise(getattr(ops, s.add_rms_op)(x, r, w, EPS, *p), (*quant(y, *p), res))
+        fused_add = getattr(ops, s.add_rms_op)(x, r, w, EPS, *p)
+        assert_bitwise(fused_add[:3], (*quant(y, *p), res))
+        assert fused_add[3].numel() == 0
+        assert_bitwise(getattr(ops, s.add_rms_op)(x, r, w, EPS, *p, True), (*quant(y, *p), res, y))
 
 
 @pytest.mark.parametrize("is_neox", [False, True])
