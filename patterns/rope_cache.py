@@ -15,7 +15,6 @@ Must not fire: q and kv ropes differ in positions, table, rope_dim or style; the
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -140,6 +139,4 @@ def _explain_write(write: torch.fx.Node) -> str:
         diff = [f"{f} {q!s} vs {k!s}" for f, q, k in zip(fields, q_key, kv_key, strict=True)
                 if q is not k and q != k]  # fmt: skip
         return f"q rope {shares_positions[0].name} and kv rope differ: {', '.join(diff)}"
-    if len([u for u in kv_rot.users if u.target is not operator.getitem]) > 1:
-        return "no q rope shares the kv rope's positions (kv-only write)"
-    return "no q rope shares the kv rope's positions and table (kv-only cache write)"
+    return "kv-only cache write: no q rope shares the kv rope's positions and table"

@@ -1,0 +1,128 @@
+"""Building blocks: emulated quantized linears, RoPE tables, hyper-connections.
+
+Quantized GEMMs are emulated: the activation goes through the real ``fusion_ops`` quant op (the
+op the fusion passes see), is dequantized in plain torch, and multiplied with bf16 weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+import fusion_ops  # noqa: F401  (defines torch.ops.fusion_ops)
+from fusion_ops.formats import FP4_VALUES
+
+ops = torch.ops.fusion_ops
+GROUP = 128  # FP8 block linears quantize activations per 1x128
+
+
+def quantize(x: torch.Tensor, scheme: str, fp8_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """The standalone activation quant op of ``scheme`` (what the passes fuse with a norm)."""
+    if scheme == "mxfp4":
+        return ops.mxfp4_quant(x)
+    if scheme == "mxfp8":
+        return ops.mxfp8_quant(x)
+    if scheme == "fp8_group":
+        return ops.fp8_group_quant(x, GROUP, False, fp8_dtype)
+    raise ValueError(f"quantize: unknown scheme {scheme!r}")
+
+
+def dequantize(q: torch.Tensor, s: torch.Tensor, scheme: str, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of :func:`quantize` in plain torch (GEMM emulation)."""
+    if scheme == "fp8_group":
+        k = q.shape[-1]
+        blocks = q.float().unflatten(-1, (k // GROUP, GROUP)) * s.unsqueeze(-1)
+        return blocks.flatten(-2).to(dtype)
+    scale = torch.exp2(s.float() - 127).unsqueeze(-1)  # E8M0 per 32 values
+    if scheme == "mxfp8":
+        vals = q.float()
+    else:  # mxfp4: two E2M1 codes per byte, even element in the low nibble
+        codes = torch.stack((q & 0xF, q >> 4), dim=-1).flatten(-2).long()
+        lut = torch.tensor(FP4_VALUES, device=q.device)
+        vals = lut[codes & 7] * (1 - 2 * (codes >> 3)).float()
+    k = vals.shape[-1]
+    return (vals.unflatten(-1, (k // 32, 32)) * scale).flatten(-2).to(dtype)
+
+
+class QuantLinear(nn.Module):
+    """y = dequant(quant(x)) @ Wᵀ: a quantized-activation GEMM, emulated. Weight [out, in]."""
+
+    def __init__(self, in_features: int, out_features: int, scheme: str, fp8_dtype: torch.dtype):
+        super().__init__()
+        self.scheme, self.fp8_dtype = scheme, fp8_dtype
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_quantized(*quantize(x, self.scheme, self.fp8_dtype), x.dtype)
+
+    def forward_quantized(
+        self, q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The GEMM on an already quantized activation (shared by several consumers)."""
+        return dequantize(q, s, self.scheme, dtype) @ self.weight.t()
+
+
+def rope_table(max_pos: int, rope_dim: int, theta: float) -> torch.Tensor:
+    """cos_sin_cache [max_pos, rope_dim] = [cos | sin], fp32 (plain RoPE; YaRN omitted)."""
+    inv_freq = theta ** (-torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim)
+    angles = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    return torch.cat((angles.cos(), angles.sin()), dim=1).float()
+
+
+def weightless_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class HyperConnection(nn.Module):
+    """mHC seam: mixes the 4 residual streams into a layer input and back (fp32 math).
+
+    pre  = sigmoid(mix[0:4]·s0 + b) + hc_eps        layer_in = Σ_i pre_i · R_i
+    post = 2·sigmoid(mix[4:8]·s1 + b)                R' = post · out + combᵀ · R
+    comb = sinkhorn(softmax(mix[8:24]·s2 + b) + eps) (alternating column/row normalisation)
+    where mix = (flatten(R) @ fnᵀ) · rsqrt(mean(flatten(R)²) + eps).
+    """
+
+    def __init__(self, hidden: int, mult: int, iters: int, eps: float) -> None:
+        super().__init__()
+        self.mult, self.iters, self.eps = mult, iters, eps
+        n_mix = 2 * mult + mult * mult
+        self.fn = nn.Parameter(torch.empty(n_mix, mult * hidden), requires_grad=False)
+        self.base = nn.Parameter(torch.zeros(n_mix), requires_grad=False)
+        self.scale = nn.Parameter(torch.ones(3), requires_grad=False)
+
+    def pre(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        m = self.mult
+        flat = streams.flatten(1).float()  # [T, m·D]
+        mix = (flat @ self.fn.t()) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.eps)
+        pre = torch.sigmoid(mix[:, :m] * self.scale[0] + self.base[:m]) + self.eps
+        post = 2.0 * torch.sigmoid(mix[:, m : 2 * m] * self.scale[1] + self.base[m : 2 * m])
+        logits = mix[:, 2 * m :].unflatten(1, (m, m)) * self.scale[2] + self.base[2 * m :].view(
+            m, m
+        )
+        comb = torch.softmax(logits, dim=-1) + self.eps
+        for _ in range(self.iters):
+            comb = comb / comb.sum(-2, keepdim=True)
+            comb = comb / comb.sum(-1, keepdim=True)
+        layer_in = (pre.unsqueeze(-1) * streams.float()).sum(1).to(streams.dtype)
+        return layer_in, post, comb
+
+    def post(self, out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor,
+             comb: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        mixed = torch.einsum("tij,tid->tjd", comb, streams.float())
+        return (post.unsqueeze(-1) * out.float().unsqueeze(1) + mixed).to(streams.dtype)
+
+
+def init_(module: nn.Module, generator: torch.Generator) -> None:
+    """Seeded random weights: N(0, 1/fan_in) for matrices, 1 ± 0.1 for norm weights."""
+    for name, p in module.named_parameters():
+        if name.endswith("norm_weight"):
+            p.data = 1 + 0.1 * torch.randn(p.shape, generator=generator)
+        elif p.dim() >= 2:
+            p.data = torch.randn(p.shape, generator=generator) / math.sqrt(p.shape[-1])
+        elif name.endswith(("base", "bias", "ape")):
+            p.data = 0.1 * torch.randn(p.shape, generator=generator)
+        elif name.endswith("sink"):
+            p.data = torch.randn(p.shape, generator=generator)

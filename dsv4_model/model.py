@@ -1,0 +1,289 @@
+"""Reference DeepSeek-V4, built from ``torch.ops.fusion_ops`` standalone ops and plain torch.
+
+Structure (shared/reference/dsv4-facts.md §B), per decoder layer::
+
+    mhc:  x, post, comb = hc_pre(R)                     add:  x, res = fused_add_rms_norm(h, res)
+          x = rms_norm(x)                                      (layer 0: rms_norm(h), res = h)
+          R = hc_post(attn(x), R, post, comb)                  x, res = fused_add_rms_norm(attn(x), res)
+          (same around the MoE with ffn_norm)                  h = moe(x)
+
+    attn(x): qr, kv = split(fp8_linear(x))               # fused wq_a/wkv: rms_norm → fp8 1x128 quant
+             q = weightless_rms(fp8_linear(rms_norm(qr)))  [T, H, 512];  kv = rms_norm(kv)  [T, 512]
+             q, kv = rope(q), rope(kv)                   # GPT-J on the last 64 of 512 dims
+             mla_cache_write(kv, swa_cache)              # 584-byte dsv4_fp8 slots
+             CSA/HCA: compressor pools each group of `ratio` tokens (softmax over the group of
+                      score + ape), rms_norm, rope at the group's first position → compressed cache
+             keys: prefill → this step's kv (+ compressed entries of complete groups);
+                   decode  → dequant_cache(cache, block_table).to(fp8) (only the table's blocks)
+             softmax(q·k / √512) with a per-head sink logit in the denominator; V = K (MQA latent)
+             o → inverse rope → grouped wo_a (G groups) → fp8_linear wo_b
+
+    moe(x):  sqrt(softplus(x @ gateᵀ)) scores, top-k on score + bias, weights renormalised ×
+             routed_scaling; one activation quant (config scheme) shared by the routed and shared
+             experts; SwiGLU with clamp (gate ≤ 10, up in [−10, 10])
+
+Simplifications that do not touch the four fused sequences:
+* GEMMs are emulated (activation quant op → dequantize → bf16 matmul with bf16 weights).
+* Indexer omitted: CSA layers attend to every visible compressed entry (what DeepSeek-V4 does
+  while the number of entries is ≤ index_topk); HCA attends to all of them, as in the real model.
+* Compressor without CSA's overlapping second window (coff = 1 for both kinds).
+* Plain RoPE per layer kind (theta 10000 SWA, 160000 CSA/HCA); YaRN scaling omitted.
+* No hash-routed MoE layers, no MTP layer; experts computed densely (all experts, masked).
+* Prefill is one sequence starting at position 0; decode is one token per sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fusion_ops  # noqa: F401
+
+from .cache import PagedCaches, Step
+from .config import DSV4Config
+from .layers import (
+    HyperConnection,
+    QuantLinear,
+    dequantize,
+    init_,
+    quantize,
+    rope_table,
+    weightless_rms,
+)
+
+ops = torch.ops.fusion_ops
+LAYOUT = "dsv4_fp8"
+FP32_PARAMS = ("sink", "score_bias", "comp_ape", "comp_norm_weight", "fn", "base", "scale",
+               "hc_head_fn", "hc_head_base")  # fmt: skip
+
+
+def softmax_with_sink(scores: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
+    """softmax over the last dim with exp(sink − m) added to the denominator. sink [H]."""
+    sink = sink.view(*([1] * (scores.dim() - 2)), -1, 1)
+    m = torch.maximum(scores.amax(-1, keepdim=True), sink)
+    e = torch.exp(scores - m)
+    return e / (e.sum(-1, keepdim=True) + torch.exp(sink - m))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DSV4Config, layer: int) -> None:
+        super().__init__()
+        self.cfg, self.ratio = cfg, cfg.compress_ratios[layer]
+        d, h, hd = cfg.hidden_size, cfg.n_heads, cfg.head_dim
+        lin = cfg.linear_quant
+        self.wqkv_a = QuantLinear(d, cfg.q_lora_rank + hd, lin, cfg.fp8_dtype)
+        self.q_norm_weight = nn.Parameter(torch.empty(cfg.q_lora_rank), requires_grad=False)
+        self.kv_norm_weight = nn.Parameter(torch.empty(hd), requires_grad=False)
+        self.wq_b = QuantLinear(cfg.q_lora_rank, h * hd, lin, cfg.fp8_dtype)
+        self.sink = nn.Parameter(torch.empty(h), requires_grad=False)
+        g = cfg.o_groups
+        self.wo_a = nn.Parameter(torch.empty(g, cfg.o_lora_rank, h // g * hd), requires_grad=False)
+        self.wo_b = QuantLinear(g * cfg.o_lora_rank, d, lin, cfg.fp8_dtype)
+        theta = cfg.rope_theta if self.ratio == 1 else cfg.compress_rope_theta
+        table = rope_table(cfg.max_position, cfg.rope_dim, theta)
+        half = cfg.rope_dim // 2
+        self.register_buffer("cos_sin", table, persistent=False)
+        inverse = torch.cat((table[:, :half], -table[:, half:]), dim=1)  # sin negated
+        self.register_buffer("cos_sin_inv", inverse, persistent=False)
+        if self.ratio > 1:
+            self.comp_w = nn.Parameter(torch.empty(2 * hd, d), requires_grad=False)
+            self.comp_ape = nn.Parameter(torch.empty(self.ratio, hd), requires_grad=False)
+            self.comp_norm_weight = nn.Parameter(torch.empty(hd), requires_grad=False)
+
+    # --- pieces ---------------------------------------------------------------------------------
+    def _rope(
+        self, positions: torch.Tensor, x: torch.Tensor, inverse: bool = False
+    ) -> torch.Tensor:
+        table = self.cos_sin_inv if inverse else self.cos_sin
+        return ops.rope(positions, x, table, self.cfg.rope_dim, False)
+
+    def _compress(self, kv_part: torch.Tensor, score: torch.Tensor, first_pos: torch.Tensor,
+                  slots: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """Pool groups [N, ratio, 512] → normed, roped entries [N, 512]; write them to the cache."""
+        pooled = (torch.softmax(score, dim=1) * kv_part).sum(1)  # fp32
+        entry = ops.rms_norm(pooled, self.comp_norm_weight, self.cfg.rms_eps).to(self.cfg.dtype)
+        entry = self._rope(first_pos, entry)
+        ops.mla_cache_write(entry, self.comp_cache, slots, LAYOUT)
+        return entry
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """q [..., H, 512], keys [..., S, 512] (any float/fp8 dtype), visible [..., S] -> [..., H, 512]."""
+        k = keys.float()
+        scores = torch.einsum("...hd,...sd->...hs", q.float(), k) * self.cfg.head_dim**-0.5
+        scores = scores.masked_fill(~visible.unsqueeze(-2), float("-inf"))
+        probs = softmax_with_sink(scores, self.sink)
+        return torch.einsum("...hs,...sd->...hd", probs, k).to(self.cfg.dtype)
+
+    # --- forward --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, step: Step, decode: bool) -> torch.Tensor:
+        cfg = self.cfg
+        t, h, hd = x.shape[0], cfg.n_heads, cfg.head_dim
+        pos = step.positions
+        qr, kv = self.wqkv_a(x).split([cfg.q_lora_rank, hd], dim=-1)
+        q = self.wq_b(ops.rms_norm(qr, self.q_norm_weight, cfg.rms_eps)).view(t, h, hd)
+        q = weightless_rms(q, cfg.rms_eps)
+        kv = ops.rms_norm(kv, self.kv_norm_weight, cfg.rms_eps)
+        q = self._rope(pos, q)
+        kv = self._rope(pos, kv)
+        ops.mla_cache_write(kv, self.swa_cache, step.slot_mapping, LAYOUT)
+        o = (
+            self._decode_attention(x, q, step)
+            if decode
+            else self._prefill_attention(x, q, kv, step)
+        )
+        o = self._rope(pos, o, inverse=True)
+        g = cfg.o_groups
+        o = torch.einsum("tgk,gok->tgo", o.view(t, g, -1), self.wo_a).flatten(1)
+        return self.wo_b(o)
+
+    def _prefill_attention(self, x: torch.Tensor, q: torch.Tensor, kv: torch.Tensor,
+                           step: Step) -> torch.Tensor:  # fmt: skip
+        pos = step.positions
+        visible = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - self.cfg.window)
+        keys = kv
+        if self.ratio > 1:
+            r, t, hd = self.ratio, x.shape[0], self.cfg.head_dim
+            kv_score = x.float() @ self.comp_w.float().t()  # [T, 1024] fp32
+            kv_score[:, hd:] += self.comp_ape[pos % r]
+            n = t // r
+            groups = kv_score[: n * r].view(n, r, 2 * hd)
+            first = torch.arange(n, device=x.device) * r
+            entries = self._compress(groups[..., :hd], groups[..., hd:], first, step.comp_slots[r])
+            leftover = kv_score[n * r :]  # the incomplete last group continues in decode
+            rows = torch.arange(t - n * r, device=x.device)
+            self.comp_state[step.seq_ids.expand(rows.shape[0]), rows] = leftover
+            keys = torch.cat((kv, entries), dim=0)
+            visible = torch.cat((visible, (first[None, :] + r - 1) <= pos[:, None]), dim=1)
+        return self._attend(q, keys, visible)
+
+    def _decode_attention(self, x: torch.Tensor, q: torch.Tensor, step: Step) -> torch.Tensor:
+        cfg, pos, b = self.cfg, step.positions, x.shape[0]
+        keys = ops.dequant_cache(self.swa_cache, step.block_tables.flatten(), LAYOUT)
+        keys = keys.to(cfg.fp8_dtype).view(b, -1, cfg.head_dim)
+        key_pos = torch.arange(keys.shape[1], device=x.device)
+        visible = (key_pos[None, :] <= pos[:, None]) & (
+            key_pos[None, :] > pos[:, None] - cfg.window
+        )
+        if self.ratio > 1:
+            r, hd = self.ratio, cfg.head_dim
+            kv_score = x.float() @ self.comp_w.float().t()
+            kv_score[:, hd:] += self.comp_ape[pos % r]
+            self.comp_state[step.seq_ids, pos % r] = kv_score
+            group = self.comp_state[step.seq_ids]  # [B, ratio, 1024], complete at a boundary
+            slots = torch.where((pos + 1) % r == 0, step.comp_slots[r], -1)  # others: skipped
+            self._compress(group[..., :hd], group[..., hd:], (pos // r) * r, slots)
+            comp = ops.dequant_cache(self.comp_cache, step.comp_block_tables[r].flatten(), LAYOUT)
+            comp = comp.to(cfg.fp8_dtype).view(b, -1, hd)
+            entry = torch.arange(comp.shape[1], device=x.device)
+            keys = torch.cat((keys, comp), dim=1)
+            visible = torch.cat((visible, (entry[None, :] + 1) * r - 1 <= pos[:, None]), dim=1)
+        return self._attend(q, keys, visible)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: DSV4Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        e, d, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_inter_size
+        self.gate = nn.Parameter(torch.empty(e, d), requires_grad=False)
+        self.score_bias = nn.Parameter(torch.empty(e), requires_grad=False)
+        self.w13 = nn.Parameter(torch.empty(e, 2 * i, d), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(e, d, i), requires_grad=False)
+        self.shared_w13 = nn.Parameter(torch.empty(2 * i, d), requires_grad=False)
+        self.shared_w2 = nn.Parameter(torch.empty(d, i), requires_grad=False)
+
+    def _swiglu(self, h: torch.Tensor) -> torch.Tensor:
+        gate, up = h.chunk(2, dim=-1)
+        lim = self.cfg.swiglu_limit
+        return F.silu(gate.clamp(max=lim)) * up.clamp(-lim, lim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        scores = torch.sqrt(F.softplus(x.float() @ self.gate.float().t()))  # router reads bf16 x
+        top = torch.topk(scores + self.score_bias, cfg.n_activated_experts, dim=-1).indices
+        weights = scores.gather(1, top)
+        weights = weights / weights.sum(-1, keepdim=True) * cfg.routed_scaling_factor
+        combine = torch.zeros_like(scores).scatter(1, top, weights)  # [T, E]
+        xq = dequantize(*quantize(x, cfg.act_quant, cfg.fp8_dtype), cfg.act_quant, x.dtype)
+        act = self._swiglu(torch.einsum("td,efd->tef", xq, self.w13))
+        routed = torch.einsum("te,tei,edi->td", combine, act.float(), self.w2.float())
+        shared = self._swiglu(xq @ self.shared_w13.t()) @ self.shared_w2.t()
+        return (routed + shared.float()).to(x.dtype)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DSV4Config, layer: int) -> None:
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        self.attn_norm_weight = nn.Parameter(torch.empty(cfg.hidden_size), requires_grad=False)
+        self.ffn_norm_weight = nn.Parameter(torch.empty(cfg.hidden_size), requires_grad=False)
+        self.attn = Attention(cfg, layer)
+        self.moe = MoE(cfg)
+        if cfg.residual == "mhc":
+            args = (cfg.hidden_size, cfg.hc_mult, cfg.hc_sinkhorn_iters, cfg.hc_eps)
+            self.hc_attn, self.hc_ffn = HyperConnection(*args), HyperConnection(*args)
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, step: Step,
+                decode: bool) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        eps = self.cfg.rms_eps
+        if self.cfg.residual == "mhc":  # h: the 4 residual streams [T, 4, D]
+            x, post, comb = self.hc_attn.pre(h)
+            a = self.attn(ops.rms_norm(x, self.attn_norm_weight, eps), step, decode)
+            h = self.hc_attn.post(a, h, post, comb)
+            x, post, comb = self.hc_ffn.pre(h)
+            m = self.moe(ops.rms_norm(x, self.ffn_norm_weight, eps))
+            return self.hc_ffn.post(m, h, post, comb), None
+        if residual is None:  # first layer of the residual stream
+            x, residual = ops.rms_norm(h, self.attn_norm_weight, eps), h
+        else:
+            x, residual = ops.fused_add_rms_norm(h, residual, self.attn_norm_weight, eps)
+        a = self.attn(x, step, decode)
+        x, residual = ops.fused_add_rms_norm(a, residual, self.ffn_norm_weight, eps)
+        return self.moe(x), residual
+
+
+class DSV4Model(nn.Module):
+    def __init__(self, cfg: DSV4Config, seed: int = 0) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.final_norm_weight = nn.Parameter(torch.empty(cfg.hidden_size), requires_grad=False)
+        self.lm_head = nn.Parameter(
+            torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False
+        )
+        if cfg.residual == "mhc":
+            m = cfg.hc_mult
+            self.hc_head_fn = nn.Parameter(torch.empty(m, m * cfg.hidden_size), requires_grad=False)
+            self.hc_head_base = nn.Parameter(torch.empty(m), requires_grad=False)
+        init_(self, torch.Generator().manual_seed(seed))
+        for name, p in self.named_parameters():  # bf16, except what DeepSeek-V4 keeps in fp32
+            fp32 = name.split(".")[-1] in FP32_PARAMS
+            p.data = p.data.to(torch.float32 if fp32 else cfg.dtype)
+
+    def attach(self, caches: PagedCaches) -> None:
+        """Point every attention layer at its caches (buffers: compiled code mutates them)."""
+        for layer, attn in enumerate(b.attn for b in self.layers):
+            attn.register_buffer("swa_cache", caches.swa[layer], persistent=False)
+            if attn.ratio > 1:
+                attn.register_buffer("comp_cache", caches.comp[layer], persistent=False)
+                attn.register_buffer("comp_state", caches.state[layer], persistent=False)
+
+    def forward(self, step: Step, decode: bool) -> torch.Tensor:
+        """Logits [T, vocab] fp32 (prefill: every token; decode: one per sequence)."""
+        cfg = self.cfg
+        h = self.embed[step.input_ids]
+        if cfg.residual == "mhc":
+            h = h.unsqueeze(1).expand(-1, cfg.hc_mult, -1).contiguous()
+        residual = None
+        for block in self.layers:
+            h, residual = block(h, residual, step, decode)
+        if cfg.residual == "mhc":
+            flat = weightless_rms(h.flatten(1).float(), cfg.rms_eps)
+            gates = torch.sigmoid(flat @ self.hc_head_fn.t() + self.hc_head_base) + cfg.hc_eps
+            x = (gates.unsqueeze(-1) * h.float()).sum(1).to(cfg.dtype)
+            x = ops.rms_norm(x, self.final_norm_weight, cfg.rms_eps)
+        else:
+            x, _ = ops.fused_add_rms_norm(h, residual, self.final_norm_weight, cfg.rms_eps)
+        return x.float() @ self.lm_head.float().t()
