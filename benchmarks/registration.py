@@ -29,8 +29,9 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for _ in range(args.runs):
-        out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True,
-                             check=True)  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD], capture_output=True, text=True, check=True
+        )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     first = [r["first_s"] for r in rows]
     second = [r["second_s"] for r in rows]

@@ -35,8 +35,14 @@ class Step:
 
 
 class PagedCaches:
-    def __init__(self, cfg: DSV4Config, max_seqs: int, max_len: int, device: str | torch.device,
-                 seed: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        cfg: DSV4Config,
+        max_seqs: int,
+        max_len: int,
+        device: str | torch.device,
+        seed: int = 0,
+    ) -> None:
         self.cfg, self.max_seqs, self.max_len = cfg, max_seqs, max_len
         g = torch.Generator().manual_seed(seed)
         bs = cfg.block_size
@@ -59,9 +65,7 @@ class PagedCaches:
                 continue
             n = self.comp_block_tables[ratio].numel() + 1
             self.comp.append(fusion_ops.alloc_mla_cache(n, bs, device=device))
-            self.state.append(
-                torch.zeros(max_seqs, ratio, 2 * cfg.head_dim, device=device)
-            )  # fmt: skip
+            self.state.append(torch.zeros(max_seqs, ratio, 2 * cfg.head_dim, device=device))
 
     @staticmethod
     def _tables(seqs: int, per_seq: int, g: torch.Generator) -> torch.Tensor:
@@ -83,8 +87,13 @@ class PagedCaches:
             r: self._slot(tab, seq_ids[: t // r], torch.arange(t // r, device=device))
             for r, tab in self.comp_block_tables.items()
         }
-        return Step(input_ids.to(device), positions, self._slot(self.block_tables, seq_ids, positions),
-                    torch.tensor([seq], device=device), comp)  # fmt: skip
+        return Step(
+            input_ids.to(device),
+            positions,
+            self._slot(self.block_tables, seq_ids, positions),
+            torch.tensor([seq], device=device),
+            comp,
+        )
 
     def decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor) -> Step:
         device = self.block_tables.device
@@ -95,9 +104,14 @@ class PagedCaches:
             r: self._slot(tab, seq_ids, positions // r) for r, tab in self.comp_block_tables.items()
         }
         return Step(
-            input_ids.to(device), positions, self._slot(self.block_tables, seq_ids, positions),
-            seq_ids, comp, self.block_tables[:b], {r: t[:b] for r, t in self.comp_block_tables.items()},
-        )  # fmt: skip
+            input_ids.to(device),
+            positions,
+            self._slot(self.block_tables, seq_ids, positions),
+            seq_ids,
+            comp,
+            self.block_tables[:b],
+            {r: t[:b] for r, t in self.comp_block_tables.items()},
+        )
 
     def snapshot(self) -> list[torch.Tensor]:
         """Copies of every cache tensor (for comparing whole caches between runs)."""

@@ -21,16 +21,18 @@ class RunResult:
     caches: list[torch.Tensor] = field(default_factory=list)  # every cache tensor at the end
 
 
-def build(cfg: DSV4Config, batch: int, max_len: int, device: str | torch.device = "cpu",
-          seed: int = 0) -> tuple[DSV4Model, PagedCaches]:  # fmt: skip
+def build(
+    cfg: DSV4Config, batch: int, max_len: int, device: str | torch.device = "cpu", seed: int = 0
+) -> tuple[DSV4Model, PagedCaches]:
     model = DSV4Model(cfg, seed=seed).to(device)
     caches = PagedCaches(cfg, batch, max_len, device, seed=seed)
     model.attach(caches)
     return model, caches
 
 
-def token_ids(cfg: DSV4Config, batch: int, prompt_len: int, decode_steps: int,
-              seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def token_ids(
+    cfg: DSV4Config, batch: int, prompt_len: int, decode_steps: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded prompts [B, L] and the decode inputs [steps, B] (fixed, not sampled, so that runs
     with slightly different logits stay comparable)."""
     g = torch.Generator().manual_seed(seed + 1)
@@ -39,8 +41,13 @@ def token_ids(cfg: DSV4Config, batch: int, prompt_len: int, decode_steps: int,
     return prompts, decode
 
 
-def run(caches: PagedCaches, prefill: Forward, decode: Forward, prompts: torch.Tensor,
-        decode_ids: torch.Tensor) -> RunResult:  # fmt: skip
+def run(
+    caches: PagedCaches,
+    prefill: Forward,
+    decode: Forward,
+    prompts: torch.Tensor,
+    decode_ids: torch.Tensor,
+) -> RunResult:
     """Prefill each sequence, then decode ``decode_ids.shape[0]`` steps for the whole batch."""
     out = RunResult()
     batch, prompt_len = prompts.shape

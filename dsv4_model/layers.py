@@ -109,8 +109,9 @@ class HyperConnection(nn.Module):
         layer_in = (pre.unsqueeze(-1) * streams.float()).sum(1).to(streams.dtype)
         return layer_in, post, comb
 
-    def post(self, out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor,
-             comb: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    def post(
+        self, out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor
+    ) -> torch.Tensor:
         mixed = torch.einsum("tij,tid->tjd", comb, streams.float())
         return (post.unsqueeze(-1) * out.float().unsqueeze(1) + mixed).to(streams.dtype)
 

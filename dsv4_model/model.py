@@ -2,12 +2,12 @@
 
 Structure (shared/reference/dsv4-facts.md §B), per decoder layer::
 
-    mhc:  x, post, comb = hc_pre(R)                     add:  x, res = fused_add_rms_norm(h, res)
-          x = rms_norm(x)                                      (layer 0: rms_norm(h), res = h)
-          R = hc_post(attn(x), R, post, comb)                  x, res = fused_add_rms_norm(attn(x), res)
-          (same around the MoE with ffn_norm)                  h = moe(x)
+    mhc:  x, post, comb = hc_pre(R)              add:  x, res = fused_add_rms_norm(h, res)
+          x = rms_norm(x)                               (layer 0: rms_norm(h), res = h)
+          R = hc_post(attn(x), R, post, comb)           x, res = fused_add_rms_norm(attn(x), res)
+          (same around the MoE with ffn_norm)           h = moe(x)
 
-    attn(x): qr, kv = split(fp8_linear(x))               # fused wq_a/wkv: rms_norm → fp8 1x128 quant
+    attn(x): qr, kv = split(fp8_linear(x))         # fused wq_a/wkv: rms_norm → fp8 1x128 quant
              q = weightless_rms(fp8_linear(rms_norm(qr)))  [T, H, 512];  kv = rms_norm(kv)  [T, 512]
              q, kv = rope(q), rope(kv)                   # GPT-J on the last 64 of 512 dims
              mla_cache_write(kv, swa_cache)              # 584-byte dsv4_fp8 slots
@@ -54,8 +54,17 @@ from .layers import (
 
 ops = torch.ops.fusion_ops
 LAYOUT = "dsv4_fp8"
-FP32_PARAMS = ("sink", "score_bias", "comp_ape", "comp_norm_weight", "fn", "base", "scale",
-               "hc_head_fn", "hc_head_base")  # fmt: skip
+FP32_PARAMS = (
+    "sink",
+    "score_bias",
+    "comp_ape",
+    "comp_norm_weight",
+    "fn",
+    "base",
+    "scale",
+    "hc_head_fn",
+    "hc_head_base",
+)
 
 
 def softmax_with_sink(scores: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
@@ -98,8 +107,13 @@ class Attention(nn.Module):
         table = self.cos_sin_inv if inverse else self.cos_sin
         return ops.rope(positions, x, table, self.cfg.rope_dim, False)
 
-    def _compress(self, kv_part: torch.Tensor, score: torch.Tensor, first_pos: torch.Tensor,
-                  slots: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    def _compress(
+        self,
+        kv_part: torch.Tensor,
+        score: torch.Tensor,
+        first_pos: torch.Tensor,
+        slots: torch.Tensor,
+    ) -> torch.Tensor:
         """Pool groups [N, ratio, 512] → normed, roped entries [N, 512]; write them to the cache."""
         pooled = (torch.softmax(score, dim=1) * kv_part).sum(1)  # fp32
         entry = ops.rms_norm(pooled, self.comp_norm_weight, self.cfg.rms_eps).to(self.cfg.dtype)
@@ -108,7 +122,7 @@ class Attention(nn.Module):
         return entry
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """q [..., H, 512], keys [..., S, 512] (any float/fp8 dtype), visible [..., S] -> [..., H, 512]."""
+        """q [..., H, 512], keys [..., S, 512] (float or fp8), visible [..., S] -> [..., H, 512]."""
         k = keys.float()
         scores = torch.einsum("...hd,...sd->...hs", q.float(), k) * self.cfg.head_dim**-0.5
         scores = scores.masked_fill(~visible.unsqueeze(-2), float("-inf"))
@@ -137,8 +151,9 @@ class Attention(nn.Module):
         o = torch.einsum("tgk,gok->tgo", o.view(t, g, -1), self.wo_a).flatten(1)
         return self.wo_b(o)
 
-    def _prefill_attention(self, x: torch.Tensor, q: torch.Tensor, kv: torch.Tensor,
-                           step: Step) -> torch.Tensor:  # fmt: skip
+    def _prefill_attention(
+        self, x: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, step: Step
+    ) -> torch.Tensor:
         pos = step.positions
         visible = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - self.cfg.window)
         keys = kv
@@ -224,8 +239,9 @@ class Block(nn.Module):
             args = (cfg.hidden_size, cfg.hc_mult, cfg.hc_sinkhorn_iters, cfg.hc_eps)
             self.hc_attn, self.hc_ffn = HyperConnection(*args), HyperConnection(*args)
 
-    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, step: Step,
-                decode: bool) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    def forward(
+        self, h: torch.Tensor, residual: torch.Tensor | None, step: Step, decode: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         eps = self.cfg.rms_eps
         if self.cfg.residual == "mhc":  # h: the 4 residual streams [T, 4, D]
             x, post, comb = self.hc_attn.pre(h)

@@ -23,11 +23,19 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fusion_passes report", description=__doc__)
     p.add_argument("--preset", default="tiny", choices=["tiny", "flash", "pro"])
     p.add_argument("--layers", type=int, default=None, help="number of layers (flash/pro)")
-    p.add_argument("--residual", default="add", choices=["add", "mhc"],
-                   help="add: V3/R1 residual stream (all four families occur); mhc: V4 proper")  # fmt: skip
+    p.add_argument(
+        "--residual",
+        default="add",
+        choices=["add", "mhc"],
+        help="add: V3/R1 residual stream (all four families occur); mhc: V4 proper",
+    )
     p.add_argument("--act-quant", default="mxfp8", choices=["mxfp4", "mxfp8", "fp8_group"])
-    p.add_argument("--phase", default="both", choices=["prefill", "decode", "both"],
-                   help="decode also runs the prefill it continues from (eagerly if 'decode')")  # fmt: skip
+    p.add_argument(
+        "--phase",
+        default="both",
+        choices=["prefill", "decode", "both"],
+        help="decode also runs the prefill it continues from (eagerly if 'decode')",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--prompt-len", type=int, default=130)
@@ -54,8 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         ratios = tuple((1, 4, 128)[i % 3] for i in range(args.layers))
         cfg = cfg.replace(n_layers=args.layers, compress_ratios=ratios)
     kinds = ", ".join(cfg.layer_kind(i) for i in range(cfg.n_layers))
-    _say(f"model: DeepSeek-V4 '{cfg.name}', {cfg.n_layers} layers ({kinds}), residual={cfg.residual}, "
-         f"experts' input quant={cfg.act_quant}, linears={cfg.linear_quant}, device={args.device}")  # fmt: skip
+    _say(
+        f"model: DeepSeek-V4 '{cfg.name}', {cfg.n_layers} layers ({kinds}), "
+        f"residual={cfg.residual}, "
+        f"experts' input quant={cfg.act_quant}, linears={cfg.linear_quant}, device={args.device}"
+    )
     max_len = args.prompt_len + args.decode_steps + 8
     prompts, decode_ids = dm.token_ids(cfg, args.batch, args.prompt_len, args.decode_steps)
     if args.phase == "prefill":
@@ -69,20 +80,25 @@ def main(argv: list[str] | None = None) -> int:
 
     dump_dir = Path(args.dump_dir)
     fusion_pass = FusionPass(dump_dir=dump_dir)
-    _say(f"[2/3] compiling with FusionPass ({fusion_pass.pattern_count} patterns registered in "
-         f"{fusion_pass.registration_s:.2f} s); Inductor compiles one graph per phase — about a "
-         "minute each on 2 CPU cores ...")  # fmt: skip
+    _say(
+        f"[2/3] compiling with FusionPass ({fusion_pass.pattern_count} patterns registered in "
+        f"{fusion_pass.registration_s:.2f} s); Inductor compiles one graph per phase — about a "
+        "minute each on 2 CPU cores ..."
+    )
     model, caches = dm.build(cfg, args.batch, max_len, args.device)
     with fresh_inductor():
-        compiled = torch.compile(model, options={"post_grad_custom_post_pass": fusion_pass},
-                                 fullgraph=True)  # fmt: skip
+        compiled = torch.compile(
+            model, options={"post_grad_custom_post_pass": fusion_pass}, fullgraph=True
+        )
         prefill = model if args.phase == "decode" else _progress(compiled, "prefill", t0)
         fused = dm.run(caches, prefill, _progress(compiled, "decode", t0), prompts, decode_ids)
     _say(f"[3/3] comparing with eager ({time.perf_counter() - t0:.1f} s so far)")
     _print_table(fusion_pass)
     _print_numerics(eager, fused, args.phase)
-    _say(f"\ndumps: {dump_dir.resolve()}/ (graph_<n>.before.py / .after.py, patterns.py, "
-         "summary.json)")  # fmt: skip
+    _say(
+        f"\ndumps: {dump_dir.resolve()}/ (graph_<n>.before.py / .after.py, patterns.py, "
+        "summary.json)"
+    )
     _say(f"total {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -113,19 +129,30 @@ def _print_table(p: FusionPass) -> None:
     rows = [("family/variant/dtype", "matches", "standalone ops before → after", "fused ops after")]
     for family, module in FAMILIES.items():
         labels = sorted(k for k in p.match_table if k.startswith(family + "/"))
-        standalone = ", ".join(f"{op} {before[op]}→{after[op]}" for op in module.STANDALONE_OPS
-                               if before[op])  # fmt: skip
+        standalone = ", ".join(
+            f"{op} {before[op]}→{after[op]}" for op in module.STANDALONE_OPS if before[op]
+        )
         fused = ", ".join(f"{op} {after[op]}" for op in module.FUSED_OPS if after[op])
         if not labels:
             rows.append((f"{family} (no match)", "0", standalone or "-", fused or "-"))
         for i, label in enumerate(labels):
-            rows.append((label, str(p.match_table[label]), standalone if i == 0 else "",
-                         fused if i == 0 else ""))  # fmt: skip
+            rows.append(
+                (
+                    label,
+                    str(p.match_table[label]),
+                    standalone if i == 0 else "",
+                    fused if i == 0 else "",
+                )
+            )
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     _say("")
     for j, row in enumerate(rows):
-        _say("  ".join(c.ljust(w) if i != 1 else c.rjust(w) for i, (c, w) in
-                       enumerate(zip(row, widths, strict=True))))  # fmt: skip
+        _say(
+            "  ".join(
+                c.ljust(w) if i != 1 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
         if j == 0:
             _say("  ".join("-" * w for w in widths))
     _say(f"total matches: {p.matched_count} in {len(p.graphs)} graphs")
@@ -152,8 +179,10 @@ def _print_numerics(eager: Any, fused: Any, phase: str) -> None:
     if fused.decode_logits:
         d, r = worst(fused.decode_logits, eager.decode_logits)
         _say(f"decode logits vs eager:  max |diff| {d:.4g}, relative L2 {r:.2%}")
-    _say("(compiled vs eager: fp32 reduction order and fp32-kept bf16 intermediates, amplified by "
-         "the quantizers; the pass itself changes no bit — tests/test_model_proof.py)")  # fmt: skip
+    _say(
+        "(compiled vs eager: fp32 reduction order and fp32-kept bf16 intermediates, amplified by "
+        "the quantizers; the pass itself changes no bit — tests/test_model_proof.py)"
+    )
 
 
 if __name__ == "__main__":

@@ -109,8 +109,9 @@ def assert_fully_replaced(fusion_pass: FusionPass, ops: Iterable[str]) -> None:
             problems.append(f"{op}: {before[op]} before → {after[op]} left after the pass")
     if problems:
         misses = [m.as_dict() for g in fusion_pass.graphs for m in g.near_misses]
-        raise AssertionError("not fully replaced:\n  " + "\n  ".join(problems) +
-                             f"\nnear misses: {misses}")  # fmt: skip
+        raise AssertionError(
+            "not fully replaced:\n  " + "\n  ".join(problems) + f"\nnear misses: {misses}"
+        )
 
 
 def assert_ops_present(fusion_pass: FusionPass, ops: Iterable[str]) -> None:

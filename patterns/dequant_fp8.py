@@ -61,16 +61,20 @@ def near_misses(graph: torch.fx.Graph, schemes: Sequence[str]) -> list[NearMiss]
         if not casts:
             other = [u for u in users if u.target is convert]
             if other:
-                reason = (f"it is cast to {dtype_name(other[0].args[1])}, not to an FP8 dtype "
-                          "(e4m3fn / e4m3fnuz)")  # fmt: skip
+                reason = (
+                    f"it is cast to {dtype_name(other[0].args[1])}, not to an FP8 dtype "
+                    "(e4m3fn / e4m3fnuz)"
+                )
             else:
                 reason = (
                     f"no FP8 cast consumes it (users: {', '.join(users_by_op(node)) or 'none'})"
                 )
         elif len(users) > 1:
             users_text = ", ".join(users_by_op(node))
-            reason = (f"dequantized output has {len(users)} users ({users_text}); "
-                      "the fused op returns only the FP8 value")  # fmt: skip
+            reason = (
+                f"dequantized output has {len(users)} users ({users_text}); "
+                "the fused op returns only the FP8 value"
+            )
         else:
             reason = "structure matched a registered pattern but its re-check failed"
         out.append(NearMiss(NAME, node.name, "dequant_cache", reason))

@@ -35,34 +35,63 @@ ops = torch.ops.fusion_ops
 def _spec(is_neox: bool, layout: str, v2: bool) -> PatternSpec:
     write, fused = ops.mla_cache_write.default, ops.rope_mla_cache_write.default
 
-    def search(positions: Any, q: Any, kv: Any, cos_sin_cache: Any, kv_cache: Any,
-               slot_mapping: Any, rope_dim: int) -> Any:  # fmt: skip
+    def search(
+        positions: Any,
+        q: Any,
+        kv: Any,
+        cos_sin_cache: Any,
+        kv_cache: Any,
+        slot_mapping: Any,
+        rope_dim: int,
+    ) -> Any:
         q_rot = ops.rope.default(positions, q, cos_sin_cache, rope_dim, is_neox)
         kv_rot = ops.rope.default(positions, kv, cos_sin_cache, rope_dim, is_neox)
         if v2:
             out = auto_functionalized_v2(
-                write, kv=kv_rot, slot_mapping=slot_mapping, layout=layout,
-                _kv_cache_base_index=0, _all_bases=[kv_cache],
-            )  # fmt: skip
+                write,
+                kv=kv_rot,
+                slot_mapping=slot_mapping,
+                layout=layout,
+                _kv_cache_base_index=0,
+                _all_bases=[kv_cache],
+            )
         else:
             out = auto_functionalized(
                 write, kv=kv_rot, kv_cache=kv_cache, slot_mapping=slot_mapping, layout=layout
             )
         return out[1], q_rot, kv_rot
 
-    def replace(positions: Any, q: Any, kv: Any, cos_sin_cache: Any, kv_cache: Any,
-                slot_mapping: Any, rope_dim: int) -> Any:  # fmt: skip
+    def replace(
+        positions: Any,
+        q: Any,
+        kv: Any,
+        cos_sin_cache: Any,
+        kv_cache: Any,
+        slot_mapping: Any,
+        rope_dim: int,
+    ) -> Any:
         common = dict(positions=positions, q=q, kv=kv, cos_sin_cache=cos_sin_cache)
         if v2:
             out = auto_functionalized_v2(
-                fused, **common, slot_mapping=slot_mapping, rope_dim=rope_dim, is_neox=is_neox,
-                layout=layout, _kv_cache_base_index=0, _all_bases=[kv_cache],
-            )  # fmt: skip
+                fused,
+                **common,
+                slot_mapping=slot_mapping,
+                rope_dim=rope_dim,
+                is_neox=is_neox,
+                layout=layout,
+                _kv_cache_base_index=0,
+                _all_bases=[kv_cache],
+            )
         else:
             out = auto_functionalized(
-                fused, **common, kv_cache=kv_cache, slot_mapping=slot_mapping, rope_dim=rope_dim,
-                is_neox=is_neox, layout=layout,
-            )  # fmt: skip
+                fused,
+                **common,
+                kv_cache=kv_cache,
+                slot_mapping=slot_mapping,
+                rope_dim=rope_dim,
+                is_neox=is_neox,
+                layout=layout,
+            )
         return out[2], out[0], out[1]  # new cache, q_rot, kv_rot
 
     def example_inputs() -> list[torch.Tensor]:
@@ -81,8 +110,9 @@ def _spec(is_neox: bool, layout: str, v2: bool) -> PatternSpec:
         ]
 
     variant = f"{'neox' if is_neox else 'gptj'}_{layout}_{'v2' if v2 else 'v1'}"
-    return PatternSpec(NAME, variant, search, replace, example_inputs,
-                       {"rope_dim": EXAMPLE_ROPE_DIM})  # fmt: skip
+    return PatternSpec(
+        NAME, variant, search, replace, example_inputs, {"rope_dim": EXAMPLE_ROPE_DIM}
+    )
 
 
 def pattern_specs(schemes: Sequence[str]) -> list[PatternSpec]:
@@ -118,8 +148,10 @@ def _rope_key(node: torch.fx.Node) -> tuple[Any, ...]:
 
 def _explain_write(write: torch.fx.Node) -> str:
     if "_kv_cache_size" in write.kwargs:
-        return ("the cache is a view (auto_functionalized_v2 passes _kv_cache_size/stride/offset); "
-                "pass the cache base tensor to mla_cache_write")  # fmt: skip
+        return (
+            "the cache is a view (auto_functionalized_v2 passes _kv_cache_size/stride/offset); "
+            "pass the cache base tensor to mla_cache_write"
+        )
     kv_rot = op_args(write).get("kv")
     if not isinstance(kv_rot, torch.fx.Node) or op_name(kv_rot) != "rope":
         producer = getattr(kv_rot, "target", kv_rot)
@@ -136,7 +168,10 @@ def _explain_write(write: torch.fx.Node) -> str:
     if shares_positions:
         q_key, kv_key = _rope_key(shares_positions[0]), _rope_key(kv_rot)
         fields = ("positions", "cos_sin_cache", "rope_dim", "is_neox")
-        diff = [f"{f} {q!s} vs {k!s}" for f, q, k in zip(fields, q_key, kv_key, strict=True)
-                if q is not k and q != k]  # fmt: skip
+        diff = [
+            f"{f} {q!s} vs {k!s}"
+            for f, q, k in zip(fields, q_key, kv_key, strict=True)
+            if q is not k and q != k
+        ]
         return f"q rope {shares_positions[0].name} and kv rope differ: {', '.join(diff)}"
     return "kv-only cache write: no q rope shares the kv rope's positions and table"

@@ -146,8 +146,9 @@ def test_kv_only_cache_write_does_not_fire(full_pass) -> None:
     proj, positions, cos_sin, cache, slots = rope_case("dsv4_fp8")
 
     def fn(proj, positions, cos_sin, cache, slots):
-        ops.mla_cache_write(ops.rope(positions, proj[:, 1024:], cos_sin, 64, False), cache, slots,
-                            "dsv4_fp8")  # fmt: skip
+        ops.mla_cache_write(
+            ops.rope(positions, proj[:, 1024:], cos_sin, 64, False), cache, slots, "dsv4_fp8"
+        )
         return proj * 1.0
 
     eager_cache = cache.clone()
@@ -199,8 +200,15 @@ def test_dynamic_token_count(full_pass, mode: str) -> None:
         torch._dynamo.mark_dynamic(x, 0)
         torch._dynamo.mark_dynamic(r, 0)
     x2, r2 = torch.randn(9, 256).to(x.dtype), torch.randn(9, 256).to(x.dtype)
-    out = run_compiled(fn, x, r, w, fusion_pass=full_pass, dynamic=(mode == "dynamic=True") or None,
-                       calls=[(x2, r2, w)])  # fmt: skip
+    out = run_compiled(
+        fn,
+        x,
+        r,
+        w,
+        fusion_pass=full_pass,
+        dynamic=(mode == "dynamic=True") or None,
+        calls=[(x2, r2, w)],
+    )
     assert len(full_pass.graphs) == 1  # one dynamic graph serves both token counts
     assert full_pass.match_table == {
         "add_rms_quant/fp8_group128_ue8m0_e4m3fn/bf16": 1,
@@ -214,8 +222,9 @@ def test_dynamic_graph_gives_exact_results_for_other_sizes(full_pass) -> None:
     x, w = x_w()
     fn = lambda x, w: ops.mxfp8_quant(ops.rms_norm(x, w, 1e-6))  # noqa: E731
     with torch._inductor.config.patch(force_disable_caches=True):
-        compiled = torch.compile(fn, options={"post_grad_custom_post_pass": full_pass},
-                                 dynamic=True)  # fmt: skip
+        compiled = torch.compile(
+            fn, options={"post_grad_custom_post_pass": full_pass}, dynamic=True
+        )
         for t in (3, 17, 40):  # size 1 would recompile (0/1 specialization)
             xt = torch.randn(t, 256).to(torch.bfloat16)
             assert_bitwise_equal(compiled(xt, w), fn(xt, w))
@@ -304,8 +313,11 @@ def test_dumps_summary_and_graphs(tmp_path: Path) -> None:
     run_compiled(fn, x, w, fusion_pass=p)
     d = tmp_path / "run1"
     assert sorted(f.name for f in d.iterdir()) == [
-        "graph_0.after.py", "graph_0.before.py", "patterns.py", "summary.json",
-    ]  # fmt: skip
+        "graph_0.after.py",
+        "graph_0.before.py",
+        "patterns.py",
+        "summary.json",
+    ]
     before, after = (d / "graph_0.before.py").read_text(), (d / "graph_0.after.py").read_text()
     assert before.count("fusion_ops.rms_norm.default") == 2 and "rms_norm_mxfp4_quant" not in before
     assert after.count("fusion_ops.rms_norm_mxfp4_quant.default") == 1
@@ -320,12 +332,17 @@ def test_dumps_summary_and_graphs(tmp_path: Path) -> None:
     assert g["near_misses"][0]["reason"] == (
         "dtype fp16 vs bf16: a cast sits between the norm and the quant op"
     )
-    assert summary["config"]["fusions"] == ["add_rms_quant", "rms_quant", "rope_cache",
-                                            "dequant_fp8"]  # fmt: skip
+    assert summary["config"]["fusions"] == [
+        "add_rms_quant",
+        "rms_quant",
+        "rope_cache",
+        "dequant_fp8",
+    ]
     patterns_py = (d / "patterns.py").read_text()
     assert "# rms_quant/mxfp4" in patterns_py and "# rope_cache/gptj_dsv4_fp8_v2" in patterns_py
-    sections = re.findall(r"^# (?:add_rms_quant|rms_quant|rope_cache|dequant_fp8)/", patterns_py,
-                          flags=re.MULTILINE)  # fmt: skip
+    sections = re.findall(
+        r"^# (?:add_rms_quant|rms_quant|rope_cache|dequant_fp8)/", patterns_py, flags=re.MULTILINE
+    )
     assert len(sections) == p.pattern_count == 72
 
 
