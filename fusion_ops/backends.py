@@ -91,20 +91,33 @@ def _importable(module: str) -> bool:
     return _IMPORTABLE[module]
 
 
+# modules that register a GPU backend's implementations, imported on first GPU use
+_BACKEND_MODULES = {"triton": "fusion_ops.triton_backend"}
+_LOADED: set[str] = set()
+
+
 def _can_run(backend: str, device: torch.device) -> bool:
     if backend == "reference":
         return True
     if device.type != "cuda":
         return False
     if backend == "aiter":
-        return torch.version.hip is not None and _importable("aiter")
-    return _importable("triton")
+        ok = torch.version.hip is not None and _importable("aiter")
+    else:
+        ok = _importable("triton")
+    if ok and backend not in _LOADED and backend in _BACKEND_MODULES:
+        _LOADED.add(backend)
+        importlib.import_module(_BACKEND_MODULES[backend])
+    return ok
 
 
 def select_backend(op_name: str, device: torch.device) -> str:
     """Name of the backend that runs ``op_name`` on ``device`` now."""
-    impls = _IMPLS.get(op_name, {})
     forced = forced_backend()
+    if device.type == "cuda":  # load the GPU backends before looking at what is registered
+        for backend in _BACKEND_MODULES:
+            _can_run(backend, device)
+    impls = _IMPLS.get(op_name, {})
     if forced is not None:
         if forced not in impls:
             raise NotImplementedError(

@@ -1,0 +1,232 @@
+"""The ``triton`` backend: launches the kernels of :mod:`.kernels` for CUDA/ROCm tensors.
+
+Imported lazily by :mod:`fusion_ops.backends` the first time an op runs on a GPU tensor.
+Inputs are validated by the op layer before they get here. ``float8_e4m3fnuz`` cannot be emitted
+by Triton on NVIDIA (sm_90): on CUDA those calls run the reference backend (on the GPU).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+
+from .. import formats
+from ..backends import register_impl
+from ..reference import cache as ref_cache
+from ..schemes import SCHEMES
+from . import kernels as k
+
+IS_HIP = torch.version.hip is not None
+FNUZ = torch.float8_e4m3fnuz
+_SCHEME_IDS = {"mxfp4": k.SCHEME_MXFP4, "mxfp8": k.SCHEME_MXFP8, "fp8_per_token": k.SCHEME_FP8,
+               "fp8_group": k.SCHEME_FP8}  # fmt: skip
+
+
+def _num_warps(block: int) -> int:
+    """One launch configuration per row width (fused and standalone must reduce alike)."""
+    return 4 if block <= 2048 else 8 if block <= 8192 else 16
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] as [M, K] with a unit last stride (a copy only when needed)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _norm_quant(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    eps: float,
+    scheme: str | None,
+    params: tuple[Any, ...],
+    write_y: bool,
+) -> dict[str, torch.Tensor]:
+    """Run the row kernel; returns the tensors it produced (y, residual_out, q, scales)."""
+    lead, kdim = x.shape[:-1], x.shape[-1]
+    x2 = _rows(x)
+    m = x2.shape[0]
+    out: dict[str, torch.Tensor] = {}
+    dummy = x2
+    r2 = _rows(residual) if residual is not None else dummy
+    if residual is not None:
+        out["residual_out"] = torch.empty((m, kdim), dtype=x.dtype, device=x.device)
+    if write_y:
+        out["y"] = torch.empty((m, kdim), dtype=x.dtype, device=x.device)
+    scheme_id, group, ue8m0, fp8 = k.SCHEME_NONE, 1, False, torch.float8_e4m3fn
+    if scheme is not None:
+        scheme_id = _SCHEME_IDS[scheme]
+        q, s = SCHEMES[scheme].fake(x2, params)
+        out["q"], out["s"] = q, s
+        if scheme_id == k.SCHEME_FP8:
+            ue8m0, fp8 = params[-2], params[-1]
+            group = params[0] if scheme == "fp8_group" else 0
+    block_k = triton.next_power_of_2(kdim)
+    if scheme_id == k.SCHEME_FP8 and group == 0:  # per-token: one group of the padded row
+        group = block_k
+    if m:
+        k.norm_quant_kernel[(m,)](
+            x2, r2, weight if weight is not None else dummy, out.get("y", dummy),
+            out.get("residual_out", dummy), out.get("q", dummy), out.get("s", dummy),
+            x2.stride(0), r2.stride(0), kdim, eps,
+            formats.fp8_max(fp8), formats.fp8_min_scale(fp8),
+            HAS_RES=residual is not None, DO_NORM=weight is not None, WRITE_Y=write_y,
+            SCHEME=scheme_id, GROUP=group, UE8M0=ue8m0, BLOCK_K=block_k,
+            num_warps=_num_warps(block_k),
+        )  # fmt: skip
+    return {n: t.view(*lead, *t.shape[1:]) for n, t in out.items()}
+
+
+def _fnuz_on_nvidia(params: tuple[Any, ...]) -> bool:
+    return not IS_HIP and bool(params) and params[-1] == FNUZ
+
+
+# --- registration ------------------------------------------------------------------------------
+@register_impl("rms_norm", "triton")
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _norm_quant(x, None, weight, eps, None, (), True)["y"]
+
+
+@register_impl("fused_add_rms_norm", "triton")
+def fused_add_rms_norm(x, residual, weight, eps):  # type: ignore[no-untyped-def]
+    out = _norm_quant(x, residual, weight, eps, None, (), True)
+    return out["y"], out["residual_out"]
+
+
+def _register_scheme(name: str) -> None:
+    s = SCHEMES[name]
+
+    def quant(x: torch.Tensor, *params: Any) -> Any:
+        if _fnuz_on_nvidia(params):
+            return s.reference(x, *params)
+        out = _norm_quant(x, None, None, 0.0, name, params, False)
+        return out["q"], out["s"]
+
+    def rms(x: torch.Tensor, w: torch.Tensor, eps: float, *p: Any) -> Any:
+        params, return_normed = p[:-1], p[-1]
+        if _fnuz_on_nvidia(params):
+            y = rms_norm(x, w, eps)
+            return (*s.reference(y, *params), y if return_normed else y.new_empty((0,)))
+        out = _norm_quant(x, None, w, eps, name, params, return_normed)
+        return out["q"], out["s"], out["y"] if return_normed else x.new_empty((0,))
+
+    def add_rms(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float, *p: Any) -> Any:
+        params, return_normed = p[:-1], p[-1]
+        if _fnuz_on_nvidia(params):
+            y, res = fused_add_rms_norm(x, r, w, eps)
+            normed = y if return_normed else y.new_empty((0,))
+            return (*s.reference(y, *params), res, normed)
+        out = _norm_quant(x, r, w, eps, name, params, return_normed)
+        normed = out["y"] if return_normed else x.new_empty((0,))
+        return out["q"], out["s"], out["residual_out"], normed
+
+    register_impl(s.quant_op, "triton")(quant)
+    register_impl(s.rms_op, "triton")(rms)
+    register_impl(s.add_rms_op, "triton")(add_rms)
+
+
+for _name in SCHEMES:
+    _register_scheme(_name)
+
+
+def _heads_view(x: torch.Tensor) -> torch.Tensor:
+    """x [T, ..., D] as [T, H, D] with a unit last stride."""
+    t, d = x.shape[0], x.shape[-1]
+    v = x.reshape(t, -1, d) if x.dim() != 3 else x
+    return v if v.stride(-1) == 1 else v.contiguous()
+
+
+@register_impl("rope", "triton")
+def rope(positions, x, cos_sin_cache, rope_dim, is_neox):  # type: ignore[no-untyped-def]
+    xv = _heads_view(x)
+    t, h, d = xv.shape
+    out = torch.empty((t, h, d), dtype=x.dtype, device=x.device)
+    if t:
+        k.rope_kernel[(t, h)](
+            positions, xv, out, cos_sin_cache.float().contiguous(), xv.stride(0), xv.stride(1), h,
+            D=d, ROPE=rope_dim, IS_NEOX=is_neox, BLOCK_D=triton.next_power_of_2(d),
+            enable_fp_fusion=False,
+        )  # fmt: skip
+    return out.view(x.shape)
+
+
+def _kv_rows(kv: torch.Tensor) -> torch.Tensor:
+    return kv if kv.stride(-1) == 1 else kv.contiguous()
+
+
+@register_impl("mla_cache_write", "triton")
+def mla_cache_write(kv, kv_cache, slot_mapping, layout):  # type: ignore[no-untyped-def]
+    kv2 = _kv_rows(kv)
+    t, d = kv2.shape
+    if t:
+        k.cache_write_kernel[(t,)](
+            kv2, kv2.stride(0), kv_cache, slot_mapping, kv_cache.stride(0),
+            BS=kv_cache.shape[1], D=d, DSV4=layout == "dsv4_fp8",
+            BLOCK_D=triton.next_power_of_2(d), num_warps=4,
+        )  # fmt: skip
+
+
+@register_impl("rope_mla_cache_write", "triton")
+def rope_mla_cache_write(positions, q, kv, cos_sin_cache, kv_cache, slot_mapping, rope_dim,
+                         is_neox, layout):  # type: ignore[no-untyped-def]  # fmt: skip
+    qv, kv2 = _heads_view(q), _kv_rows(kv)
+    t, h, d = qv.shape
+    q_out = torch.empty((t, h, d), dtype=q.dtype, device=q.device)
+    kv_out = torch.empty(kv2.shape, dtype=kv.dtype, device=kv.device)
+    if t:
+        k.rope_cache_kernel[(t, h + 1)](
+            positions, qv, kv2, q_out, kv_out, cos_sin_cache.float().contiguous(), kv_cache,
+            slot_mapping, qv.stride(0), qv.stride(1), kv2.stride(0), kv_cache.stride(0), h,
+            BS=kv_cache.shape[1], D=d, ROPE=rope_dim, IS_NEOX=is_neox,
+            DSV4=layout == "dsv4_fp8", BLOCK_D=triton.next_power_of_2(d),
+            enable_fp_fusion=False,
+        )  # fmt: skip
+    return q_out.view(q.shape), kv_out
+
+
+def _dequant(kv_cache: torch.Tensor, block_ids: torch.Tensor, layout: str,
+             fp8_dtype: torch.dtype | None) -> torch.Tensor:  # fmt: skip
+    nb, bs, row = kv_cache.shape
+    n = block_ids.shape[0]
+    to_fp8 = fp8_dtype is not None
+    fmax = formats.fp8_max(fp8_dtype) if to_fp8 else 0.0
+    if layout == "dsv4_fp8":
+        out = torch.empty((n * bs, 512), device=kv_cache.device,
+                          dtype=fp8_dtype if to_fp8 else torch.bfloat16)  # fmt: skip
+        tok = min(bs, 16)
+        if n and bs % tok == 0:
+            k.dequant_dsv4_kernel[(n, bs // tok)](
+                kv_cache, block_ids, out, kv_cache.stride(0), fmax, BS=bs, TOK=tok,
+                TO_FP8=to_fp8, num_warps=4,
+            )  # fmt: skip
+            return out
+        return _reference_dequant(kv_cache, block_ids, layout, fp8_dtype)
+    out = torch.empty((n * bs, row), device=kv_cache.device,
+                      dtype=fp8_dtype if to_fp8 else kv_cache.dtype)  # fmt: skip
+    if n:
+        block = 4096
+        k.gather_rows_kernel[(n, triton.cdiv(bs * row, block))](
+            kv_cache, block_ids, out, kv_cache.stride(0), fmax, ROW=bs * row, BLOCK=block,
+            TO_FP8=to_fp8, num_warps=4,
+        )  # fmt: skip
+    return out
+
+
+def _reference_dequant(kv_cache, block_ids, layout, fp8_dtype):  # type: ignore[no-untyped-def]
+    if fp8_dtype is None:
+        return ref_cache.dequant_cache(kv_cache, block_ids, layout)
+    return ref_cache.dequant_cache_fp8(kv_cache, block_ids, layout, fp8_dtype)
+
+
+@register_impl("dequant_cache", "triton")
+def dequant_cache(kv_cache, block_ids, layout):  # type: ignore[no-untyped-def]
+    return _dequant(kv_cache, block_ids, layout, None)
+
+
+@register_impl("dequant_cache_fp8", "triton")
+def dequant_cache_fp8(kv_cache, block_ids, layout, fp8_dtype):  # type: ignore[no-untyped-def]
+    if fp8_dtype == FNUZ and not IS_HIP:
+        return _reference_dequant(kv_cache, block_ids, layout, fp8_dtype)
+    return _dequant(kv_cache, block_ids, layout, fp8_dtype)

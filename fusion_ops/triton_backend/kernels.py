@@ -1,0 +1,293 @@
+"""Triton kernels of every fusion_ops op (NVIDIA and AMD: no vendor-only launch options).
+
+Bit-exactness with the reference backend rests on three rules:
+* exponents are taken from float bits and powers of two are built from bits (no log2/exp2 calls,
+  whose last ulp differs between vendors); no float is ever cast straight to an unsigned int
+  (AITER's MXFP4 scale bug on NVIDIA, shared/reference/aiter-semantics.md);
+* RoPE kernels are compiled with ``enable_fp_fusion=False`` so ``a·cos − b·sin`` rounds after
+  each operation like the torch reference, not through an FMA;
+* clamps keep NaN explicitly (hardware min/max drop it).
+The norm is reduced over the whole row in one 1-D layout chosen from K alone, so the fused and
+the standalone norm kernels round identically.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+SCHEME_NONE, SCHEME_MXFP4, SCHEME_MXFP8, SCHEME_FP8 = 0, 1, 2, 3
+
+
+@triton.jit
+def _pow2(e):
+    """2**e as fp32 for int32 e in [-127, 127], exactly (2**-127 is subnormal)."""
+    bits = tl.where(e == -127, 0x00400000, (e + 127) << 23)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _ceil_log2_ratio_448(a):
+    """ceil(log2(a / 448)) for finite normal a > 0, exactly: a = m·2^p, 448 = 0.875·2^9."""
+    bits = a.to(tl.int32, bitcast=True)
+    return ((bits >> 23) & 0xFF) - 135 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
+
+
+@triton.jit
+def _ceil_log2(s):
+    """ceil(log2(s)) for finite normal s > 0, exactly."""
+    bits = s.to(tl.int32, bitcast=True)
+    field = (bits >> 23) & 0xFF
+    return tl.where((bits & 0x7FFFFF) == 0, field - 127, field - 126)
+
+
+@triton.jit
+def _clamp_keep_nan(x, lo, hi):
+    return tl.where(x != x, x, tl.minimum(tl.maximum(x, lo), hi))
+
+
+@triton.jit
+def _sign_bit(x):
+    return (x.to(tl.int32, bitcast=True) >> 31) & 1
+
+
+# --- norm + quant: one row per program -------------------------------------------------------
+@triton.jit
+def norm_quant_kernel(
+    x_ptr, r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr,
+    x_stride, r_stride, K, eps, fp8_max, min_scale,
+    HAS_RES: tl.constexpr, DO_NORM: tl.constexpr, WRITE_Y: tl.constexpr,
+    SCHEME: tl.constexpr, GROUP: tl.constexpr, UE8M0: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_K)
+    mask = cols < K
+    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
+    out_dtype = x.dtype
+    if HAS_RES:
+        r = tl.load(r_ptr + row * r_stride + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(out_dtype)  # residual_out, rounded
+        tl.store(res_ptr + row * K + cols, x, mask=mask)
+    if DO_NORM:
+        xf = x.to(tl.float32)
+        mean = tl.math.div_rn(tl.sum(xf * xf, axis=0), K.to(tl.float32))
+        inv = tl.math.div_rn(1.0, tl.sqrt_rn(mean + eps))
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        y = ((xf * inv) * w).to(out_dtype)  # rounded once to x.dtype, like the standalone op
+    else:
+        y = x
+    if WRITE_Y:
+        tl.store(y_ptr + row * K + cols, y, mask=mask)
+    if SCHEME == 1:
+        _mxfp4(y.to(tl.float32), q_ptr, s_ptr, row, K, BLOCK_K)
+    elif SCHEME == 2:
+        _mxfp8(y.to(tl.float32), q_ptr, s_ptr, row, K, BLOCK_K)
+    elif SCHEME == 3:
+        _fp8_groups(y.to(tl.float32), q_ptr, s_ptr, row, K, fp8_max, min_scale, GROUP, UE8M0,
+                    BLOCK_K)  # fmt: skip
+
+
+@triton.jit
+def _mxfp4(y, q_ptr, s_ptr, row, K, BLOCK_K: tl.constexpr):
+    NB: tl.constexpr = BLOCK_K // 32
+    yb = tl.reshape(y, (NB, 32))
+    has_nan = tl.max((yb != yb).to(tl.int32), axis=1) > 0
+    amax = tl.max(tl.abs(yb), axis=1)
+    rounded = ((amax.to(tl.int32, bitcast=True) + 0x200000) & -0x800000) >> 23
+    field = rounded & 0xFF
+    u = tl.where(field == 255, 127, tl.minimum(tl.maximum(field - 129, -127), 127))
+    u = tl.where(has_nan, 127, u)
+    byte = tl.where(has_nan, 255, u + 127)  # int32 in [0, 255]: no negative float→uint cast
+    q = yb * _pow2(-u)[:, None]
+    mag = tl.abs(q)
+    code = ((mag >= 0.25).to(tl.int32) + (mag >= 0.75).to(tl.int32) + (mag >= 1.25).to(tl.int32)
+            + (mag >= 1.75).to(tl.int32) + (mag >= 2.5).to(tl.int32)
+            + (mag >= 3.5).to(tl.int32) + (mag >= 5.0).to(tl.int32))  # fmt: skip
+    code = tl.where(has_nan[:, None], 0, code) | (_sign_bit(q) << 3)
+    lo, hi = tl.split(tl.reshape(code, (NB, 16, 2)))
+    packed = (lo | (hi << 4)).to(tl.uint8)
+    blk = tl.arange(0, NB)
+    pair = blk[:, None] * 16 + tl.arange(0, 16)[None, :]
+    tl.store(q_ptr + row * (K // 2) + pair, packed, mask=pair < K // 2)
+    tl.store(s_ptr + row * (K // 32) + blk, byte.to(tl.uint8), mask=blk < K // 32)
+
+
+@triton.jit
+def _mxfp8(y, q_ptr, s_ptr, row, K, BLOCK_K: tl.constexpr):
+    NB: tl.constexpr = BLOCK_K // 32
+    yb = tl.reshape(y, (NB, 32))
+    has_nan = tl.max((yb != yb).to(tl.int32), axis=1) > 0
+    amax = tl.max(tl.abs(yb), axis=1)
+    is_inf = amax == float("inf")
+    safe = tl.where(is_inf, 1.0, tl.maximum(amax, 1.1754943508222875e-38))
+    e = _ceil_log2_ratio_448(safe)
+    byte = tl.where(is_inf, 254, tl.minimum(tl.maximum(e + 127, 0), 254))
+    byte = tl.where(has_nan, 255, byte)
+    exp = tl.where(byte == 255, 127, byte - 127)
+    q = _clamp_keep_nan(yb * _pow2(-exp)[:, None], -448.0, 448.0)
+    blk = tl.arange(0, NB)
+    idx = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
+    tl.store(q_ptr + row * K + idx, q.to(tl.float8e4nv), mask=idx < K)
+    tl.store(s_ptr + row * (K // 32) + blk, byte.to(tl.uint8), mask=blk < K // 32)
+
+
+@triton.jit
+def _fp8_groups(y, q_ptr, s_ptr, row, K, fp8_max, min_scale, GROUP: tl.constexpr,
+                UE8M0: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    NG: tl.constexpr = BLOCK_K // GROUP
+    yg = tl.reshape(y, (NG, GROUP))
+    has_nan = tl.max((yg != yg).to(tl.int32), axis=1) > 0
+    amax = tl.max(tl.abs(yg), axis=1)
+    s = tl.maximum(tl.math.div_rn(amax, fp8_max), min_scale)
+    if UE8M0:
+        finite = s != float("inf")
+        s = tl.where(finite, _pow2(_ceil_log2(tl.where(finite, s, 1.0))), s)
+    s = tl.where(has_nan, float("nan"), s)
+    q = _clamp_keep_nan(tl.math.div_rn(yg, s[:, None]), -fp8_max, fp8_max)
+    grp = tl.arange(0, NG)
+    idx = grp[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    tl.store(q_ptr + row * K + idx, q.to(q_ptr.dtype.element_ty), mask=idx < K)
+    tl.store(s_ptr + row * (K // GROUP) + grp, s, mask=grp < K // GROUP)
+
+
+# --- RoPE (compile with enable_fp_fusion=False) -------------------------------------------------
+@triton.jit
+def _rope_row(src, dst, cs_ptr, pos, D: tl.constexpr, ROPE: tl.constexpr, IS_NEOX: tl.constexpr,
+              BLOCK_D: tl.constexpr):  # fmt: skip
+    """dst[0:D] = src[0:D] with the last ROPE dims rotated at position ``pos``."""
+    HALF: tl.constexpr = ROPE // 2
+    cols = tl.arange(0, BLOCK_D)
+    head = cols < D - ROPE
+    tl.store(dst + cols, tl.load(src + cols, mask=head), mask=head)
+    i = tl.arange(0, HALF)
+    cos = tl.load(cs_ptr + pos * ROPE + i)
+    sin = tl.load(cs_ptr + pos * ROPE + HALF + i)
+    if IS_NEOX:
+        ia, ib = D - ROPE + i, D - ROPE + HALF + i
+    else:
+        ia, ib = D - ROPE + 2 * i, D - ROPE + 2 * i + 1
+    a = tl.load(src + ia).to(tl.float32)
+    b = tl.load(src + ib).to(tl.float32)
+    out_ty = dst.dtype.element_ty
+    tl.store(dst + ia, (a * cos - b * sin).to(out_ty))
+    tl.store(dst + ib, (b * cos + a * sin).to(out_ty))
+
+
+@triton.jit
+def rope_kernel(pos_ptr, x_ptr, out_ptr, cs_ptr, x_stride_t, x_stride_h, HEADS,
+                D: tl.constexpr, ROPE: tl.constexpr, IS_NEOX: tl.constexpr,
+                BLOCK_D: tl.constexpr):  # fmt: skip
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    _rope_row(x_ptr + t * x_stride_t + h * x_stride_h, out_ptr + (t * HEADS + h) * D, cs_ptr,
+              pos, D, ROPE, IS_NEOX, BLOCK_D)  # fmt: skip
+
+
+# --- DeepSeek-V4 cache slot ----------------------------------------------------------------------
+@triton.jit
+def _write_dsv4_slot(cache_ptr, row_ptr, slot, block_stride, BS: tl.constexpr):
+    """Encode the bf16 row (512 values at row_ptr) into ``slot`` of the dsv4_fp8 cache."""
+    if slot >= 0:
+        block = slot // BS
+        off = slot % BS
+        base = cache_ptr + block * block_stride
+        tile = tl.arange(0, 8)
+        j = tl.arange(0, 64)
+        valid = (tile < 7)[:, None] & (j >= 0)[None, :]
+        x = tl.load(row_ptr + tile[:, None] * 64 + j[None, :], mask=valid, other=0.0)
+        x = x.to(tl.float32)
+        nonfinite = tl.max(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), axis=1) > 0
+        amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4)
+        e = _ceil_log2_ratio_448(tl.where(nonfinite, 1.0, amax))
+        codes = _clamp_keep_nan(x * _pow2(-e)[:, None], -448.0, 448.0).to(tl.float8e4nv)
+        codes = codes.to(tl.uint8, bitcast=True)
+        codes = tl.where(nonfinite[:, None], 0x7F, codes.to(tl.int32)).to(tl.uint8)
+        tl.store(base + off * 576 + tile[:, None] * 64 + j[None, :], codes, mask=valid)
+        rope = tl.load(row_ptr + 448 + j)
+        tl.store((base + off * 576 + 448).to(tl.pointer_type(tl.bfloat16)) + j, rope)
+        byte = tl.where(nonfinite, 255, tl.minimum(tl.maximum(e + 127, 0), 255))
+        byte = tl.where(tile < 7, byte, 0)
+        tl.store(base + BS * 576 + off * 8 + tile, byte.to(tl.uint8))
+
+
+@triton.jit
+def cache_write_kernel(kv_ptr, kv_stride, cache_ptr, slot_ptr, block_stride,
+                       BS: tl.constexpr, D: tl.constexpr, DSV4: tl.constexpr,
+                       BLOCK_D: tl.constexpr):  # fmt: skip
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if DSV4:
+        _write_dsv4_slot(cache_ptr, kv_ptr + t * kv_stride, slot, block_stride, BS)
+    elif slot >= 0:
+        cols = tl.arange(0, BLOCK_D)
+        v = tl.load(kv_ptr + t * kv_stride + cols, mask=cols < D)
+        dst = cache_ptr + (slot // BS) * block_stride + (slot % BS) * D
+        tl.store(dst + cols, v, mask=cols < D)
+
+
+@triton.jit
+def rope_cache_kernel(pos_ptr, q_ptr, kv_ptr, q_out_ptr, kv_out_ptr, cs_ptr, cache_ptr,
+                      slot_ptr, q_stride_t, q_stride_h, kv_stride, block_stride, HEADS,
+                      BS: tl.constexpr, D: tl.constexpr, ROPE: tl.constexpr,
+                      IS_NEOX: tl.constexpr, DSV4: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """Programs (t, h < HEADS): rope q head h. Program (t, HEADS): rope kv, then write it."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    if h < HEADS:
+        _rope_row(q_ptr + t * q_stride_t + h * q_stride_h, q_out_ptr + (t * HEADS + h) * D,
+                  cs_ptr, pos, D, ROPE, IS_NEOX, BLOCK_D)  # fmt: skip
+    else:
+        row = kv_out_ptr + t * D
+        _rope_row(kv_ptr + t * kv_stride, row, cs_ptr, pos, D, ROPE, IS_NEOX, BLOCK_D)
+        tl.debug_barrier()  # the rotated row is re-read by other threads of this program
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        if DSV4:
+            _write_dsv4_slot(cache_ptr, row, slot, block_stride, BS)
+        elif slot >= 0:
+            cols = tl.arange(0, BLOCK_D)
+            v = tl.load(row + cols, mask=cols < D)
+            dst = cache_ptr + (slot // BS) * block_stride + (slot % BS) * D
+            tl.store(dst + cols, v, mask=cols < D)
+
+
+@triton.jit
+def dequant_dsv4_kernel(cache_ptr, ids_ptr, out_ptr, block_stride, fp8_max,
+                        BS: tl.constexpr, TOK: tl.constexpr, TO_FP8: tl.constexpr):  # fmt: skip
+    """Program (i, c): tokens c·TOK .. c·TOK+TOK−1 of requested block i → out rows."""
+    i = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64)
+    block = tl.load(ids_ptr + i).to(tl.int64)
+    base = cache_ptr + block * block_stride
+    tok = c * TOK + tl.arange(0, TOK)
+    j = tl.arange(0, 64)
+    out_rows = out_ptr + (i * BS + tok)[:, None] * 512
+    for tile in tl.static_range(7):
+        codes = tl.load(base + tok[:, None] * 576 + tile * 64 + j[None, :])
+        vals = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        byte = tl.load(base + BS * 576 + tok * 8 + tile).to(tl.int32)
+        factor = tl.where(byte == 255, float("nan"), _pow2(tl.minimum(byte, 254) - 127))
+        v = (vals * factor[:, None]).to(tl.bfloat16)
+        if TO_FP8:
+            v = _clamp_keep_nan(v.to(tl.float32), -fp8_max, fp8_max).to(tl.float8e4nv)
+        tl.store(out_rows + tile * 64 + j[None, :], v)
+    rope = tl.load((base + 448).to(tl.pointer_type(tl.bfloat16)) + tok[:, None] * 288 + j[None, :])
+    if TO_FP8:
+        rope = _clamp_keep_nan(rope.to(tl.float32), -fp8_max, fp8_max).to(tl.float8e4nv)
+    tl.store(out_rows + 448 + j[None, :], rope)
+
+
+@triton.jit
+def gather_rows_kernel(cache_ptr, ids_ptr, out_ptr, block_stride, fp8_max, ROW: tl.constexpr,
+                       BLOCK: tl.constexpr, TO_FP8: tl.constexpr):  # fmt: skip
+    """bf16 layout: out[i] = cache block ids[i] (bs·ROW values), optionally cast to fp8."""
+    i = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64)
+    block = tl.load(ids_ptr + i).to(tl.int64)
+    cols = c * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < ROW
+    v = tl.load(cache_ptr + block * block_stride + cols, mask=mask)
+    if TO_FP8:
+        v = _clamp_keep_nan(v.to(tl.float32), -fp8_max, fp8_max).to(tl.float8e4nv)
+    tl.store(out_ptr + i * ROW + cols, v, mask=mask)

@@ -1,0 +1,203 @@
+"""Triton backend vs reference backend on the same CUDA tensors (run on a GPU: pytest -m gpu).
+
+Quant codes, scale bytes and cache bytes must be bit-identical. rms_norm may differ from the
+reference by one bf16 ulp (reduction order); the fused and standalone Triton paths must agree
+bit for bit with each other.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fusion_ops
+from fusion_ops.library import rope_mla_cache_write_reference
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/ROCm GPU"),
+]
+ops = torch.ops.fusion_ops
+FN = torch.float8_e4m3fn
+DEV = "cuda"
+EPS = 1e-6
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    t = t.contiguous()
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+    return t.view(ints[t.element_size()]) if t.dtype.is_floating_point else t
+
+
+def assert_same(a, b, name: str) -> None:
+    if isinstance(a, (tuple, list)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{name}[{i}]")
+        return
+    assert a.dtype == b.dtype and a.shape == b.shape, (name, a.dtype, b.dtype, a.shape, b.shape)
+    diff = (bits(a) != bits(b)).sum().item()
+    assert diff == 0, f"{name}: {diff} of {a.numel()} elements differ"
+
+
+def both(fn, *args):
+    """(triton result, reference result) of the same call on the same inputs."""
+    with fusion_ops.use_backend("triton"):
+        t = fn(*args)
+    with fusion_ops.use_backend("reference"):
+        r = fn(*args)
+    return t, r
+
+
+def activations(tokens: int, k: int, dtype: torch.dtype, seed: int, specials: bool = True):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    spread = torch.logspace(-4, 4, k, device=DEV)[torch.randperm(k, device=DEV, generator=g)]
+    x = (torch.randn(tokens, k, device=DEV, generator=g) * spread).to(dtype)
+    if specials and tokens >= 4:
+        x[0, :32] = 0.0
+        x[1, 3] = float("nan")
+        x[2, 70] = float("inf")
+        x[3, 5] = -float("inf")
+        x[3, 64:96] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0] * 4, device=DEV)
+    return x
+
+
+SCHEME_PARAMS = [
+    ("mxfp4", ()),
+    ("mxfp8", ()),
+    ("fp8_per_token", (False, FN)),
+    ("fp8_per_token", (True, FN)),
+    ("fp8_group", (128, False, FN)),
+    ("fp8_group", (128, True, FN)),
+    ("fp8_group", (64, False, FN)),
+]
+
+
+@pytest.mark.parametrize("scheme,params", SCHEME_PARAMS, ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("tokens,k", [(1, 256), (7, 7168), (64, 4096), (300, 512)])
+def test_quant_bit_exact(scheme, params, dtype, tokens, k) -> None:
+    x = activations(tokens, k, dtype, seed=tokens + k)
+    quant = getattr(ops, fusion_ops.SCHEMES[scheme].quant_op)
+    t, r = both(quant, x, *params)
+    assert_same(t, r, f"{scheme}{params}")
+
+
+@pytest.mark.parametrize("scheme,params", SCHEME_PARAMS, ids=lambda v: str(v))
+@pytest.mark.parametrize("tokens,k", [(1, 7168), (33, 4096), (128, 1536)])
+def test_fused_norm_quant_equals_triton_standalone(scheme, params, tokens, k) -> None:
+    s = fusion_ops.SCHEMES[scheme]
+    x = activations(tokens, k, torch.bfloat16, seed=k, specials=False)
+    r = activations(tokens, k, torch.bfloat16, seed=k + 1, specials=False)
+    w = (1 + 0.1 * torch.randn(k, device=DEV)).to(torch.bfloat16)
+    quant = getattr(ops, s.quant_op)
+    with fusion_ops.use_backend("triton"):
+        y = ops.rms_norm(x, w, EPS)
+        for normed in (False, True):
+            fused = getattr(ops, s.rms_op)(x, w, EPS, *params, normed)
+            assert_same(fused[:2], quant(y, *params), f"rms {scheme}")
+            if normed:
+                assert_same(fused[2], y, "normed output")
+        y2, res = ops.fused_add_rms_norm(x, r, w, EPS)
+        fused = getattr(ops, s.add_rms_op)(x, r, w, EPS, *params, True)
+        assert_same(fused, (*quant(y2, *params), res, y2), f"add_rms {scheme}")
+    # and the Triton fused op against the reference fused op: codes may only differ where the
+    # normed value differs (rms_norm's 1-ulp reduction-order freedom)
+    with fusion_ops.use_backend("reference"):
+        y_ref = ops.rms_norm(x, w, EPS)
+        q_ref = quant(y_ref, *params)
+    same_y = bits(y) == bits(y_ref)
+    assert same_y.float().mean() > 0.99
+    with fusion_ops.use_backend("triton"):
+        assert_same(quant(y_ref, *params), q_ref, "quant of the reference normed value")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rms_norm_within_one_ulp(dtype) -> None:
+    x = activations(257, 7168, dtype, seed=3, specials=False)
+    w = torch.randn(7168, device=DEV).to(dtype)
+    for fn, args in ((ops.rms_norm, (x, w, EPS)), (ops.fused_add_rms_norm, (x, x.flip(0), w, EPS))):
+        t, r = both(fn, *args)
+        t, r = (t, r) if isinstance(t, torch.Tensor) else (t[0], r[0])
+        ulp = torch.finfo(dtype).eps * r.float().abs().clamp_min(torch.finfo(dtype).tiny)
+        assert ((t.float() - r.float()).abs() <= ulp * 1.0001).all()
+
+
+@pytest.mark.parametrize("is_neox", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rope_bit_exact(is_neox, dtype) -> None:
+    g = torch.Generator(device=DEV).manual_seed(5)
+    proj = torch.randn(37, 4 * 512 + 512, device=DEV, generator=g).to(dtype)
+    q = proj[:, :2048].view(37, 4, 512)  # strided view
+    pos = torch.randint(0, 4096, (37,), device=DEV, generator=g)
+    cs = torch.randn(4096, 64, device=DEV, generator=g)
+    t, r = both(ops.rope, pos, q, cs, 64, is_neox)
+    assert_same(t, r, "rope")
+
+
+def dsv4_case(tokens: int, seed: int, padded: bool):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    kv = (torch.randn(tokens, 512, device=DEV, generator=g)
+          * torch.logspace(-5, 3, 512, device=DEV)).to(torch.bfloat16)  # fmt: skip
+    kv[0, 10] = float("nan")
+    kv[min(1, tokens - 1), 200] = float("inf")
+    cache = fusion_ops.alloc_mla_cache(40, 64, device=DEV, padded=padded)
+    base = cache.as_strided((40, cache.stride(0)), (cache.stride(0), 1))
+    base.copy_(torch.randint(0, 256, base.shape, device=DEV, generator=g, dtype=torch.uint8))
+    slots = torch.randperm(40 * 64, device=DEV, generator=g)[:tokens]
+    slots[::5] = -1
+    return kv, cache, slots
+
+
+def storage(cache: torch.Tensor) -> torch.Tensor:
+    return cache.as_strided((cache.shape[0], cache.stride(0)), (cache.stride(0), 1))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_cache_write_and_dequant_bit_exact(padded) -> None:
+    kv, cache, slots = dsv4_case(300, seed=7, padded=padded)
+    c_t, c_r = (fusion_ops.alloc_mla_cache(40, 64, device=DEV, padded=padded) for _ in range(2))
+    storage(c_t).copy_(storage(cache))
+    storage(c_r).copy_(storage(cache))
+    with fusion_ops.use_backend("triton"):
+        ops.mla_cache_write(kv, c_t, slots, "dsv4_fp8")
+    with fusion_ops.use_backend("reference"):
+        ops.mla_cache_write(kv, c_r, slots, "dsv4_fp8")
+    assert_same(storage(c_t), storage(c_r), "whole cache storage (padding included)")
+    ids = torch.tensor([5, 0, 39, 5, 17], device=DEV)
+    assert_same(*both(ops.dequant_cache, c_t, ids, "dsv4_fp8"), "dequant")
+    assert_same(*both(ops.dequant_cache_fp8, c_t, ids, "dsv4_fp8", FN), "dequant fp8")
+    with fusion_ops.use_backend("triton"):  # fused dequant+cast == compiled standalone chain
+        fused = ops.dequant_cache_fp8(c_t, ids, "dsv4_fp8", FN)
+        compiled = torch.compile(lambda c, i: ops.dequant_cache(c, i, "dsv4_fp8").to(FN))(c_t, ids)
+    assert_same(fused, compiled, "fused vs compiled dequant→cast (overflow saturates)")
+    bf = torch.randn(6, 64, 512, device=DEV).to(torch.bfloat16) * 300
+    assert_same(*both(ops.dequant_cache_fp8, bf, ids[:3] % 6, "bf16", FN), "bf16 layout fp8")
+
+
+@pytest.mark.parametrize("layout", ["dsv4_fp8", "bf16"])
+@pytest.mark.parametrize("is_neox", [False, True])
+def test_fused_rope_cache_write_bit_exact(layout, is_neox) -> None:
+    kv, cache, slots = dsv4_case(65, seed=9, padded=False)
+    kv = kv.nan_to_num(0.0, 0.0, 0.0)
+    if layout == "bf16":
+        cache = torch.randn(40, 64, 512, device=DEV).to(torch.bfloat16)
+    q = torch.randn(65, 8, 512, device=DEV).to(torch.bfloat16)
+    pos = torch.randint(0, 512, (65,), device=DEV)
+    cs = torch.randn(512, 64, device=DEV)
+    c_t, c_r = cache.clone(), cache.clone()
+    with fusion_ops.use_backend("triton"):
+        out_t = ops.rope_mla_cache_write(pos, q, kv, cs, c_t, slots, 64, is_neox, layout)
+        q_s = ops.rope(pos, q, cs, 64, is_neox)
+        kv_s = ops.rope(pos, kv, cs, 64, is_neox)
+        c_s = cache.clone()
+        ops.mla_cache_write(kv_s, c_s, slots, layout)
+    out_r = rope_mla_cache_write_reference(pos, q, kv, cs, c_r, slots, 64, is_neox, layout)
+    assert_same(out_t, out_r, "fused vs reference")
+    assert_same(c_t, c_r, "cache vs reference")
+    assert_same(out_t, (q_s, kv_s), "fused vs standalone triton")
+    assert_same(c_t, c_s, "cache fused vs standalone triton")
+
+
+def test_dispatch_picks_triton_on_cuda() -> None:
+    ops.mxfp4_quant(torch.randn(4, 64, device=DEV))
+    assert fusion_ops.last_backend("mxfp4_quant") == "triton"
