@@ -24,7 +24,6 @@ from triton.testing import do_bench_cudagraph
 import fusion_ops
 from fusion_ops.reference import cache as ref_cache
 from fusion_ops.reference import norm as ref_norm
-from fusion_ops.reference import quant as ref_quant
 from fusion_ops.reference import rope as ref_rope
 
 ops = torch.ops.fusion_ops
@@ -191,6 +190,8 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
+    torch._dynamo.config.recompile_limit = 256  # one compile per (case, shape)
+    torch._dynamo.config.accumulated_recompile_limit = 4096
     tokens = [1, 128, 8192] if args.quick else [1, 16, 128, 1024, 8192, 32768]
     hiddens = [7168] if args.quick else [4096, 7168]
     copy_gbs = copy_bandwidth()

@@ -77,7 +77,11 @@ def _fp8_scaled(
     """xg [..., G, g] fp32 -> (fp8 [..., G, g], scale fp32 [..., G])."""
     fmax = fp8_max(fp8_dtype)
     amax = xg.abs().amax(-1)
-    s = torch.maximum(amax / fmax, torch.tensor(fp8_min_scale(fp8_dtype), device=xg.device))
+    # divide by a same-device tensor: a Python-scalar divisor takes PyTorch's reciprocal-multiply
+    # path on CUDA (amax · (1/448)), which is not the correctly rounded quotient
+    s = torch.maximum(
+        amax / torch.full_like(amax, fmax), torch.full_like(amax, fp8_min_scale(fp8_dtype))
+    )
     if use_ue8m0:
         finite = s.isfinite()
         s = torch.where(finite, pow2(ceil_log2(torch.where(finite, s, 1.0))), s)

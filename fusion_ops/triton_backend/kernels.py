@@ -51,6 +51,54 @@ def _sign_bit(x):
     return (x.to(tl.int32, bitcast=True) >> 31) & 1
 
 
+@triton.jit
+def _fold(v, N: tl.constexpr):
+    """[N] -> [N/2]: v[2i] + v[2i+1] (pairs fixed by index, not by register layout)."""
+    a, b = tl.split(tl.reshape(v, (N // 2, 2)))
+    return a + b
+
+
+@triton.jit
+def _tree_sum(v, N: tl.constexpr):
+    """Sum of v [N] (N a power of two ≤ 32768) in a fixed pairwise order.
+
+    tl.sum's order follows the register layout, which Triton picks from how a tensor is used
+    later; the fused and standalone norm kernels use the normed row differently, so they would
+    round the sum differently. A fixed tree makes them agree bit for bit.
+    """
+    if N >= 2:
+        v = _fold(v, N)
+    if N >= 4:
+        v = _fold(v, N // 2)
+    if N >= 8:
+        v = _fold(v, N // 4)
+    if N >= 16:
+        v = _fold(v, N // 8)
+    if N >= 32:
+        v = _fold(v, N // 16)
+    if N >= 64:
+        v = _fold(v, N // 32)
+    if N >= 128:
+        v = _fold(v, N // 64)
+    if N >= 256:
+        v = _fold(v, N // 128)
+    if N >= 512:
+        v = _fold(v, N // 256)
+    if N >= 1024:
+        v = _fold(v, N // 512)
+    if N >= 2048:
+        v = _fold(v, N // 1024)
+    if N >= 4096:
+        v = _fold(v, N // 2048)
+    if N >= 8192:
+        v = _fold(v, N // 4096)
+    if N >= 16384:
+        v = _fold(v, N // 8192)
+    if N >= 32768:
+        v = _fold(v, N // 16384)
+    return tl.sum(v, axis=0)  # a single element left
+
+
 # --- norm + quant: one row per program -------------------------------------------------------
 @triton.jit
 def norm_quant_kernel(
@@ -70,7 +118,7 @@ def norm_quant_kernel(
         tl.store(res_ptr + row * K + cols, x, mask=mask)
     if DO_NORM:
         xf = x.to(tl.float32)
-        mean = tl.math.div_rn(tl.sum(xf * xf, axis=0), K.to(tl.float32))
+        mean = tl.math.div_rn(_tree_sum(xf * xf, BLOCK_K), K.to(tl.float32))
         inv = tl.math.div_rn(1.0, tl.sqrt_rn(mean + eps))
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         y = ((xf * inv) * w).to(out_dtype)  # rounded once to x.dtype, like the standalone op
