@@ -7,8 +7,8 @@ Bit-exactness with the reference backend rests on three rules:
 * RoPE kernels are compiled with ``enable_fp_fusion=False`` so ``a·cos − b·sin`` rounds after
   each operation like the torch reference, not through an FMA;
 * clamps keep NaN explicitly (hardware min/max drop it).
-The norm is reduced over the whole row in one 1-D layout chosen from K alone, so the fused and
-the standalone norm kernels round identically.
+The norm's sum of squares comes from a load used only for it (see _sum_of_squares), so the
+fused and the standalone norm kernels round identically.
 """
 
 from __future__ import annotations
@@ -52,51 +52,22 @@ def _sign_bit(x):
 
 
 @triton.jit
-def _fold(v, N: tl.constexpr):
-    """[N] -> [N/2]: v[2i] + v[2i+1] (pairs fixed by index, not by register layout)."""
-    a, b = tl.split(tl.reshape(v, (N // 2, 2)))
-    return a + b
+def _sum_of_squares(x_ptr, r_ptr, row, x_stride, r_stride, K, HAS_RES: tl.constexpr,
+                    BLOCK_K: tl.constexpr):  # fmt: skip
+    """Σ x² of the row from a load used for nothing else.
 
-
-@triton.jit
-def _tree_sum(v, N: tl.constexpr):
-    """Sum of v [N] (N a power of two ≤ 32768) in a fixed pairwise order.
-
-    tl.sum's order follows the register layout, which Triton picks from how a tensor is used
-    later; the fused and standalone norm kernels use the normed row differently, so they would
-    round the sum differently. A fixed tree makes them agree bit for bit.
+    tl.sum's order follows the register layout, which Triton also picks from how a tensor is
+    used later; the fused and standalone kernels use the normed row differently. A dedicated
+    load (re-read from cache) gets the same layout in every variant, so they round alike.
     """
-    if N >= 2:
-        v = _fold(v, N)
-    if N >= 4:
-        v = _fold(v, N // 2)
-    if N >= 8:
-        v = _fold(v, N // 4)
-    if N >= 16:
-        v = _fold(v, N // 8)
-    if N >= 32:
-        v = _fold(v, N // 16)
-    if N >= 64:
-        v = _fold(v, N // 32)
-    if N >= 128:
-        v = _fold(v, N // 64)
-    if N >= 256:
-        v = _fold(v, N // 128)
-    if N >= 512:
-        v = _fold(v, N // 256)
-    if N >= 1024:
-        v = _fold(v, N // 512)
-    if N >= 2048:
-        v = _fold(v, N // 1024)
-    if N >= 4096:
-        v = _fold(v, N // 2048)
-    if N >= 8192:
-        v = _fold(v, N // 4096)
-    if N >= 16384:
-        v = _fold(v, N // 8192)
-    if N >= 32768:
-        v = _fold(v, N // 16384)
-    return tl.sum(v, axis=0)  # a single element left
+    cols = tl.arange(0, BLOCK_K)
+    mask = cols < K
+    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
+    if HAS_RES:
+        r = tl.load(r_ptr + row * r_stride + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+    xf = x.to(tl.float32)
+    return tl.sum(xf * xf, axis=0)
 
 
 # --- norm + quant: one row per program -------------------------------------------------------
@@ -118,7 +89,8 @@ def norm_quant_kernel(
         tl.store(res_ptr + row * K + cols, x, mask=mask)
     if DO_NORM:
         xf = x.to(tl.float32)
-        mean = tl.math.div_rn(_tree_sum(xf * xf, BLOCK_K), K.to(tl.float32))
+        ss = _sum_of_squares(x_ptr, r_ptr, row, x_stride, r_stride, K, HAS_RES, BLOCK_K)
+        mean = tl.math.div_rn(ss, K.to(tl.float32))
         inv = tl.math.div_rn(1.0, tl.sqrt_rn(mean + eps))
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         y = ((xf * inv) * w).to(out_dtype)  # rounded once to x.dtype, like the standalone op
