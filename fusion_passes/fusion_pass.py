@@ -250,6 +250,10 @@ def _fused_op_accepts(spec: PatternSpec) -> Callable[[pm.Match], bool]:
         outputs = [n for n in match.output_nodes() if n is not None]
         if len(set(outputs)) != len(outputs):
             return False
+        if any(n not in match.kwargs for n in names):
+            # torch 2.11 leaves scalar_workaround names (eps) out of match.kwargs: the fused
+            # op's fake then validates when the replacement is traced
+            return True
         args = [val(match.kwargs[n]) for n in names]
         mode = torch._guards.detect_fake_mode(args)
         if mode is None:

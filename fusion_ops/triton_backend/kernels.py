@@ -166,8 +166,9 @@ def _fp8_groups(y, q_ptr, s_ptr, row, K, fp8_max, min_scale, GROUP: tl.constexpr
     q = _clamp_keep_nan(tl.math.div_rn(yg, s[:, None]), -fp8_max, fp8_max)
     grp = tl.arange(0, NG)
     idx = grp[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    n_groups = tl.maximum(K // GROUP, 1)  # per-token: one group (GROUP = the padded row)
     tl.store(q_ptr + row * K + idx, q.to(q_ptr.dtype.element_ty), mask=idx < K)
-    tl.store(s_ptr + row * (K // GROUP) + grp, s, mask=grp < K // GROUP)
+    tl.store(s_ptr + row * n_groups + grp, s, mask=grp < n_groups)
 
 
 # --- RoPE (compile with enable_fp_fusion=False) -------------------------------------------------
