@@ -77,7 +77,7 @@ def row(name: str, shape: str, fused: float, unfused: float, compiled: float | N
         moved: int, copy_gbs: float, extra: int) -> dict[str, Any]:  # fmt: skip
     gbs = moved / (fused * 1e-6) / 1e9
     r = {"op": name, "shape": shape, "fused_us": fused, "unfused_us": unfused,
-            "inductor_us": compiled, "speedup_vs_unfused": unfused / fused,
+            "inductor_us": compiled, "speedup_vs_unfused": (unfused / fused) if unfused else None,
             "speedup_vs_inductor": (compiled / fused) if compiled else None,
             "bandwidth_gbs": gbs, "pct_of_copy": 100 * gbs / copy_gbs, "extra_bytes": extra}  # fmt: skip
     print_row(r)
@@ -192,8 +192,10 @@ HEAD = (f"{'op':34s} {'shape':22s} {'fused µs':>9s} {'unfused µs':>10s} {'indu
 def print_row(r: dict[str, Any]) -> None:
     ind = f"{r['inductor_us']:11.1f}" if r["inductor_us"] else f"{'-':>11s}"
     xi = f"{r['speedup_vs_inductor']:9.2f}" if r["speedup_vs_inductor"] else f"{'-':>9s}"
-    print(f"{r['op']:34s} {r['shape']:22s} {r['fused_us']:9.1f} {r['unfused_us']:10.1f} {ind}"
-          f" {r['speedup_vs_unfused']:8.2f} {xi} {r['bandwidth_gbs']:7.0f}"
+    un = f"{r['unfused_us']:10.1f}" if r["unfused_us"] else f"{'-':>10s}"
+    xu = f"{r['speedup_vs_unfused']:8.2f}" if r["speedup_vs_unfused"] else f"{'-':>8s}"
+    print(f"{r['op']:34s} {r['shape']:22s} {r['fused_us']:9.1f} {un} {ind}"
+          f" {xu} {xi} {r['bandwidth_gbs']:7.0f}"
           f" {r['pct_of_copy']:6.1f} {r['extra_bytes']:8d}", flush=True)
 
 
