@@ -124,8 +124,10 @@ def _mxfp4(y, q_ptr, s_ptr, row, K, BLOCK_K: tl.constexpr):
             + (mag >= 1.75).to(tl.int32) + (mag >= 2.5).to(tl.int32)
             + (mag >= 3.5).to(tl.int32) + (mag >= 5.0).to(tl.int32))  # fmt: skip
     code = tl.where(has_nan[:, None], 0, code) | (_sign_bit(q) << 3)
-    lo, hi = tl.split(tl.reshape(code, (NB, 16, 2)))
-    packed = (lo | (hi << 4)).to(tl.uint8)
+    # pack pairs (2j, 2j+1) as lo | hi << 4: a weighted sum over a size-2 axis stays inside a
+    # thread, where tl.split may shuffle through shared memory
+    nibble_weight = (1 + 15 * tl.arange(0, 2))[None, None, :]  # [1, 16]
+    packed = tl.sum(tl.reshape(code, (NB, 16, 2)) * nibble_weight, axis=2).to(tl.uint8)
     blk = tl.arange(0, NB)
     pair = blk[:, None] * 16 + tl.arange(0, 16)[None, :]
     tl.store(q_ptr + row * (K // 2) + pair, packed, mask=pair < K // 2)
