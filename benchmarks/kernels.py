@@ -73,13 +73,29 @@ def inductor(fn: Callable[..., Any], dynamic: bool = False) -> Callable[..., Any
     return torch.compile(fn, dynamic=dynamic, fullgraph=True)
 
 
-def row(name: str, shape: str, fused: float, unfused: float, compiled: float | None,
-        moved: int, copy_gbs: float, extra: int) -> dict[str, Any]:  # fmt: skip
+def row(
+    name: str,
+    shape: str,
+    fused: float,
+    unfused: float,
+    compiled: float | None,
+    moved: int,
+    copy_gbs: float,
+    extra: int,
+) -> dict[str, Any]:
     gbs = moved / (fused * 1e-6) / 1e9
-    r = {"op": name, "shape": shape, "fused_us": fused, "unfused_us": unfused,
-            "inductor_us": compiled, "speedup_vs_unfused": (unfused / fused) if unfused else None,
-            "speedup_vs_inductor": (compiled / fused) if compiled else None,
-            "bandwidth_gbs": gbs, "pct_of_copy": 100 * gbs / copy_gbs, "extra_bytes": extra}  # fmt: skip
+    r = {
+        "op": name,
+        "shape": shape,
+        "fused_us": fused,
+        "unfused_us": unfused,
+        "inductor_us": compiled,
+        "speedup_vs_unfused": (unfused / fused) if unfused else None,
+        "speedup_vs_inductor": (compiled / fused) if compiled else None,
+        "bandwidth_gbs": gbs,
+        "pct_of_copy": 100 * gbs / copy_gbs,
+        "extra_bytes": extra,
+    }
     print_row(r)
     return r
 
@@ -123,8 +139,18 @@ def bench_norm_quant(tokens_list: list[int], hiddens: list[int], copy_gbs: float
                 c = lambda: compiled(x, r, w)  # noqa: E731
                 out = f()
                 moved = nbytes(x, w, *(o for o in out if o.numel())) + (nbytes(r) if add else 0)
-                rows.append(row(label, f"{t}x{hidden}", bench(f), bench(u), bench(c), moved,
-                                copy_gbs, extra_memory(f)))  # fmt: skip
+                rows.append(
+                    row(
+                        label,
+                        f"{t}x{hidden}",
+                        bench(f),
+                        bench(u),
+                        bench(c),
+                        moved,
+                        copy_gbs,
+                        extra_memory(f),
+                    )
+                )
     return rows
 
 
@@ -164,8 +190,18 @@ def bench_rope_cache(tokens_list: list[int], heads: int, copy_gbs: float) -> lis
 
         c = lambda: compiled(pos, q, kv, cs, cache, slots)  # noqa: E731
         moved = 2 * nbytes(q) + 2 * nbytes(kv) + t * 584 + nbytes(pos, slots)
-        rows.append(row(f"rope→mla_cache_write (H={heads})", f"{t} tok", bench(f), bench(u),
-                        bench(c), moved, copy_gbs, extra_memory(f)))  # fmt: skip
+        rows.append(
+            row(
+                f"rope→mla_cache_write (H={heads})",
+                f"{t} tok",
+                bench(f),
+                bench(u),
+                bench(c),
+                moved,
+                copy_gbs,
+                extra_memory(f),
+            )
+        )
     return rows
 
 
@@ -180,13 +216,25 @@ def bench_dequant(blocks_list: list[int], copy_gbs: float) -> list[dict]:
         u = lambda: ops.dequant_cache(cache, ids, "dsv4_fp8").to(FN)  # noqa: E731
         c = lambda: compiled(cache, ids)  # noqa: E731
         moved = nb * 64 * (584 + 512)
-        rows.append(row("dequant_cache→fp8", f"{nb} blocks ({nb * 64} tok)", bench(f), bench(u),
-                        bench(c), moved, copy_gbs, extra_memory(f)))  # fmt: skip
+        rows.append(
+            row(
+                "dequant_cache→fp8",
+                f"{nb} blocks ({nb * 64} tok)",
+                bench(f),
+                bench(u),
+                bench(c),
+                moved,
+                copy_gbs,
+                extra_memory(f),
+            )
+        )
     return rows
 
 
-HEAD = (f"{'op':34s} {'shape':22s} {'fused µs':>9s} {'unfused µs':>10s} {'inductor µs':>11s}"
-        f" {'×unfused':>8s} {'×inductor':>9s} {'GB/s':>7s} {'%copy':>6s} {'extra B':>8s}")
+HEAD = (
+    f"{'op':34s} {'shape':22s} {'fused µs':>9s} {'unfused µs':>10s} {'inductor µs':>11s}"
+    f" {'×unfused':>8s} {'×inductor':>9s} {'GB/s':>7s} {'%copy':>6s} {'extra B':>8s}"
+)
 
 
 def print_row(r: dict[str, Any]) -> None:
@@ -194,9 +242,12 @@ def print_row(r: dict[str, Any]) -> None:
     xi = f"{r['speedup_vs_inductor']:9.2f}" if r["speedup_vs_inductor"] else f"{'-':>9s}"
     un = f"{r['unfused_us']:10.1f}" if r["unfused_us"] else f"{'-':>10s}"
     xu = f"{r['speedup_vs_unfused']:8.2f}" if r["speedup_vs_unfused"] else f"{'-':>8s}"
-    print(f"{r['op']:34s} {r['shape']:22s} {r['fused_us']:9.1f} {un} {ind}"
-          f" {xu} {xi} {r['bandwidth_gbs']:7.0f}"
-          f" {r['pct_of_copy']:6.1f} {r['extra_bytes']:8d}", flush=True)
+    print(
+        f"{r['op']:34s} {r['shape']:22s} {r['fused_us']:9.1f} {un} {ind}"
+        f" {xu} {xi} {r['bandwidth_gbs']:7.0f}"
+        f" {r['pct_of_copy']:6.1f} {r['extra_bytes']:8d}",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -213,12 +264,15 @@ def main() -> None:
     print(f"device copy bandwidth: {copy_gbs:.0f} GB/s (read + write)")
     print(HEAD)
     rows = bench_norm_quant(tokens, hiddens, copy_gbs)
-    rows += bench_rope_cache([1, 16, 128] if args.quick else [1, 16, 128, 1024, 8192], 64,
-                             copy_gbs)  # fmt: skip
+    rows += bench_rope_cache([1, 16, 128] if args.quick else [1, 16, 128, 1024, 8192], 64, copy_gbs)
     rows += bench_dequant([64] if args.quick else [64, 1024, 8192], copy_gbs)
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "triton": triton.__version__, "python": platform.python_version(),
-            "copy_gbs": copy_gbs}  # fmt: skip
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "copy_gbs": copy_gbs,
+    }
     print(json.dumps(meta))
     if args.json:
         with open(args.json, "w") as fh:

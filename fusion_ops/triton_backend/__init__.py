@@ -20,8 +20,12 @@ from . import kernels as k
 
 IS_HIP = torch.version.hip is not None
 FNUZ = torch.float8_e4m3fnuz
-_SCHEME_IDS = {"mxfp4": k.SCHEME_MXFP4, "mxfp8": k.SCHEME_MXFP8, "fp8_per_token": k.SCHEME_FP8,
-               "fp8_group": k.SCHEME_FP8}  # fmt: skip
+_SCHEME_IDS = {
+    "mxfp4": k.SCHEME_MXFP4,
+    "mxfp8": k.SCHEME_MXFP8,
+    "fp8_per_token": k.SCHEME_FP8,
+    "fp8_group": k.SCHEME_FP8,
+}
 
 
 def _num_warps(block: int) -> int:
@@ -68,14 +72,28 @@ def _norm_quant(
         group = block_k
     if m:
         k.norm_quant_kernel[(m,)](
-            x2, r2, weight if weight is not None else dummy, out.get("y", dummy),
-            out.get("residual_out", dummy), out.get("q", dummy), out.get("s", dummy),
-            x2.stride(0), r2.stride(0), kdim, eps,
-            formats.fp8_max(fp8), formats.fp8_min_scale(fp8),
-            HAS_RES=residual is not None, DO_NORM=weight is not None, WRITE_Y=write_y,
-            SCHEME=scheme_id, GROUP=group, UE8M0=ue8m0, BLOCK_K=block_k,
+            x2,
+            r2,
+            weight if weight is not None else dummy,
+            out.get("y", dummy),
+            out.get("residual_out", dummy),
+            out.get("q", dummy),
+            out.get("s", dummy),
+            x2.stride(0),
+            r2.stride(0),
+            kdim,
+            eps,
+            formats.fp8_max(fp8),
+            formats.fp8_min_scale(fp8),
+            HAS_RES=residual is not None,
+            DO_NORM=weight is not None,
+            WRITE_Y=write_y,
+            SCHEME=scheme_id,
+            GROUP=group,
+            UE8M0=ue8m0,
+            BLOCK_K=block_k,
             num_warps=_num_warps(block_k),
-        )  # fmt: skip
+        )
     return {n: t.view(*lead, *t.shape[1:]) for n, t in out.items()}
 
 
@@ -145,10 +163,19 @@ def rope(positions, x, cos_sin_cache, rope_dim, is_neox):  # type: ignore[no-unt
     out = torch.empty((t, h, d), dtype=x.dtype, device=x.device)
     if t:
         k.rope_kernel[(t, h)](
-            positions, xv, out, cos_sin_cache.float().contiguous(), xv.stride(0), xv.stride(1), h,
-            D=d, ROPE=rope_dim, IS_NEOX=is_neox, BLOCK_D=triton.next_power_of_2(d),
+            positions,
+            xv,
+            out,
+            cos_sin_cache.float().contiguous(),
+            xv.stride(0),
+            xv.stride(1),
+            h,
+            D=d,
+            ROPE=rope_dim,
+            IS_NEOX=is_neox,
+            BLOCK_D=triton.next_power_of_2(d),
             enable_fp_fusion=False,
-        )  # fmt: skip
+        )
     return out.view(x.shape)
 
 
@@ -162,55 +189,95 @@ def mla_cache_write(kv, kv_cache, slot_mapping, layout):  # type: ignore[no-unty
     t, d = kv2.shape
     if t:
         k.cache_write_kernel[(t,)](
-            kv2, kv2.stride(0), kv_cache, slot_mapping, kv_cache.stride(0),
-            BS=kv_cache.shape[1], D=d, DSV4=layout == "dsv4_fp8",
-            BLOCK_D=triton.next_power_of_2(d), num_warps=4,
-        )  # fmt: skip
+            kv2,
+            kv2.stride(0),
+            kv_cache,
+            slot_mapping,
+            kv_cache.stride(0),
+            BS=kv_cache.shape[1],
+            D=d,
+            DSV4=layout == "dsv4_fp8",
+            BLOCK_D=triton.next_power_of_2(d),
+            num_warps=4,
+        )
 
 
 @register_impl("rope_mla_cache_write", "triton")
-def rope_mla_cache_write(positions, q, kv, cos_sin_cache, kv_cache, slot_mapping, rope_dim,
-                         is_neox, layout):  # type: ignore[no-untyped-def]  # fmt: skip
+def rope_mla_cache_write(
+    positions, q, kv, cos_sin_cache, kv_cache, slot_mapping, rope_dim, is_neox, layout
+):  # type: ignore[no-untyped-def]
     qv, kv2 = _heads_view(q), _kv_rows(kv)
     t, h, d = qv.shape
     q_out = torch.empty((t, h, d), dtype=q.dtype, device=q.device)
     kv_out = torch.empty(kv2.shape, dtype=kv.dtype, device=kv.device)
     if t:
         k.rope_cache_kernel[(t, h + 1)](
-            positions, qv, kv2, q_out, kv_out, cos_sin_cache.float().contiguous(), kv_cache,
-            slot_mapping, qv.stride(0), qv.stride(1), kv2.stride(0), kv_cache.stride(0), h,
-            BS=kv_cache.shape[1], D=d, ROPE=rope_dim, IS_NEOX=is_neox,
-            DSV4=layout == "dsv4_fp8", BLOCK_D=triton.next_power_of_2(d),
+            positions,
+            qv,
+            kv2,
+            q_out,
+            kv_out,
+            cos_sin_cache.float().contiguous(),
+            kv_cache,
+            slot_mapping,
+            qv.stride(0),
+            qv.stride(1),
+            kv2.stride(0),
+            kv_cache.stride(0),
+            h,
+            BS=kv_cache.shape[1],
+            D=d,
+            ROPE=rope_dim,
+            IS_NEOX=is_neox,
+            DSV4=layout == "dsv4_fp8",
+            BLOCK_D=triton.next_power_of_2(d),
             enable_fp_fusion=False,
-        )  # fmt: skip
+        )
     return q_out.view(q.shape), kv_out
 
 
-def _dequant(kv_cache: torch.Tensor, block_ids: torch.Tensor, layout: str,
-             fp8_dtype: torch.dtype | None) -> torch.Tensor:  # fmt: skip
+def _dequant(
+    kv_cache: torch.Tensor, block_ids: torch.Tensor, layout: str, fp8_dtype: torch.dtype | None
+) -> torch.Tensor:
     nb, bs, row = kv_cache.shape
     n = block_ids.shape[0]
     to_fp8 = fp8_dtype is not None
     fmax = formats.fp8_max(fp8_dtype) if to_fp8 else 0.0
     if layout == "dsv4_fp8":
-        out = torch.empty((n * bs, 512), device=kv_cache.device,
-                          dtype=fp8_dtype if to_fp8 else torch.bfloat16)  # fmt: skip
+        out = torch.empty(
+            (n * bs, 512), device=kv_cache.device, dtype=fp8_dtype if to_fp8 else torch.bfloat16
+        )
         tok = min(bs, 16)
         if n and bs % tok == 0:
             k.dequant_dsv4_kernel[(n, bs // tok)](
-                kv_cache, block_ids, out, kv_cache.stride(0), fmax, BS=bs, TOK=tok,
-                TO_FP8=to_fp8, num_warps=4,
-            )  # fmt: skip
+                kv_cache,
+                block_ids,
+                out,
+                kv_cache.stride(0),
+                fmax,
+                BS=bs,
+                TOK=tok,
+                TO_FP8=to_fp8,
+                num_warps=4,
+            )
             return out
         return _reference_dequant(kv_cache, block_ids, layout, fp8_dtype)
-    out = torch.empty((n * bs, row), device=kv_cache.device,
-                      dtype=fp8_dtype if to_fp8 else kv_cache.dtype)  # fmt: skip
+    out = torch.empty(
+        (n * bs, row), device=kv_cache.device, dtype=fp8_dtype if to_fp8 else kv_cache.dtype
+    )
     if n:
         block = 4096
         k.gather_rows_kernel[(n, triton.cdiv(bs * row, block))](
-            kv_cache, block_ids, out, kv_cache.stride(0), fmax, ROW=bs * row, BLOCK=block,
-            TO_FP8=to_fp8, num_warps=4,
-        )  # fmt: skip
+            kv_cache,
+            block_ids,
+            out,
+            kv_cache.stride(0),
+            fmax,
+            ROW=bs * row,
+            BLOCK=block,
+            TO_FP8=to_fp8,
+            num_warps=4,
+        )
     return out
 
 

@@ -52,8 +52,9 @@ def _sign_bit(x):
 
 
 @triton.jit
-def _sum_of_squares(x_ptr, r_ptr, row, x_stride, r_stride, K, HAS_RES: tl.constexpr,
-                    BLOCK_K: tl.constexpr):  # fmt: skip
+def _sum_of_squares(
+    x_ptr, r_ptr, row, x_stride, r_stride, K, HAS_RES: tl.constexpr, BLOCK_K: tl.constexpr
+):
     """Σ x² of the row from a load used for nothing else.
 
     tl.sum's order follows the register layout, which Triton also picks from how a tensor is
@@ -73,11 +74,27 @@ def _sum_of_squares(x_ptr, r_ptr, row, x_stride, r_stride, K, HAS_RES: tl.conste
 # --- norm + quant: one row per program -------------------------------------------------------
 @triton.jit
 def norm_quant_kernel(
-    x_ptr, r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr,
-    x_stride, r_stride, K, eps, fp8_max, min_scale,
-    HAS_RES: tl.constexpr, DO_NORM: tl.constexpr, WRITE_Y: tl.constexpr,
-    SCHEME: tl.constexpr, GROUP: tl.constexpr, UE8M0: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    r_ptr,
+    w_ptr,
+    y_ptr,
+    res_ptr,
+    q_ptr,
+    s_ptr,
+    x_stride,
+    r_stride,
+    K,
+    eps,
+    fp8_max,
+    min_scale,
+    HAS_RES: tl.constexpr,
+    DO_NORM: tl.constexpr,
+    WRITE_Y: tl.constexpr,
+    SCHEME: tl.constexpr,
+    GROUP: tl.constexpr,
+    UE8M0: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_K)
     mask = cols < K
@@ -103,8 +120,9 @@ def norm_quant_kernel(
     elif SCHEME == 2:
         _mxfp8(y.to(tl.float32), q_ptr, s_ptr, row, K, BLOCK_K)
     elif SCHEME == 3:
-        _fp8_groups(y.to(tl.float32), q_ptr, s_ptr, row, K, fp8_max, min_scale, GROUP, UE8M0,
-                    BLOCK_K)  # fmt: skip
+        _fp8_groups(
+            y.to(tl.float32), q_ptr, s_ptr, row, K, fp8_max, min_scale, GROUP, UE8M0, BLOCK_K
+        )
 
 
 @triton.jit
@@ -120,9 +138,15 @@ def _mxfp4(y, q_ptr, s_ptr, row, K, BLOCK_K: tl.constexpr):
     byte = tl.where(has_nan, 255, u + 127)  # int32 in [0, 255]: no negative float→uint cast
     q = yb * _pow2(-u)[:, None]
     mag = tl.abs(q)
-    code = ((mag >= 0.25).to(tl.int32) + (mag >= 0.75).to(tl.int32) + (mag >= 1.25).to(tl.int32)
-            + (mag >= 1.75).to(tl.int32) + (mag >= 2.5).to(tl.int32)
-            + (mag >= 3.5).to(tl.int32) + (mag >= 5.0).to(tl.int32))  # fmt: skip
+    code = (
+        (mag >= 0.25).to(tl.int32)
+        + (mag >= 0.75).to(tl.int32)
+        + (mag >= 1.25).to(tl.int32)
+        + (mag >= 1.75).to(tl.int32)
+        + (mag >= 2.5).to(tl.int32)
+        + (mag >= 3.5).to(tl.int32)
+        + (mag >= 5.0).to(tl.int32)
+    )
     code = tl.where(has_nan[:, None], 0, code) | (_sign_bit(q) << 3)
     # pack pairs (2j, 2j+1) as lo | hi << 4: a weighted sum over a size-2 axis stays inside a
     # thread, where tl.split may shuffle through shared memory
@@ -154,8 +178,18 @@ def _mxfp8(y, q_ptr, s_ptr, row, K, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _fp8_groups(y, q_ptr, s_ptr, row, K, fp8_max, min_scale, GROUP: tl.constexpr,
-                UE8M0: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+def _fp8_groups(
+    y,
+    q_ptr,
+    s_ptr,
+    row,
+    K,
+    fp8_max,
+    min_scale,
+    GROUP: tl.constexpr,
+    UE8M0: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     NG: tl.constexpr = BLOCK_K // GROUP
     yg = tl.reshape(y, (NG, GROUP))
     has_nan = tl.max((yg != yg).to(tl.int32), axis=1) > 0
@@ -175,8 +209,16 @@ def _fp8_groups(y, q_ptr, s_ptr, row, K, fp8_max, min_scale, GROUP: tl.constexpr
 
 # --- RoPE (compile with enable_fp_fusion=False) -------------------------------------------------
 @triton.jit
-def _rope_row(src, dst, cs_ptr, pos, D: tl.constexpr, ROPE: tl.constexpr, IS_NEOX: tl.constexpr,
-              BLOCK_D: tl.constexpr):  # fmt: skip
+def _rope_row(
+    src,
+    dst,
+    cs_ptr,
+    pos,
+    D: tl.constexpr,
+    ROPE: tl.constexpr,
+    IS_NEOX: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """dst[0:D] = src[0:D] with the last ROPE dims rotated at position ``pos``."""
     HALF: tl.constexpr = ROPE // 2
     cols = tl.arange(0, BLOCK_D)
@@ -197,14 +239,32 @@ def _rope_row(src, dst, cs_ptr, pos, D: tl.constexpr, ROPE: tl.constexpr, IS_NEO
 
 
 @triton.jit
-def rope_kernel(pos_ptr, x_ptr, out_ptr, cs_ptr, x_stride_t, x_stride_h, HEADS,
-                D: tl.constexpr, ROPE: tl.constexpr, IS_NEOX: tl.constexpr,
-                BLOCK_D: tl.constexpr):  # fmt: skip
+def rope_kernel(
+    pos_ptr,
+    x_ptr,
+    out_ptr,
+    cs_ptr,
+    x_stride_t,
+    x_stride_h,
+    HEADS,
+    D: tl.constexpr,
+    ROPE: tl.constexpr,
+    IS_NEOX: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
-    _rope_row(x_ptr + t * x_stride_t + h * x_stride_h, out_ptr + (t * HEADS + h) * D, cs_ptr,
-              pos, D, ROPE, IS_NEOX, BLOCK_D)  # fmt: skip
+    _rope_row(
+        x_ptr + t * x_stride_t + h * x_stride_h,
+        out_ptr + (t * HEADS + h) * D,
+        cs_ptr,
+        pos,
+        D,
+        ROPE,
+        IS_NEOX,
+        BLOCK_D,
+    )
 
 
 # --- DeepSeek-V4 cache slot ----------------------------------------------------------------------
@@ -235,9 +295,17 @@ def _write_dsv4_slot(cache_ptr, row_ptr, slot, block_stride, BS: tl.constexpr):
 
 
 @triton.jit
-def cache_write_kernel(kv_ptr, kv_stride, cache_ptr, slot_ptr, block_stride,
-                       BS: tl.constexpr, D: tl.constexpr, DSV4: tl.constexpr,
-                       BLOCK_D: tl.constexpr):  # fmt: skip
+def cache_write_kernel(
+    kv_ptr,
+    kv_stride,
+    cache_ptr,
+    slot_ptr,
+    block_stride,
+    BS: tl.constexpr,
+    D: tl.constexpr,
+    DSV4: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if DSV4:
@@ -250,17 +318,42 @@ def cache_write_kernel(kv_ptr, kv_stride, cache_ptr, slot_ptr, block_stride,
 
 
 @triton.jit
-def rope_cache_kernel(pos_ptr, q_ptr, kv_ptr, q_out_ptr, kv_out_ptr, cs_ptr, cache_ptr,
-                      slot_ptr, q_stride_t, q_stride_h, kv_stride, block_stride, HEADS,
-                      BS: tl.constexpr, D: tl.constexpr, ROPE: tl.constexpr,
-                      IS_NEOX: tl.constexpr, DSV4: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+def rope_cache_kernel(
+    pos_ptr,
+    q_ptr,
+    kv_ptr,
+    q_out_ptr,
+    kv_out_ptr,
+    cs_ptr,
+    cache_ptr,
+    slot_ptr,
+    q_stride_t,
+    q_stride_h,
+    kv_stride,
+    block_stride,
+    HEADS,
+    BS: tl.constexpr,
+    D: tl.constexpr,
+    ROPE: tl.constexpr,
+    IS_NEOX: tl.constexpr,
+    DSV4: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """Programs (t, h < HEADS): rope q head h. Program (t, HEADS): rope kv, then write it."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     if h < HEADS:
-        _rope_row(q_ptr + t * q_stride_t + h * q_stride_h, q_out_ptr + (t * HEADS + h) * D,
-                  cs_ptr, pos, D, ROPE, IS_NEOX, BLOCK_D)  # fmt: skip
+        _rope_row(
+            q_ptr + t * q_stride_t + h * q_stride_h,
+            q_out_ptr + (t * HEADS + h) * D,
+            cs_ptr,
+            pos,
+            D,
+            ROPE,
+            IS_NEOX,
+            BLOCK_D,
+        )
     else:
         row = kv_out_ptr + t * D
         _rope_row(kv_ptr + t * kv_stride, row, cs_ptr, pos, D, ROPE, IS_NEOX, BLOCK_D)
@@ -276,8 +369,16 @@ def rope_cache_kernel(pos_ptr, q_ptr, kv_ptr, q_out_ptr, kv_out_ptr, cs_ptr, cac
 
 
 @triton.jit
-def dequant_dsv4_kernel(cache_ptr, ids_ptr, out_ptr, block_stride, fp8_max,
-                        BS: tl.constexpr, TOK: tl.constexpr, TO_FP8: tl.constexpr):  # fmt: skip
+def dequant_dsv4_kernel(
+    cache_ptr,
+    ids_ptr,
+    out_ptr,
+    block_stride,
+    fp8_max,
+    BS: tl.constexpr,
+    TOK: tl.constexpr,
+    TO_FP8: tl.constexpr,
+):
     """Program (i, c): tokens c·TOK .. c·TOK+TOK−1 of requested block i → out rows."""
     i = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1).to(tl.int64)
@@ -302,8 +403,16 @@ def dequant_dsv4_kernel(cache_ptr, ids_ptr, out_ptr, block_stride, fp8_max,
 
 
 @triton.jit
-def gather_rows_kernel(cache_ptr, ids_ptr, out_ptr, block_stride, fp8_max, ROW: tl.constexpr,
-                       BLOCK: tl.constexpr, TO_FP8: tl.constexpr):  # fmt: skip
+def gather_rows_kernel(
+    cache_ptr,
+    ids_ptr,
+    out_ptr,
+    block_stride,
+    fp8_max,
+    ROW: tl.constexpr,
+    BLOCK: tl.constexpr,
+    TO_FP8: tl.constexpr,
+):
     """bf16 layout: out[i] = cache block ids[i] (bs·ROW values), optionally cast to fp8."""
     i = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1).to(tl.int64)

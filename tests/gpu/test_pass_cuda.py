@@ -34,20 +34,41 @@ def test_all_families_on_cuda(v2: bool) -> None:
     dev = "cuda"
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(33, 4096, device=dev, generator=g).to(torch.bfloat16)
-    args = (x, torch.randn_like(x), torch.randn(4096, device=dev).to(torch.bfloat16),
-            torch.arange(33, device=dev), torch.randn(33, 1536, device=dev).to(torch.bfloat16),
-            torch.randn(64, 64, device=dev), fusion_ops.alloc_mla_cache(4, 16, device=dev),
-            torch.randperm(64, device=dev)[:33], torch.tensor([3, 0, 1], device=dev))  # fmt: skip
+    args = (
+        x,
+        torch.randn_like(x),
+        torch.randn(4096, device=dev).to(torch.bfloat16),
+        torch.arange(33, device=dev),
+        torch.randn(33, 1536, device=dev).to(torch.bfloat16),
+        torch.randn(64, 64, device=dev),
+        fusion_ops.alloc_mla_cache(4, 16, device=dev),
+        torch.randperm(64, device=dev)[:33],
+        torch.tensor([3, 0, 1], device=dev),
+    )
     args[6].random_(0, 200)
     unfused_args = [a.clone() for a in args]
     p = FusionPass()
     with torch._inductor.config.patch(enable_auto_functionalized_v2=v2):
         out = run_compiled(all_families, *args, fusion_pass=p)
         ref = run_compiled(all_families, *unfused_args, fusion_pass=None)
-    assert p.family_counts() == {"add_rms_quant": 1, "rms_quant": 1, "rope_cache": 1,
-                                 "dequant_fp8": 1}  # fmt: skip
-    assert_fully_replaced(p, ["rms_norm", "fused_add_rms_norm", "mxfp4_quant", "fp8_group_quant",
-                              "rope", "mla_cache_write", "dequant_cache"])  # fmt: skip
+    assert p.family_counts() == {
+        "add_rms_quant": 1,
+        "rms_quant": 1,
+        "rope_cache": 1,
+        "dequant_fp8": 1,
+    }
+    assert_fully_replaced(
+        p,
+        [
+            "rms_norm",
+            "fused_add_rms_norm",
+            "mxfp4_quant",
+            "fp8_group_quant",
+            "rope",
+            "mla_cache_write",
+            "dequant_cache",
+        ],
+    )
     assert_bitwise_equal(out, ref)
     assert_bitwise_equal(args[6], unfused_args[6], "whole cache")
     assert fusion_ops.last_backend("rope_mla_cache_write") == "triton"

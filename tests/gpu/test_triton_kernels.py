@@ -141,8 +141,9 @@ def test_rope_bit_exact(is_neox, dtype) -> None:
 
 def dsv4_case(tokens: int, seed: int, padded: bool):
     g = torch.Generator(device=DEV).manual_seed(seed)
-    kv = (torch.randn(tokens, 512, device=DEV, generator=g)
-          * torch.logspace(-5, 3, 512, device=DEV)).to(torch.bfloat16)  # fmt: skip
+    kv = (
+        torch.randn(tokens, 512, device=DEV, generator=g) * torch.logspace(-5, 3, 512, device=DEV)
+    ).to(torch.bfloat16)
     kv[0, 10] = float("nan")
     kv[min(1, tokens - 1), 200] = float("inf")
     cache = fusion_ops.alloc_mla_cache(40, 64, device=DEV, padded=padded)
