@@ -106,13 +106,25 @@ def test_scheme_not_enabled_does_not_fire() -> None:
     ]
 
 
-def test_rope_q_and_kv_with_different_positions_do_not_fire(full_pass) -> None:
-    proj, positions, cos_sin, cache, slots = rope_case("dsv4_fp8")
+@pytest.mark.parametrize(
+    "kv_positions,kv_neox,layout,reason",
+    [
+        ("flipped", False, "dsv4_fp8", "no q rope shares the kv rope's positions"),
+        ("same", False, "bf16", "differ: is_neox True vs False"),
+    ],
+)
+def test_rope_q_and_kv_that_differ_do_not_fire(
+    full_pass, kv_positions, kv_neox, layout, reason
+) -> None:
+    """q and kv ropes must share positions, table, rope_dim and style to fuse."""
+    proj, positions, cos_sin, cache, slots = rope_case(layout)
+    q_neox = kv_positions == "same"  # the second case differs in style only
 
     def fn(proj, positions, cos_sin, cache, slots):
-        q_rot = ops.rope(positions, proj[:, :1024].view(-1, 2, 512), cos_sin, 64, False)
-        kv_rot = ops.rope(positions.flip(0), proj[:, 1024:], cos_sin, 64, False)
-        ops.mla_cache_write(kv_rot, cache, slots, "dsv4_fp8")
+        kv_pos = positions.flip(0) if kv_positions == "flipped" else positions
+        q_rot = ops.rope(positions, proj[:, :1024].view(-1, 2, 512), cos_sin, 64, q_neox)
+        kv_rot = ops.rope(kv_pos, proj[:, 1024:], cos_sin, 64, kv_neox)
+        ops.mla_cache_write(kv_rot, cache, slots, layout)
         return q_rot * 1.0
 
     eager_cache = cache.clone()
@@ -121,25 +133,7 @@ def test_rope_q_and_kv_with_different_positions_do_not_fire(full_pass) -> None:
     assert full_pass.matched_count == 0
     assert_bitwise_equal(out, expected)
     assert_bitwise_equal(cache, eager_cache, "whole cache")
-    assert "no q rope shares the kv rope's positions" in near_miss_reasons(full_pass)[0]
-
-
-def test_rope_style_mismatch_does_not_fire(full_pass) -> None:
-    proj, positions, cos_sin, cache, slots = rope_case("bf16")
-
-    def fn(proj, positions, cos_sin, cache, slots):
-        q_rot = ops.rope(positions, proj[:, :1024].view(-1, 2, 512), cos_sin, 64, True)
-        kv_rot = ops.rope(positions, proj[:, 1024:], cos_sin, 64, False)
-        ops.mla_cache_write(kv_rot, cache, slots, "bf16")
-        return q_rot * 1.0
-
-    eager_cache = cache.clone()
-    expected = fn(proj, positions, cos_sin, eager_cache, slots)
-    out = run_compiled(fn, proj, positions, cos_sin, cache, slots, fusion_pass=full_pass)
-    assert full_pass.matched_count == 0
-    assert_bitwise_equal(out, expected)
-    assert_bitwise_equal(cache, eager_cache, "whole cache")
-    assert "differ: is_neox True vs False" in near_miss_reasons(full_pass)[0]
+    assert reason in near_miss_reasons(full_pass)[0]
 
 
 def test_kv_only_cache_write_does_not_fire(full_pass) -> None:

@@ -295,6 +295,28 @@ def _write_dsv4_slot(cache_ptr, row_ptr, slot, block_stride, BS: tl.constexpr):
 
 
 @triton.jit
+def _write_slot(
+    cache_ptr,
+    row_ptr,
+    slot,
+    block_stride,
+    BS: tl.constexpr,
+    D: tl.constexpr,
+    DSV4: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Write the row at row_ptr into ``slot`` (skipped when < 0): the 584-byte dsv4_fp8 encoding,
+    or a plain copy for the bf16 layout. Shared by the standalone and the fused write kernels."""
+    if DSV4:
+        _write_dsv4_slot(cache_ptr, row_ptr, slot, block_stride, BS)
+    elif slot >= 0:
+        cols = tl.arange(0, BLOCK_D)
+        v = tl.load(row_ptr + cols, mask=cols < D)
+        dst = cache_ptr + (slot // BS) * block_stride + (slot % BS) * D
+        tl.store(dst + cols, v, mask=cols < D)
+
+
+@triton.jit
 def cache_write_kernel(
     kv_ptr,
     kv_stride,
@@ -308,13 +330,7 @@ def cache_write_kernel(
 ):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
-    if DSV4:
-        _write_dsv4_slot(cache_ptr, kv_ptr + t * kv_stride, slot, block_stride, BS)
-    elif slot >= 0:
-        cols = tl.arange(0, BLOCK_D)
-        v = tl.load(kv_ptr + t * kv_stride + cols, mask=cols < D)
-        dst = cache_ptr + (slot // BS) * block_stride + (slot % BS) * D
-        tl.store(dst + cols, v, mask=cols < D)
+    _write_slot(cache_ptr, kv_ptr + t * kv_stride, slot, block_stride, BS, D, DSV4, BLOCK_D)
 
 
 @triton.jit
@@ -359,13 +375,7 @@ def rope_cache_kernel(
         _rope_row(kv_ptr + t * kv_stride, row, cs_ptr, pos, D, ROPE, IS_NEOX, BLOCK_D)
         tl.debug_barrier()  # the rotated row is re-read by other threads of this program
         slot = tl.load(slot_ptr + t).to(tl.int64)
-        if DSV4:
-            _write_dsv4_slot(cache_ptr, row, slot, block_stride, BS)
-        elif slot >= 0:
-            cols = tl.arange(0, BLOCK_D)
-            v = tl.load(row + cols, mask=cols < D)
-            dst = cache_ptr + (slot // BS) * block_stride + (slot % BS) * D
-            tl.store(dst + cols, v, mask=cols < D)
+        _write_slot(cache_ptr, row, slot, block_stride, BS, D, DSV4, BLOCK_D)
 
 
 @triton.jit
