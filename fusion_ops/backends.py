@@ -92,7 +92,7 @@ def _importable(module: str) -> bool:
 
 
 # modules that register a GPU backend's implementations, imported on first GPU use
-_BACKEND_MODULES = {"triton": "fusion_ops.triton_backend"}
+_BACKEND_MODULES = {"triton": "fusion_ops.triton_backend", "aiter": "fusion_ops.aiter_backend"}
 _LOADED: set[str] = set()
 
 
@@ -141,6 +141,15 @@ def dispatch(op_name: str, device: torch.device, *args: Any) -> Any:
     backend = select_backend(op_name, device)
     _LAST_USED[op_name] = backend
     return _IMPLS[op_name][backend](*args)
+
+
+def implementation(op_name: str, backend: str) -> Callable[..., Any]:
+    """``backend``'s implementation of ``op_name`` (its module is imported if needed); used by
+    backends that hand the calls they do not cover to another backend."""
+    if backend in _BACKEND_MODULES and backend not in _LOADED:
+        _LOADED.add(backend)
+        importlib.import_module(_BACKEND_MODULES[backend])
+    return _IMPLS[op_name][backend]
 
 
 def last_backend(op_name: str) -> str | None:

@@ -1,0 +1,106 @@
+"""The ``aiter`` backend: fused norm+quant ops through AITER's Triton kernels (ROCm).
+
+Loaded by :mod:`fusion_ops.backends` on ROCm when ``import aiter`` works. What AITER covers:
+
+* ``rms_norm_mxfp4_quant`` → ``fused_rms_mxfp4_quant(x, w, eps)`` (return_normed=False)
+* ``add_rms_norm_mxfp4_quant`` → ``fused_rms_mxfp4_quant(x, w, eps, res1=residual)`` (same)
+* ``rms_norm_fp8_group_quant`` → ``fused_rms_fp8_group_quant(..., group_size=128)`` (group 128,
+  fp32 scales)
+* ``add_rms_norm_fp8_group_quant`` → the same with ``res1=residual``
+
+Every other call (other schemes, UE8M0 scales, other group sizes, ``return_normed`` for MXFP4)
+goes to the Triton backend. Numerics differ from the contract (shared/reference/aiter-semantics.md):
+AITER normalises the *unrounded* fp32 value (and the unrounded fp32 sum x + residual) instead of
+quantizing the normed value rounded to x.dtype, so a code can differ where that rounding moves a
+value across a rounding boundary; its FP8 group scale is ``max(amax, 1e-10)/FP8_MAX`` applied as a
+multiplication by ``1/s`` (the contract: ``max(amax/FP8_MAX, 1/(FP8_MAX·512))`` and ``x/s``).
+Measured tolerance: tests/gpu/test_aiter_glue.py. The RoPE + MLA-cache kernel
+(``fused_qk_rope_cat_and_cache_mla``) writes a per-token ``[slots, heads, dim]`` cache, not the
+584-byte ``dsv4_fp8`` block layout, so ``rope_mla_cache_write`` stays on Triton.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+
+from .backends import implementation, register_impl
+
+_KERNELS: dict[str, Any] = {}
+
+
+def kernels() -> dict[str, Any]:
+    """AITER's wrappers, imported on first use (``aiter.ops.triton.*``)."""
+    if not _KERNELS:
+        mx = importlib.import_module("aiter.ops.triton.fused_mxfp4_quant")
+        fp8 = importlib.import_module("aiter.ops.triton.fused_fp8_quant")
+        _KERNELS["mxfp4"] = mx.fused_rms_mxfp4_quant
+        _KERNELS["fp8_group"] = fp8.fused_rms_fp8_group_quant
+    return _KERNELS
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _mxfp4(x, residual, w, eps, return_normed, op):  # type: ignore[no-untyped-def]
+    if return_normed:
+        return implementation(op, "triton")(*_args(x, residual, w, eps), return_normed)
+    lead = x.shape[:-1]
+    res = _rows(residual) if residual is not None else None
+    (q, s), _, res_out = kernels()["mxfp4"](_rows(x), w, eps, res1=res)
+    q, s = q.view(*lead, -1), s.contiguous().view(*lead, -1)
+    empty = x.new_empty((0,))
+    if residual is None:
+        return q, s, empty
+    return q, s, res_out.view(x.shape), empty
+
+
+def _fp8_group(x, residual, w, eps, params, return_normed, op):  # type: ignore[no-untyped-def]
+    group_size, use_ue8m0, fp8_dtype = params
+    if group_size != 128 or use_ue8m0:
+        return implementation(op, "triton")(*_args(x, residual, w, eps), *params, return_normed)
+    lead = x.shape[:-1]
+    res = _rows(residual) if residual is not None else None
+    (q, s), normed, _, res_out = kernels()["fp8_group"](
+        _rows(x), w, eps, group_size=128, dtype_quant=fp8_dtype, res1=res,
+        output_unquantized_inp1=return_normed,
+    )  # fmt: skip
+    q, s = q.view(*lead, -1), s.view(*lead, -1)
+    normed = normed.view(x.shape) if return_normed else x.new_empty((0,))
+    if residual is None:
+        return q, s, normed
+    return q, s, res_out.view(x.shape), normed
+
+
+def _args(x, residual, w, eps):  # type: ignore[no-untyped-def]
+    return (x, w, eps) if residual is None else (x, residual, w, eps)
+
+
+@register_impl("rms_norm_mxfp4_quant", "aiter")
+def rms_norm_mxfp4_quant(x, weight, eps, return_normed=False):  # type: ignore[no-untyped-def]
+    return _mxfp4(x, None, weight, eps, return_normed, "rms_norm_mxfp4_quant")
+
+
+@register_impl("add_rms_norm_mxfp4_quant", "aiter")
+def add_rms_norm_mxfp4_quant(x, residual, weight, eps, return_normed=False):  # type: ignore[no-untyped-def]
+    return _mxfp4(x, residual, weight, eps, return_normed, "add_rms_norm_mxfp4_quant")
+
+
+@register_impl("rms_norm_fp8_group_quant", "aiter")
+def rms_norm_fp8_group_quant(x, weight, eps, group_size, use_ue8m0, fp8_dtype, return_normed=False):  # type: ignore[no-untyped-def]
+    params = (group_size, use_ue8m0, fp8_dtype)
+    return _fp8_group(x, None, weight, eps, params, return_normed, "rms_norm_fp8_group_quant")
+
+
+@register_impl("add_rms_norm_fp8_group_quant", "aiter")
+def add_rms_norm_fp8_group_quant(
+    x, residual, weight, eps, group_size, use_ue8m0, fp8_dtype, return_normed=False
+):  # type: ignore[no-untyped-def]
+    params = (group_size, use_ue8m0, fp8_dtype)
+    return _fp8_group(
+        x, residual, weight, eps, params, return_normed, "add_rms_norm_fp8_group_quant"
+    )
