@@ -237,6 +237,24 @@ HEAD = (
 )
 
 
+def bench_aiter_mxfp4(source: str, tokens_list: list[int]) -> list[dict]:
+    """AITER's own fused_rms_mxfp4_quant (its Triton source) vs ours, same GPU, same run."""
+    from fusion_ops import aiter_backend
+
+    aiter_backend.import_source_tree(source)
+    aiter = aiter_backend.kernels()["mxfp4"]
+    rows = []
+    print(f"{'rms_norm→mxfp4, hidden 7168':34s} {'tokens':>8s} {'ours µs':>9s} {'AITER µs':>9s}")
+    for t in tokens_list:
+        x = torch.randn(t, 7168, device=DEV, dtype=torch.bfloat16)
+        w = torch.randn(7168, device=DEV, dtype=torch.bfloat16)
+        ours = bench(lambda: ops.rms_norm_mxfp4_quant(x, w, EPS))
+        theirs = bench(lambda: aiter(x, w, EPS))
+        print(f"{'':34s} {t:8d} {ours:9.1f} {theirs:9.1f}", flush=True)
+        rows.append({"tokens": t, "ours_us": ours, "aiter_us": theirs})
+    return rows
+
+
 def print_row(r: dict[str, Any]) -> None:
     ind = f"{r['inductor_us']:11.1f}" if r["inductor_us"] else f"{'-':>11s}"
     xi = f"{r['speedup_vs_inductor']:9.2f}" if r["speedup_vs_inductor"] else f"{'-':>9s}"
@@ -254,12 +272,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer shapes (smoke run)")
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--aiter-source",
+        default=None,
+        help="unpacked amd-aiter wheel: also time AITER's fused_rms_mxfp4_quant",
+    )
+    parser.add_argument("--only-aiter", action="store_true", help="only the AITER comparison")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch._dynamo.config.recompile_limit = 256  # one compile per (case, shape)
     torch._dynamo.config.accumulated_recompile_limit = 4096
     tokens = [1, 128, 8192] if args.quick else [1, 16, 128, 1024, 8192, 32768]
     hiddens = [7168] if args.quick else [4096, 7168]
+    aiter_rows = bench_aiter_mxfp4(args.aiter_source, tokens) if args.aiter_source else []
+    if args.only_aiter:
+        return
     copy_gbs = copy_bandwidth()
     print(f"device copy bandwidth: {copy_gbs:.0f} GB/s (read + write)")
     print(HEAD)
@@ -276,7 +303,7 @@ def main() -> None:
     print(json.dumps(meta))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+            json.dump({"meta": meta, "rows": rows, "aiter": aiter_rows}, fh, indent=1)
 
 
 if __name__ == "__main__":

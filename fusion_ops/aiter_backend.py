@@ -31,6 +31,27 @@ from .backends import implementation, register_impl
 _KERNELS: dict[str, Any] = {}
 
 
+def import_source_tree(path: str) -> None:
+    """Make ``aiter.ops.triton.*`` importable from an unpacked ``amd-aiter`` wheel at ``path``
+    where ``import aiter`` cannot run (its ``__init__`` needs ROCm): the package and
+    ``aiter.dtypes`` are stubbed. For exercising AITER's Triton source on NVIDIA (tests,
+    benchmarks); on ROCm use the installed package."""
+    import os
+    import sys
+    import types
+
+    if "aiter" in sys.modules:
+        return
+    pkg = types.ModuleType("aiter")
+    pkg.__path__ = [os.path.join(path, "aiter")]
+    pkg.dtypes = types.SimpleNamespace(fp8=torch.float8_e4m3fn)  # aiter.dtypes reads rocminfo
+    sys.modules["aiter"] = pkg
+    for sub in ("aiter.ops", "aiter.ops.triton"):
+        mod = types.ModuleType(sub)
+        mod.__path__ = [os.path.join(path, *sub.split("."))]
+        sys.modules[sub] = mod
+
+
 def kernels() -> dict[str, Any]:
     """AITER's wrappers, imported on first use (``aiter.ops.triton.*``)."""
     if not _KERNELS:

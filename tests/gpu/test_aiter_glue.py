@@ -11,8 +11,6 @@ Expected differences (shared/reference/aiter-semantics.md), asserted as such:
 from __future__ import annotations
 
 import os
-import sys
-import types
 
 import pytest
 import torch
@@ -31,17 +29,9 @@ FN = torch.float8_e4m3fn
 
 @pytest.fixture(scope="module")
 def glue():
-    if "aiter" not in sys.modules:
-        pkg = types.ModuleType("aiter")
-        pkg.__path__ = [os.path.join(AITER_DIR, "aiter")]
-        pkg.dtypes = types.SimpleNamespace(fp8=FN)  # aiter.dtypes reads rocminfo
-        sys.modules["aiter"] = pkg
-        for sub in ("aiter.ops", "aiter.ops.triton"):
-            mod = types.ModuleType(sub)
-            mod.__path__ = [os.path.join(AITER_DIR, *sub.split("."))]
-            sys.modules[sub] = mod
     from fusion_ops import aiter_backend
 
+    aiter_backend.import_source_tree(AITER_DIR)
     aiter_backend.kernels()
     ops.rms_norm(torch.randn(2, 64, device="cuda"), torch.ones(64, device="cuda"), 1e-6)
     return aiter_backend
