@@ -302,4 +302,4 @@ class DSV4Model(nn.Module):
             x = ops.rms_norm(x, self.final_norm_weight, cfg.rms_eps)
         else:
             x, _ = ops.fused_add_rms_norm(h, residual, self.final_norm_weight, cfg.rms_eps)
-        return x.float() @ self.lm_head.float().t()
+        return (x @ self.lm_head.t()).float()  # bf16 GEMM: no fp32 copy of the [vocab, D] head

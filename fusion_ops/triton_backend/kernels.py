@@ -269,9 +269,10 @@ def rope_kernel(
 
 # --- DeepSeek-V4 cache slot ----------------------------------------------------------------------
 @triton.jit
-def _write_dsv4_slot(cache_ptr, row_ptr, slot, block_stride, BS: tl.constexpr):
-    """Encode the bf16 row (512 values at row_ptr) into ``slot`` of the dsv4_fp8 cache."""
-    if slot >= 0:
+def _write_dsv4_slot(cache_ptr, row_ptr, slot, block_stride, BS: tl.constexpr, num_slots):
+    """Encode the bf16 row (512 values at row_ptr) into ``slot`` of the dsv4_fp8 cache (a slot
+    outside [0, num_slots) is skipped: negative ones by contract, too large ones for safety)."""
+    if (slot >= 0) & (slot < num_slots):
         block = slot // BS
         off = slot % BS
         base = cache_ptr + block * block_stride
@@ -300,16 +301,17 @@ def _write_slot(
     row_ptr,
     slot,
     block_stride,
+    num_slots,
     BS: tl.constexpr,
     D: tl.constexpr,
     DSV4: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Write the row at row_ptr into ``slot`` (skipped when < 0): the 584-byte dsv4_fp8 encoding,
-    or a plain copy for the bf16 layout. Shared by the standalone and the fused write kernels."""
+    """Write the row at row_ptr into ``slot`` (skipped outside [0, num_slots)): the dsv4_fp8
+    encoding, or a plain copy for the bf16 layout. Shared by the standalone and fused kernels."""
     if DSV4:
-        _write_dsv4_slot(cache_ptr, row_ptr, slot, block_stride, BS)
-    elif slot >= 0:
+        _write_dsv4_slot(cache_ptr, row_ptr, slot, block_stride, BS, num_slots)
+    elif (slot >= 0) & (slot < num_slots):
         cols = tl.arange(0, BLOCK_D)
         v = tl.load(row_ptr + cols, mask=cols < D)
         dst = cache_ptr + (slot // BS) * block_stride + (slot % BS) * D
@@ -323,6 +325,7 @@ def cache_write_kernel(
     cache_ptr,
     slot_ptr,
     block_stride,
+    num_slots,
     BS: tl.constexpr,
     D: tl.constexpr,
     DSV4: tl.constexpr,
@@ -330,7 +333,9 @@ def cache_write_kernel(
 ):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
-    _write_slot(cache_ptr, kv_ptr + t * kv_stride, slot, block_stride, BS, D, DSV4, BLOCK_D)
+    _write_slot(
+        cache_ptr, kv_ptr + t * kv_stride, slot, block_stride, num_slots, BS, D, DSV4, BLOCK_D
+    )
 
 
 @triton.jit
@@ -347,6 +352,7 @@ def rope_cache_kernel(
     q_stride_h,
     kv_stride,
     block_stride,
+    num_slots,
     HEADS,
     BS: tl.constexpr,
     D: tl.constexpr,
@@ -375,7 +381,7 @@ def rope_cache_kernel(
         _rope_row(kv_ptr + t * kv_stride, row, cs_ptr, pos, D, ROPE, IS_NEOX, BLOCK_D)
         tl.debug_barrier()  # the rotated row is re-read by other threads of this program
         slot = tl.load(slot_ptr + t).to(tl.int64)
-        _write_slot(cache_ptr, row, slot, block_stride, BS, D, DSV4, BLOCK_D)
+        _write_slot(cache_ptr, row, slot, block_stride, num_slots, BS, D, DSV4, BLOCK_D)
 
 
 @triton.jit
@@ -384,6 +390,7 @@ def dequant_dsv4_kernel(
     ids_ptr,
     out_ptr,
     block_stride,
+    num_blocks,
     fp8_max,
     BS: tl.constexpr,
     TOK: tl.constexpr,
@@ -393,20 +400,22 @@ def dequant_dsv4_kernel(
     i = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1).to(tl.int64)
     block = tl.load(ids_ptr + i).to(tl.int64)
-    base = cache_ptr + block * block_stride
+    ok = (block >= 0) & (block < num_blocks)  # never read outside the cache (rows read as 0)
+    base = cache_ptr + tl.where(ok, block, 0) * block_stride
     tok = c * TOK + tl.arange(0, TOK)
     j = tl.arange(0, 64)
     out_rows = out_ptr + (i * BS + tok)[:, None] * 512
     for tile in tl.static_range(7):
-        codes = tl.load(base + tok[:, None] * 576 + tile * 64 + j[None, :])
+        codes = tl.load(base + tok[:, None] * 576 + tile * 64 + j[None, :], mask=ok, other=0)
         vals = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-        byte = tl.load(base + BS * 576 + tok * 8 + tile).to(tl.int32)
+        byte = tl.load(base + BS * 576 + tok * 8 + tile, mask=ok, other=0).to(tl.int32)
         factor = tl.where(byte == 255, float("nan"), _pow2(tl.minimum(byte, 254) - 127))
         v = (vals * factor[:, None]).to(tl.bfloat16)
         if TO_FP8:
             v = _clamp_keep_nan(v.to(tl.float32), -fp8_max, fp8_max).to(tl.float8e4nv)
         tl.store(out_rows + tile * 64 + j[None, :], v)
-    rope = tl.load((base + 448).to(tl.pointer_type(tl.bfloat16)) + tok[:, None] * 288 + j[None, :])
+    rope_ptr = (base + 448).to(tl.pointer_type(tl.bfloat16))
+    rope = tl.load(rope_ptr + tok[:, None] * 288 + j[None, :], mask=ok, other=0.0)
     if TO_FP8:
         rope = _clamp_keep_nan(rope.to(tl.float32), -fp8_max, fp8_max).to(tl.float8e4nv)
     tl.store(out_rows + 448 + j[None, :], rope)
@@ -418,6 +427,7 @@ def gather_rows_kernel(
     ids_ptr,
     out_ptr,
     block_stride,
+    num_blocks,
     fp8_max,
     ROW: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -427,8 +437,10 @@ def gather_rows_kernel(
     i = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1).to(tl.int64)
     block = tl.load(ids_ptr + i).to(tl.int64)
+    ok = (block >= 0) & (block < num_blocks)
+    block = tl.where(ok, block, 0)
     cols = c * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < ROW
+    mask = (cols < ROW) & ok
     v = tl.load(cache_ptr + block * block_stride + cols, mask=mask)
     if TO_FP8:
         v = _clamp_keep_nan(v.to(tl.float32), -fp8_max, fp8_max).to(tl.float8e4nv)
