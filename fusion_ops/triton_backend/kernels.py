@@ -385,6 +385,15 @@ def rope_cache_kernel(
 
 
 @triton.jit
+def _requested_block(ids_ptr, i, num_blocks):
+    """Block id i of the request and whether it lies in the cache; an out-of-range id reads
+    block 0 under a false mask, so the kernel never reads outside the cache (its rows are 0)."""
+    block = tl.load(ids_ptr + i).to(tl.int64)
+    ok = (block >= 0) & (block < num_blocks)
+    return tl.where(ok, block, 0), ok
+
+
+@triton.jit
 def dequant_dsv4_kernel(
     cache_ptr,
     ids_ptr,
@@ -399,9 +408,8 @@ def dequant_dsv4_kernel(
     """Program (i, c): tokens c·TOK .. c·TOK+TOK−1 of requested block i → out rows."""
     i = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1).to(tl.int64)
-    block = tl.load(ids_ptr + i).to(tl.int64)
-    ok = (block >= 0) & (block < num_blocks)  # never read outside the cache (rows read as 0)
-    base = cache_ptr + tl.where(ok, block, 0) * block_stride
+    block, ok = _requested_block(ids_ptr, i, num_blocks)
+    base = cache_ptr + block * block_stride
     tok = c * TOK + tl.arange(0, TOK)
     j = tl.arange(0, 64)
     out_rows = out_ptr + (i * BS + tok)[:, None] * 512
@@ -436,9 +444,7 @@ def gather_rows_kernel(
     """bf16 layout: out[i] = cache block ids[i] (bs·ROW values), optionally cast to fp8."""
     i = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1).to(tl.int64)
-    block = tl.load(ids_ptr + i).to(tl.int64)
-    ok = (block >= 0) & (block < num_blocks)
-    block = tl.where(ok, block, 0)
+    block, ok = _requested_block(ids_ptr, i, num_blocks)
     cols = c * BLOCK + tl.arange(0, BLOCK)
     mask = (cols < ROW) & ok
     v = tl.load(cache_ptr + block * block_stride + cols, mask=mask)
