@@ -207,3 +207,20 @@ def test_fused_rope_cache_write_bit_exact(layout, is_neox) -> None:
 def test_dispatch_picks_triton_on_cuda() -> None:
     ops.mxfp4_quant(torch.randn(4, 64, device=DEV))
     assert fusion_ops.last_backend("mxfp4_quant") == "triton"
+
+
+def test_out_of_range_indices_never_touch_memory_outside_the_cache(monkeypatch) -> None:
+    """GPU index checks are opt-in (each is a sync): without them the kernels still skip slots
+    outside the cache and read out-of-range blocks as zeros."""
+    monkeypatch.delenv("FUSION_OPS_CHECK_INDICES", raising=False)
+    kv, cache, _ = dsv4_case(4, seed=11, padded=True)
+    before = storage(cache).clone()
+    slots = torch.tensor([-1, 40 * 64, 40 * 64 + 7, 10**6], device=DEV)  # none is in the cache
+    with fusion_ops.use_backend("triton"):
+        ops.mla_cache_write(kv, cache, slots, "dsv4_fp8")
+        assert torch.equal(storage(cache), before)
+        out = ops.dequant_cache(cache, torch.tensor([0, 40, -3], device=DEV), "dsv4_fp8")
+    assert (out[64:].float() == 0).all()
+    monkeypatch.setenv("FUSION_OPS_CHECK_INDICES", "1")
+    with pytest.raises(ValueError, match="argument 'slot_mapping' holds 1000000"):
+        ops.mla_cache_write(kv, cache, slots, "dsv4_fp8")
