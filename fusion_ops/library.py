@@ -360,23 +360,6 @@ _define(
 
 
 # --- fused: RoPE + cache write, dequant + FP8 cast ----------------------------------------------
-def rope_mla_cache_write_reference(
-    positions: torch.Tensor,
-    q: torch.Tensor,
-    kv: torch.Tensor,
-    cos_sin_cache: torch.Tensor,
-    kv_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    rope_dim: int,
-    is_neox: bool,
-    layout: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    q_rot = ref_rope.rope(positions, q, cos_sin_cache, rope_dim, is_neox)
-    kv_rot = ref_rope.rope(positions, kv, cos_sin_cache, rope_dim, is_neox)
-    ref_cache.mla_cache_write(kv_rot, kv_cache, slot_mapping, layout)
-    return q_rot, kv_rot
-
-
 def _check_rope_cache(
     positions: torch.Tensor,
     q: torch.Tensor,
@@ -400,7 +383,7 @@ _define(
     "Tensor slot_mapping, int rope_dim, bool is_neox, str layout) -> (Tensor, Tensor)",
     _check_rope_cache,
     lambda positions, q, kv, *_: (_rope_fake(positions, q), _rope_fake(positions, kv)),
-    rope_mla_cache_write_reference,
+    ref_cache.rope_mla_cache_write,
     device_arg=1,
 )
 

@@ -24,6 +24,7 @@ from ..formats import (
     fp8_max,
 )
 from .numerics import ceil_log2_ratio, pow2
+from .rope import rope
 
 _FP8_NAN_BYTE = 0x7F
 
@@ -91,6 +92,24 @@ def mla_cache_write(
     )
     rows[block.unsqueeze(1), data_cols] = data
     rows[block.unsqueeze(1), scale_cols] = scales
+
+
+def rope_mla_cache_write(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    rope_dim: int,
+    is_neox: bool,
+    layout: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused op's reference: rope on q and kv, then write the rotated kv; returns both."""
+    q_rot = rope(positions, q, cos_sin_cache, rope_dim, is_neox)
+    kv_rot = rope(positions, kv, cos_sin_cache, rope_dim, is_neox)
+    mla_cache_write(kv_rot, kv_cache, slot_mapping, layout)
+    return q_rot, kv_rot
 
 
 def dequant_cache(kv_cache: torch.Tensor, block_ids: torch.Tensor, layout: str) -> torch.Tensor:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fusion_ops
-from fusion_ops.library import rope_mla_cache_write_reference
+from fusion_ops.reference.cache import rope_mla_cache_write as rope_mla_cache_write_reference
 
 pytestmark = [
     pytest.mark.gpu,
