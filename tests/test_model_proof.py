@@ -12,50 +12,12 @@ import torch
 import dsv4_model as dm
 from fusion_passes import FusionPass
 from fusion_passes.testing import assert_bitwise_equal, fresh_inductor
+from tests.model_expectations import expected_leftover_ops, expected_matches
 
 pytestmark = pytest.mark.slow
 
 PROMPT, DECODE_STEPS, BATCH = 130, 3, 2  # 130 ≥ 128: the HCA layer gets a compressed entry
 EAGER_REL_TOL = 0.20  # relative L2 error of logits vs eager (see test_model_close_to_eager)
-
-
-def scheme_label(scheme: str) -> str:
-    return {"fp8_group": "fp8_group128_e4m3fn", "mxfp8": "mxfp8", "mxfp4": "mxfp4"}[scheme]
-
-
-def expected_matches(cfg: dm.DSV4Config, decode: bool) -> Counter[str]:
-    """Matches per label in one forward graph, from the layer kinds, residual mode and schemes."""
-    lin, act = scheme_label(cfg.linear_quant), scheme_label(cfg.act_quant)
-    out: Counter[str] = Counter()
-    for i, ratio in enumerate(cfg.compress_ratios):
-        # attn_norm → linear quant of the fused wq_a/wkv projection; in CSA/HCA layers the
-        # compressor also reads the normed x, so the fused op returns it (+normed)
-        normed = "+normed" if ratio > 1 else ""
-        family = "add_rms_quant" if cfg.residual == "add" and i > 0 else "rms_quant"
-        out[f"{family}/{lin}{normed}/bf16"] += 1
-        out[f"rms_quant/{lin}/bf16"] += 1  # q_norm → wq_b
-        # ffn_norm → expert activation quant; the router gate reads the normed x (+normed)
-        family = "add_rms_quant" if cfg.residual == "add" else "rms_quant"
-        out[f"{family}/{act}+normed/bf16"] += 1
-        out["rope_cache/gptj_dsv4_fp8_v2/bf16"] += 1  # q and kv rope → SWA cache write
-        if decode:  # keys read back: SWA cache, plus the compressed cache in CSA/HCA layers
-            out["dequant_fp8/dsv4_fp8_e4m3fn/uint8"] += 1 + (ratio > 1)
-    return out
-
-
-def expected_leftover_ops(cfg: dm.DSV4Config) -> dict[str, int]:
-    """Standalone ops that are not part of a fused sequence and so must remain."""
-    compressed = sum(r > 1 for r in cfg.compress_ratios)
-    n = cfg.n_layers
-    return {
-        "rms_norm": n + compressed + (cfg.residual == "mhc"),  # kv_norm, compressor, final norm
-        "fused_add_rms_norm": int(cfg.residual == "add"),  # final norm (feeds lm_head, no quant)
-        "rope": n + compressed,  # inverse rope on the output, compressed-key rope
-        "mla_cache_write": compressed,  # kv-only writes of compressed entries
-        "fp8_group_quant": n,  # wo_b input (no norm before it)
-        "mxfp8_quant": 0,
-        "dequant_cache": 0,
-    }
 
 
 def run_model(cfg: dm.DSV4Config, fusion_pass: FusionPass | None, compiled: bool = True):

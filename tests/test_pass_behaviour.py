@@ -3,6 +3,8 @@ uuid, registration under fake tensors, dumps and TORCH_TRACE."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import os
 import re
@@ -379,3 +381,11 @@ def test_fully_replaced_helper_reports_leftovers(full_pass) -> None:
         assert_fully_replaced(full_pass, ["rms_norm"])
     with pytest.raises(AssertionError, match="rope: not in any graph before the pass"):
         assert_fully_replaced(full_pass, ["rope"])
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is not None, reason="vLLM installed: tests/test_vllm_*"
+)
+def test_vllm_adapter_without_vllm_says_what_to_install() -> None:
+    with pytest.raises(ModuleNotFoundError, match=r"fusion_passes\.vllm needs vLLM.*\[vllm\]"):
+        importlib.import_module("fusion_passes.vllm")
