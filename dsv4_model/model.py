@@ -221,8 +221,11 @@ class MoE(nn.Module):
         weights = weights / weights.sum(-1, keepdim=True) * cfg.routed_scaling_factor
         combine = torch.zeros_like(scores).scatter(1, top, weights)  # [T, E]
         xq = dequantize(*quantize(x, cfg.act_quant, cfg.fp8_dtype), cfg.act_quant, x.dtype)
-        act = self._swiglu(torch.einsum("td,efd->tef", xq, self.w13))
-        routed = torch.einsum("te,tei,edi->td", combine, act.float(), self.w2.float())
+        act = self._swiglu(torch.einsum("td,efd->tef", xq, self.w13))  # [T, E, I] bf16
+        # expert outputs in bf16 (what grouped-GEMM kernels return), combined in fp32; no fp32
+        # copy of w2 (E·D·I·4 bytes, 512 MiB per layer at flash dims with 16 experts)
+        out = torch.einsum("tei,edi->ted", act, self.w2)  # [T, E, D]
+        routed = torch.einsum("te,ted->td", combine, out.float())
         shared = self._swiglu(xq @ self.shared_w13.t()) @ self.shared_w2.t()
         return (routed + shared.float()).to(x.dtype)
 

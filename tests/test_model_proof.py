@@ -17,7 +17,7 @@ from tests.model_expectations import expected_leftover_ops, expected_matches
 pytestmark = pytest.mark.slow
 
 PROMPT, DECODE_STEPS, BATCH = 130, 3, 2  # 130 ≥ 128: the HCA layer gets a compressed entry
-EAGER_REL_TOL = 0.20  # relative L2 error of logits vs eager (see test_model_close_to_eager)
+EAGER_REL_TOL = 0.30  # relative L2 error of logits vs eager (see test_model_close_to_eager)
 
 
 def run_model(cfg: dm.DSV4Config, fusion_pass: FusionPass | None, compiled: bool = True):
@@ -73,12 +73,13 @@ def test_pass_changes_no_bit_of_logits_or_caches(runs) -> None:
 
 def test_model_close_to_eager(runs) -> None:
     """Compiled vs eager differ by fp32 reduction order and by Inductor keeping bf16
-    intermediates in fp32, amplified through three layers of FP8/MX quantizers (a 1-ulp change
-    flips a code). This exists with or without the pass (the pass changes no bit, see above).
-    Measured on this preset (torch 2.13 CPU), relative L2 of logits per prefill/decode tensor:
-    add 4.9-9.2 %, mhc 4.5-14.0 %; top-1 agreement 82-100 % on prefill, 50-100 % on decode
-    steps (two sequences each). Re-measured after the bf16 lm_head change. One layer alone is
-    bit-exact with emulate_precision_casts=True. Bound: 20 %."""
+    intermediates in fp32, amplified through three layers of FP8/MX quantizers and the MoE top-k
+    (a 1-ulp change flips a code or an expert choice). This exists with or without the pass (the
+    pass changes no bit, see above). Measured on this preset (torch 2.13 CPU), relative L2 of
+    logits per prefill/decode tensor, after the MoE started returning bf16 expert outputs: add
+    4.7-10.1 %, mhc 4.4-24.8 %; top-1 agreement 86-100 % on prefill, 50-100 % on decode steps
+    (two sequences each). Before that change (fp32 expert outputs): 4.5-14.0 %. One layer alone
+    is bit-exact with emulate_precision_casts=True. Bound: 30 %."""
     _, _, fused, _, eager = runs
     for got, want in zip(
         fused.prefill_logits + fused.decode_logits,
