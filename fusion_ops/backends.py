@@ -32,6 +32,9 @@ _IMPLS: dict[str, dict[str, Callable[..., Any]]] = {}
 _FORCED: str | None = None
 _LAST_USED: dict[str, str] = {}
 _IMPORTABLE: dict[str, bool] = {}
+# (op, device type, forced backend) -> the backend selected: what is registered and importable
+# does not change between calls, so the search runs once (cleared when a backend registers)
+_SELECTED: dict[tuple[str, str, str | None], str] = {}
 
 
 def register_impl(op_name: str, backend: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -41,6 +44,7 @@ def register_impl(op_name: str, backend: str) -> Callable[[Callable[..., Any]], 
 
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
         _IMPLS.setdefault(op_name, {})[backend] = fn
+        _SELECTED.clear()
         return fn
 
     return decorator
@@ -114,6 +118,14 @@ def _can_run(backend: str, device: torch.device) -> bool:
 def select_backend(op_name: str, device: torch.device) -> str:
     """Name of the backend that runs ``op_name`` on ``device`` now."""
     forced = forced_backend()
+    key = (op_name, device.type, forced)
+    selected = _SELECTED.get(key)
+    if selected is None:
+        selected = _SELECTED[key] = _select(op_name, device, forced)
+    return selected
+
+
+def _select(op_name: str, device: torch.device, forced: str | None) -> str:
     if device.type == "cuda":  # load the GPU backends before looking at what is registered
         for backend in _BACKEND_MODULES:
             _can_run(backend, device)
