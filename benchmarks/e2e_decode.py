@@ -1,13 +1,16 @@
 """End-to-end decode step of the reference DeepSeek-V4: eager vs torch.compile without the pass vs
 torch.compile with FusionPass(), on one GPU.
 
-    python benchmarks/e2e_decode.py --preset flash --layers 2 --batch 8 64 1 --cached 300
+    python benchmarks/e2e_decode.py --preset flash --layers 4 --batch 1 8 64 --cached 300
 
 Per variant: step latency (CUDA events, median of repeated identical steps: a decode step at a
-fixed position rewrites the same cache slots), CUDA kernels launched per step (profiler), peak
-memory growth over a step, and the logits of the compiled variants compared bit for bit (pass vs
-no pass) and against eager. MoE experts are computed densely by the reference module, so
-``--experts`` keeps the expert count small enough for that (the real count is 256/384).
+fixed position rewrites the same cache slots) launched from Python and replayed as one CUDA graph
+(``torch.cuda.CUDAGraph`` captured around the step, as vLLM does), CUDA kernels per step
+(profiler), peak memory growth over a step, and the logits of the compiled variants compared bit
+for bit (pass vs no pass, graph replay vs launch) and against eager. Compiles are static per batch
+size (``dynamic=False``: one graph each, counted), ``fullgraph=True`` (no graph breaks). MoE experts
+are computed densely by the reference module, so ``--experts`` keeps the expert count small enough
+for that (the real count is 256/384).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections import Counter
 from typing import Any
 
 import torch
@@ -26,23 +30,40 @@ from fusion_passes import FusionPass
 DEV = "cuda"
 
 
-def step_ms(fn: Any, step: dm.Step, reps: int = 20) -> float:
+def step_ms(fn: Any, step: dm.Step, reps: int = 30, inner: int = 1) -> float:
+    """Median over ``reps`` samples of the mean time of ``inner`` back-to-back steps."""
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn(step, True)
+        for _ in range(inner):
+            fn(step, True)
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / inner)
     return statistics.median(times)
 
 
-def kernels_per_step(fn: Any, step: dm.Step) -> int:
+def kernel_names(fn: Any, step: dm.Step) -> Counter[str]:
+    """CUDA kernels launched by one step, by name (profiler)."""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn(step, True)
         torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return Counter(e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def as_cuda_graph(fn: Any, step: dm.Step) -> tuple[Any, torch.Tensor]:
+    """Capture one step as a CUDA graph (warm-up on a side stream first); returns (replay, out)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn(step, True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(step, True)
+    return (lambda _step, _decode: graph.replay()), out
 
 
 def peak_mb(fn: Any, step: dm.Step) -> float:
@@ -54,12 +75,20 @@ def peak_mb(fn: Any, step: dm.Step) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--preset", default="flash", choices=["flash", "pro"])
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--layers", type=int, default=4)
     p.add_argument("--experts", type=int, default=16)
-    p.add_argument("--batch", type=int, nargs="+", default=[8, 64, 1])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--cached", type=int, default=300)
     p.add_argument("--residual", default="add", choices=["add", "mhc"])
     p.add_argument("--json", default=None)
@@ -83,14 +112,20 @@ def main() -> None:
     fusion_pass = FusionPass()
     variants = {
         "eager": model,
-        "compiled": torch.compile(model, fullgraph=True),
+        "compiled": torch.compile(model, fullgraph=True, dynamic=False),
         "compiled+FusionPass": torch.compile(
-            model, fullgraph=True, options={"post_grad_custom_post_pass": fusion_pass}
+            model,
+            fullgraph=True,
+            dynamic=False,
+            options={"post_grad_custom_post_pass": fusion_pass},
         ),
     }
-    rows = []
+    rows: list[dict[str, Any]] = []
+    names: dict[str, dict[str, int]] = {}
     print(
-        f"{'batch':>5s} {'variant':22s} {'step ms':>8s} {'kernels':>8s} {'peak MB':>8s}", flush=True
+        f"{'batch':>5s} {'variant':22s} {'step ms':>8s} {'graph ms':>8s} {'kernels':>8s}"
+        f" {'peak MB':>8s}",
+        flush=True,
     )
     for b in args.batch:
         ids = torch.randint(0, cfg.vocab_size, (b,))
@@ -100,19 +135,25 @@ def main() -> None:
             for name, fn in variants.items():
                 logits[name] = fn(step, True).clone()  # compiles on first use
                 fn(step, True)
+                kernels = kernel_names(fn, step)
                 row = {
                     "batch": b,
                     "variant": name,
                     "step_ms": step_ms(fn, step),
-                    "kernels": kernels_per_step(fn, step),
+                    "kernels": sum(kernels.values()),
                     "peak_mb": peak_mb(fn, step),
                 }
+                replay, graph_out = as_cuda_graph(fn, step)
+                row["graph_ms"] = step_ms(replay, step, reps=50, inner=10)
+                row["graph_equal"] = torch.equal(graph_out, logits[name])
                 rows.append(row)
+                names[f"{name}/batch{b}"] = dict(kernels.most_common())
                 print(
-                    f"{b:5d} {name:22s} {row['step_ms']:8.3f} {row['kernels']:8d}"
-                    f" {row['peak_mb']:8.1f}",
+                    f"{b:5d} {name:22s} {row['step_ms']:8.3f} {row['graph_ms']:8.3f}"
+                    f" {row['kernels']:8d} {row['peak_mb']:8.1f}",
                     flush=True,
                 )
+                del replay, graph_out
         same = torch.equal(logits["compiled"], logits["compiled+FusionPass"])
         rel = (logits["compiled+FusionPass"] - logits["eager"]).norm() / logits["eager"].norm()
         print(
@@ -120,6 +161,8 @@ def main() -> None:
             flush=True,
         )
         rows.append({"batch": b, "bitwise_equal": same, "rel_l2_vs_eager": rel.item()})
+    graphs = len(fusion_pass.graphs)
+    print(f"graphs compiled with the pass: {graphs} (one per batch size)", flush=True)
     print("matches:", json.dumps(fusion_pass.match_table), flush=True)
     if args.json:
         with open(args.json, "w") as fh:
@@ -128,8 +171,11 @@ def main() -> None:
                     "config": cfg.name,
                     "rows": rows,
                     "matches": fusion_pass.match_table,
+                    "graphs_compiled": graphs,
+                    "kernel_names": names,
                     "device": torch.cuda.get_device_name(),
                     "torch": torch.__version__,
+                    "triton": triton_version(),
                 },
                 fh,
                 indent=1,
