@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -49,10 +49,12 @@ def check_min_dim(op: str, arg: str, t: torch.Tensor, min_dim: int) -> None:
         )
 
 
-def check(op: str, arg: str, condition: bool, expectation: str) -> None:
-    """Generic check: ``expectation`` says what was expected and what was found."""
+def check(op: str, arg: str, condition: bool, expectation: str | Callable[[], str]) -> None:
+    """Generic check: ``expectation`` says what was expected and what was found (a callable is
+    formatted only when the check fails: ops run this on every call)."""
     if not condition:
-        raise ValueError(f"fusion_ops.{op}: argument '{arg}': {expectation}")
+        text = expectation() if callable(expectation) else expectation
+        raise ValueError(f"fusion_ops.{op}: argument '{arg}': {text}")
 
 
 def check_same_device(op: str, **tensors: torch.Tensor) -> None:

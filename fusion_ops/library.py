@@ -93,9 +93,9 @@ def _check_norm(op: str, x: torch.Tensor, weight: torch.Tensor, eps: float) -> N
         op,
         "weight",
         weight.shape[0] == x.shape[-1],
-        f"has {weight.shape[0]} elements; expected x's last dim {x.shape[-1]}",
+        lambda: f"has {weight.shape[0]} elements; expected x's last dim {x.shape[-1]}",
     )
-    checks.check(op, "eps", eps >= 0, f"got {eps}; expected >= 0")
+    checks.check(op, "eps", eps >= 0, lambda: f"got {eps}; expected >= 0")
     checks.check_same_device(op, x=x, weight=weight)
 
 
@@ -108,7 +108,7 @@ def _check_add_norm(
         op,
         "residual",
         residual.shape == x.shape,
-        f"has shape {tuple(residual.shape)}; expected x's shape {tuple(x.shape)}",
+        lambda: f"has shape {tuple(residual.shape)}; expected x's shape {tuple(x.shape)}",
     )
 
 
@@ -219,14 +219,16 @@ def _check_rope(
         op,
         "positions",
         positions.shape[0] == x.shape[0],
-        f"has {positions.shape[0]} entries; expected one per token of '{x_arg}' ({x.shape[0]})",
+        lambda: (
+            f"has {positions.shape[0]} entries; expected one per token of '{x_arg}' ({x.shape[0]})"
+        ),
     )
     d = x.shape[-1]
     checks.check(
         op,
         "rope_dim",
         rope_dim > 0 and rope_dim % 2 == 0 and rope_dim <= d,
-        f"got {rope_dim}; expected an even number in [2, {d}] (the head dim of '{x_arg}')",
+        lambda: f"got {rope_dim}; expected an even number in [2, {d}] (the head dim of '{x_arg}')",
     )
     checks.check_dim(op, "cos_sin_cache", cos_sin_cache, 2)
     checks.check_dtype(op, "cos_sin_cache", cos_sin_cache, checks.FLOAT_DTYPES)
@@ -234,8 +236,10 @@ def _check_rope(
         op,
         "cos_sin_cache",
         cos_sin_cache.shape[1] == rope_dim,
-        f"has shape {tuple(cos_sin_cache.shape)}; expected [max_pos, rope_dim={rope_dim}] "
-        "holding [cos | sin]",
+        lambda: (
+            f"has shape {tuple(cos_sin_cache.shape)}; expected [max_pos, rope_dim={rope_dim}] "
+            "holding [cos | sin]"
+        ),
     )
     checks.check_same_device(op, positions=positions, x=x, cos_sin_cache=cos_sin_cache)
     checks.check_index_range(op, "positions", positions, cos_sin_cache.shape[0])
@@ -257,7 +261,9 @@ _define(
 
 # --- MLA KV cache -------------------------------------------------------------------------------
 def _check_layout(op: str, layout: str) -> None:
-    checks.check(op, "layout", layout in CACHE_LAYOUTS, f"got {layout!r}; expected {CACHE_LAYOUTS}")
+    checks.check(
+        op, "layout", layout in CACHE_LAYOUTS, lambda: f"got {layout!r}; expected {CACHE_LAYOUTS}"
+    )
 
 
 def _check_cache(op: str, kv_cache: torch.Tensor, layout: str) -> None:
@@ -269,8 +275,10 @@ def _check_cache(op: str, kv_cache: torch.Tensor, layout: str) -> None:
             op,
             "kv_cache",
             kv_cache.shape[2] == DSV4_SLOT_BYTES,
-            f"has shape {tuple(kv_cache.shape)}; layout 'dsv4_fp8' expects "
-            f"[num_blocks, block_size, {DSV4_SLOT_BYTES}] uint8",
+            lambda: (
+                f"has shape {tuple(kv_cache.shape)}; layout 'dsv4_fp8' expects "
+                f"[num_blocks, block_size, {DSV4_SLOT_BYTES}] uint8"
+            ),
         )
     else:
         checks.check_dtype(op, "kv_cache", kv_cache, checks.FLOAT_DTYPES)
@@ -281,8 +289,10 @@ def _check_cache(op: str, kv_cache: torch.Tensor, layout: str) -> None:
         kv_cache.stride(2) == 1
         and (bs == 1 or kv_cache.stride(1) == row)
         and (nb == 1 or kv_cache.stride(0) >= bs * row),
-        f"has strides {kv_cache.stride()}; each block must be contiguous (strides "
-        f"(>= {bs * row}, {row}, 1))",
+        lambda: (
+            f"has strides {kv_cache.stride()}; each block must be contiguous (strides "
+            f"(>= {bs * row}, {row}, 1))"
+        ),
     )
 
 
@@ -297,7 +307,9 @@ def _check_cache_write(
             op,
             "kv",
             kv.shape[1] == DSV4_HEAD_DIM,
-            f"has shape {tuple(kv.shape)}; layout 'dsv4_fp8' expects [tokens, {DSV4_HEAD_DIM}]",
+            lambda: (
+                f"has shape {tuple(kv.shape)}; layout 'dsv4_fp8' expects [tokens, {DSV4_HEAD_DIM}]"
+            ),
         )
     else:
         checks.check_same_dtype(op, "kv", kv, "kv_cache", kv_cache)
@@ -305,14 +317,19 @@ def _check_cache_write(
             op,
             "kv",
             kv.shape[1] == kv_cache.shape[2],
-            f"has shape {tuple(kv.shape)}; expected [tokens, {kv_cache.shape[2]}] (cache head dim)",
+            lambda: (
+                f"has shape {tuple(kv.shape)}; expected [tokens, {kv_cache.shape[2]}] "
+                "(cache head dim)"
+            ),
         )
     checks.check_dim(op, "slot_mapping", slot_mapping, 1)
     checks.check(
         op,
         "slot_mapping",
         slot_mapping.shape[0] == kv.shape[0],
-        f"has {slot_mapping.shape[0]} entries; expected one per token of 'kv' ({kv.shape[0]})",
+        lambda: (
+            f"has {slot_mapping.shape[0]} entries; expected one per token of 'kv' ({kv.shape[0]})"
+        ),
     )
     checks.check_same_device(op, kv=kv, kv_cache=kv_cache, slot_mapping=slot_mapping)
     checks.check_index_range(

@@ -48,16 +48,20 @@ class QuantScheme:
         checks.check_dtype(op, "x", x, checks.FLOAT_DTYPES)
         k = x.shape[-1]
         if self.name in ("mxfp4", "mxfp8"):
-            checks.check(op, "x", k % MX_BLOCK == 0, f"last dim K={k} must be a multiple of 32")
+            checks.check(
+                op, "x", k % MX_BLOCK == 0, lambda: f"last dim K={k} must be a multiple of 32"
+            )
             return
         if self.name == "fp8_group":
             group_size = params[0]
-            checks.check(op, "group_size", group_size > 0, f"got {group_size}; expected > 0")
+            checks.check(
+                op, "group_size", group_size > 0, lambda: f"got {group_size}; expected > 0"
+            )
             checks.check(
                 op,
                 "x",
                 k % group_size == 0,
-                f"last dim K={k} must be a multiple of group_size={group_size}",
+                lambda: f"last dim K={k} must be a multiple of group_size={group_size}",
             )
         checks.check_fp8_dtype(op, "fp8_dtype", params[-1])
 
