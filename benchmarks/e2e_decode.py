@@ -22,6 +22,7 @@ from collections import Counter
 from typing import Any
 
 import torch
+import triton  # ships with CUDA builds of torch; the benchmark needs a CUDA GPU
 from torch.profiler import ProfilerActivity, profile
 
 import dsv4_model as dm
@@ -73,14 +74,6 @@ def peak_mb(fn: Any, step: dm.Step) -> float:
     fn(step, True)
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
-def triton_version() -> str | None:
-    try:
-        import triton
-    except ImportError:
-        return None
-    return triton.__version__
 
 
 def main() -> None:
@@ -175,7 +168,7 @@ def main() -> None:
                     "kernel_names": names,
                     "device": torch.cuda.get_device_name(),
                     "torch": torch.__version__,
-                    "triton": triton_version(),
+                    "triton": triton.__version__,
                 },
                 fh,
                 indent=1,

@@ -35,6 +35,7 @@ from tests.model_expectations import expected_leftover_ops, expected_matches
 pytestmark = pytest.mark.vllm
 
 PROMPT, DECODE_STEPS, BATCH = 130, 2, 2  # 130 ≥ 128: the HCA layer gets a compressed entry
+CFG = dm.tiny(residual="add")  # add residual: all four families fire
 
 
 def vllm_config(fusion_pass: InductorPass | None) -> VllmConfig:
@@ -77,11 +78,10 @@ class VllmManagerHook(CustomGraphPass):
 
 
 def compile_and_run(config: VllmConfig, manager: PostGradPassManager) -> tuple[dm.RunResult, int]:
-    """The tiny reference model (add residual: all four families) compiled with vLLM's Inductor
-    options and vLLM's pass manager as the post-grad hook; prefill then decode."""
-    cfg = dm.tiny(residual="add")
-    model, caches = dm.build(cfg, batch=BATCH, max_len=PROMPT + DECODE_STEPS + 8)
-    prompts, decode_ids = dm.token_ids(cfg, BATCH, PROMPT, DECODE_STEPS)
+    """The tiny reference model compiled with vLLM's Inductor options and vLLM's pass manager as
+    the post-grad hook; prefill then decode."""
+    model, caches = dm.build(CFG, batch=BATCH, max_len=PROMPT + DECODE_STEPS + 8)
+    prompts, decode_ids = dm.token_ids(CFG, BATCH, PROMPT, DECODE_STEPS)
     options = dict(config.compilation_config.inductor_compile_config)
     hook = VllmManagerHook(manager, Range(start=1, end=PROMPT))
     options[VLLM_PASS_KEY] = hook
@@ -122,13 +122,12 @@ def test_vllm_runs_the_pass_on_the_reference_model() -> None:
     baseline_config = vllm_config(None)
     unfused, _ = compile_and_run(baseline_config, configured_manager(baseline_config))
 
-    cfg = dm.tiny(residual="add")
     assert len(ours.graphs) == 2  # prefill and decode, one graph each
     prefill, decode = ours.graphs
-    assert prefill.matches == dict(expected_matches(cfg, decode=False, functionalization="v1"))
-    assert decode.matches == dict(expected_matches(cfg, decode=True, functionalization="v1"))
+    assert prefill.matches == dict(expected_matches(CFG, decode=False, functionalization="v1"))
+    assert decode.matches == dict(expected_matches(CFG, decode=True, functionalization="v1"))
     for record in ours.graphs:
-        for op, n in expected_leftover_ops(cfg).items():
+        for op, n in expected_leftover_ops(CFG).items():
             assert record.ops_after.get(op, 0) == n, (record.index, op, record.ops_after)
     # FixFunctionalizationPass, and only it, could not run once per graph where vLLM's kernels
     # are missing (CPU-only machine); elsewhere the whole manager ran
