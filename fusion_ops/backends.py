@@ -1,7 +1,8 @@
 """Backend registry: which implementation runs an op, per call.
 
-Every op of ``torch.ops.fusion_ops`` dispatches through :func:`dispatch`, which picks an
-implementation from the device of the call's tensors and from what is importable:
+Every op of ``torch.ops.fusion_ops`` runs through :func:`run_op` (called from the op's kernel,
+registered per dispatch key), which picks an implementation from the device type of the call's
+tensors and from what is importable:
 
 1. ``aiter``     on ROCm GPUs, when ``import aiter`` works and the op has an AITER implementation;
 2. ``triton``    on CUDA/ROCm GPUs, when ``import triton`` works and the op has a Triton kernel;
@@ -32,9 +33,10 @@ _IMPLS: dict[str, dict[str, Callable[..., Any]]] = {}
 _FORCED: str | None = None
 _LAST_USED: dict[str, str] = {}
 _IMPORTABLE: dict[str, bool] = {}
-# (op, device type, forced backend) -> the backend selected: what is registered and importable
-# does not change between calls, so the search runs once (cleared when a backend registers)
-_SELECTED: dict[tuple[str, str, str | None], str] = {}
+# (op, device type, forced backend) -> (backend, implementation): what is registered and
+# importable does not change between calls, so the search runs once per key (cleared when a
+# backend registers); the per-call cost is one env read and one dict lookup
+_SELECTED: dict[tuple[str, str, str | None], tuple[str, Callable[..., Any]]] = {}
 
 
 def register_impl(op_name: str, backend: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -71,11 +73,19 @@ def use_backend(name: str | None) -> Iterator[None]:
         set_backend(previous)
 
 
+_environ_get = os.environ.get
+
+
 def forced_backend() -> str | None:
     """The backend forced by the API or by ``FUSION_OPS_BACKEND``, or ``None``."""
     if _FORCED is not None:
         return _FORCED
-    env = os.environ.get(ENV_VAR, "").strip().lower()
+    raw = _environ_get(ENV_VAR)
+    return _parse_env(raw) if raw else None
+
+
+def _parse_env(raw: str) -> str | None:
+    env = raw.strip().lower()
     if not env or env == "auto":
         return None
     if env not in BACKENDS:
@@ -117,11 +127,15 @@ def _can_run(backend: str, device: torch.device) -> bool:
 
 def select_backend(op_name: str, device: torch.device) -> str:
     """Name of the backend that runs ``op_name`` on ``device`` now."""
-    forced = forced_backend()
-    key = (op_name, device.type, forced)
+    return _selected(op_name, device.type, forced_backend())[0]
+
+
+def _selected(op_name: str, device_type: str, forced: str | None) -> tuple[str, Callable[..., Any]]:
+    key = (op_name, device_type, forced)
     selected = _SELECTED.get(key)
     if selected is None:
-        selected = _SELECTED[key] = _select(op_name, device, forced)
+        backend = _select(op_name, torch.device(device_type), forced)
+        selected = _SELECTED[key] = (backend, _IMPLS[op_name][backend])
     return selected
 
 
@@ -148,11 +162,19 @@ def _select(op_name: str, device: torch.device, forced: str | None) -> str:
     raise NotImplementedError(f"fusion_ops.{op_name}: no backend can run on device {device}")
 
 
-def dispatch(op_name: str, device: torch.device, *args: Any) -> Any:
-    """Run ``op_name`` with the backend selected for ``device``."""
-    backend = select_backend(op_name, device)
-    _LAST_USED[op_name] = backend
-    return _IMPLS[op_name][backend](*args)
+def run_op(op_name: str, device_type: str, args: tuple[Any, ...]) -> Any:
+    """Run ``op_name`` on ``args`` (validated, defaults filled in) with the backend selected for
+    ``device_type``. The hot path of every op call: kept to an env read and two dict operations."""
+    forced = _FORCED
+    if forced is None:
+        raw = _environ_get(ENV_VAR)
+        if raw:
+            forced = _parse_env(raw)
+    selected = _SELECTED.get((op_name, device_type, forced))
+    if selected is None:
+        selected = _selected(op_name, device_type, forced)
+    _LAST_USED[op_name] = selected[0]
+    return selected[1](*args)
 
 
 def implementation(op_name: str, backend: str) -> Callable[..., Any]:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from . import checks
-from .backends import dispatch, register_impl
+from .backends import register_impl, run_op
 from .formats import CACHE_LAYOUTS, DSV4_HEAD_DIM, DSV4_SLOT_BYTES
 from .reference import cache as ref_cache
 from .reference import norm as ref_norm
@@ -53,33 +53,52 @@ def _define(
     fake: Callable[..., Any],
     reference: Callable[..., Any],
     device_arg: int = 0,
+    quick: Callable[..., bool] | None = None,
 ) -> None:
-    """Define ``fusion_ops::name``: real kernel = validate + dispatch, fake = validate + fake."""
+    """Define ``fusion_ops::name``: real kernel = validate + run the selected backend, fake =
+    validate + fake.
+
+    The real kernel is registered for the ``CPU`` and ``CUDA`` dispatch keys (the device type
+    comes from the key: no per-call device lookup) and for ``CompositeExplicitAutograd`` (any
+    other device). ``quick(*args)`` is an optional one-expression test that every check of
+    ``validate`` passes; when it says False, ``validate`` runs and raises with the full message.
+    The fake always runs ``validate`` (trace time is not the hot path).
+    """
     OP_SCHEMAS[name] = schema
     _LIB.define(name + schema)
     register_impl(name, "reference")(reference)
     arguments = torch._C.parse_schema(f"{NAMESPACE}::{name}{schema}").arguments
+    n_args = len(arguments)
+    defaults = tuple(a.default_value for a in arguments)
 
     def positional(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-        """Every schema argument in order, defaults filled in (kernels may get fewer)."""
-        if len(args) == len(arguments) and not kwargs:
-            return args
+        """Every schema argument in order, defaults filled in (the dispatcher leaves trailing
+        defaults out)."""
         out = list(args)
         for a in arguments[len(args) :]:
             out.append(kwargs[a.name] if a.name in kwargs else a.default_value)
         return tuple(out)
 
-    def real(*args: Any, **kwargs: Any) -> Any:
-        args = positional(args, kwargs)
-        validate(*args)
-        return dispatch(name, args[device_arg].device, *args)
+    def kernel_for(device_type: str | None) -> Callable[..., Any]:
+        def kernel(*args: Any, **kwargs: Any) -> Any:
+            if kwargs:
+                args = positional(args, kwargs)
+            elif len(args) != n_args:
+                args = (*args, *defaults[len(args) :])
+            if quick is None or not quick(*args):
+                validate(*args)
+            return run_op(name, device_type or args[device_arg].device.type, args)
+
+        return kernel
 
     def fake_impl(*args: Any, **kwargs: Any) -> Any:
         args = positional(args, kwargs)
         validate(*args)
         return fake(*args)
 
-    _LIB.impl(name, real, "CompositeExplicitAutograd")
+    _LIB.impl(name, kernel_for(None), "CompositeExplicitAutograd")
+    _LIB.impl(name, kernel_for("cpu"), "CPU")
+    _LIB.impl(name, kernel_for("cuda"), "CUDA")
     torch.library.register_fake(f"{NAMESPACE}::{name}", fake_impl, lib=_LIB)
 
 
@@ -112,12 +131,29 @@ def _check_add_norm(
     )
 
 
+_FLOATS = frozenset(checks.FLOAT_DTYPES)
+
+
+def _quick_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> bool:
+    """Every check of _check_norm passes (one expression: this runs on every call)."""
+    return (
+        x.dtype in _FLOATS
+        and weight.dtype in _FLOATS
+        and weight.dim() == 1
+        and x.dim() >= 1
+        and weight.shape[0] == x.shape[-1]
+        and eps >= 0
+        and weight.device == x.device
+    )
+
+
 _define(
     "rms_norm",
     "(Tensor x, Tensor weight, float eps) -> Tensor",
     lambda x, w, eps: _check_norm("rms_norm", x, w, eps),
     lambda x, w, eps: torch.empty_like(x, memory_format=torch.contiguous_format),
     ref_norm.rms_norm,
+    quick=_quick_norm,
 )
 _define(
     "fused_add_rms_norm",

@@ -274,13 +274,13 @@ def test_registration_runs_no_real_kernel(monkeypatch) -> None:
     from fusion_ops import backends
 
     calls = []
-    real_dispatch = backends.dispatch
+    real_run_op = backends.run_op
 
-    def counting(op_name, device, *args):
+    def counting(op_name, device_type, args):
         calls.append(op_name)
-        return real_dispatch(op_name, device, *args)
+        return real_run_op(op_name, device_type, args)
 
-    monkeypatch.setattr("fusion_ops.library.dispatch", counting)
+    monkeypatch.setattr("fusion_ops.library.run_op", counting)
     p = FusionPass()
     assert calls == []
     assert p.pattern_count == sum(len(m.pattern_specs(p.schemes)) for m in FAMILIES.values())

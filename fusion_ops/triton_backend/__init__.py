@@ -7,6 +7,8 @@ by Triton on NVIDIA (sm_90): on CUDA those calls run the reference backend (on t
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Any
 
 import torch
@@ -17,6 +19,7 @@ from ..backends import register_impl
 from ..reference import cache as ref_cache
 from ..schemes import SCHEMES
 from . import kernels as k
+from .launch import Launcher
 
 IS_HIP = torch.version.hip is not None
 FNUZ = torch.float8_e4m3fnuz
@@ -26,11 +29,33 @@ _SCHEME_IDS = {
     "fp8_per_token": k.SCHEME_FP8,
     "fp8_group": k.SCHEME_FP8,
 }
+PDL_ENV = "FUSION_OPS_PDL"
+
+# every kernel launches through its cached compiled binary (see .launch)
+_norm_quant_launch = Launcher(k.norm_quant_kernel)
+_norm_mxfp4_launch = Launcher(k.norm_mxfp4_kernel)
+_rope_launch = Launcher(k.rope_kernel)
+_cache_write_launch = Launcher(k.cache_write_kernel)
+_rope_cache_launch = Launcher(k.rope_cache_kernel)
+_dequant_dsv4_launch = Launcher(k.dequant_dsv4_kernel)
+_gather_rows_launch = Launcher(k.gather_rows_kernel)
 
 
-def _num_warps(block: int) -> int:
-    """One launch configuration per row width (fused and standalone must reduce alike)."""
-    return 4 if block <= 2048 else 8 if block <= 8192 else 16
+@functools.cache
+def _pdl_supported(device_index: int) -> bool:
+    """Programmatic dependent launch: NVIDIA sm_90+ only (never on ROCm), unless
+    FUSION_OPS_PDL=0. Read once per device."""
+    if IS_HIP or os.environ.get(PDL_ENV, "1") == "0":
+        return False
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def _num_warps(block: int, rows: int = 2) -> int:
+    """Warps per row program; the standalone and fused norm kernels use the same value for the
+    same (row width, row count), so their sums of squares reduce alike. A lone row (decode) gets
+    twice the warps: it is latency-bound and has the GPU to itself."""
+    base = 4 if block <= 2048 else 8 if block <= 8192 else 16
+    return min(base * 2, 32) if rows == 1 else base
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -47,54 +72,92 @@ def _norm_quant(
     scheme: str | None,
     params: tuple[Any, ...],
     write_y: bool,
-) -> dict[str, torch.Tensor]:
-    """Run the row kernel; returns the tensors it produced (y, residual_out, q, scales)."""
-    lead, kdim = x.shape[:-1], x.shape[-1]
+) -> tuple[torch.Tensor | None, ...]:
+    """Run the row kernel; returns (y, residual_out, q, scales), None for what it did not make."""
+    kdim = x.shape[-1]
     x2 = _rows(x)
     m = x2.shape[0]
-    out: dict[str, torch.Tensor] = {}
-    dummy = x2
-    r2 = _rows(residual) if residual is not None else dummy
-    if residual is not None:
-        out["residual_out"] = torch.empty((m, kdim), dtype=x.dtype, device=x.device)
-    if write_y:
-        out["y"] = torch.empty((m, kdim), dtype=x.dtype, device=x.device)
-    scheme_id, group, ue8m0, fp8 = k.SCHEME_NONE, 1, False, torch.float8_e4m3fn
+    empty = torch.empty
+    r2 = _rows(residual) if residual is not None else x2
+    res_out = empty((m, kdim), dtype=x.dtype, device=x.device) if residual is not None else None
+    y = empty((m, kdim), dtype=x.dtype, device=x.device) if write_y else None
+    q = s = None
     if scheme is not None:
-        scheme_id = _SCHEME_IDS[scheme]
         q, s = SCHEMES[scheme].fake(x2, params)
-        out["q"], out["s"] = q, s
-        if scheme_id == k.SCHEME_FP8:
-            ue8m0, fp8 = params[-2], params[-1]
-            group = params[0] if scheme == "fp8_group" else 0
     block_k = triton.next_power_of_2(kdim)
-    if scheme_id == k.SCHEME_FP8 and group == 0:  # per-token: one group of the padded row
-        group = block_k
     if m:
-        k.norm_quant_kernel[(m,)](
-            x2,
-            r2,
-            weight if weight is not None else dummy,
-            out.get("y", dummy),
-            out.get("residual_out", dummy),
-            out.get("q", dummy),
-            out.get("s", dummy),
-            x2.stride(0),
-            r2.stride(0),
-            kdim,
-            eps,
-            formats.fp8_max(fp8),
-            formats.fp8_min_scale(fp8),
-            HAS_RES=residual is not None,
-            DO_NORM=weight is not None,
-            WRITE_Y=write_y,
-            SCHEME=scheme_id,
-            GROUP=group,
-            UE8M0=ue8m0,
-            BLOCK_K=block_k,
-            num_warps=_num_warps(block_k),
+        w = weight if weight is not None else x2
+        if scheme == "mxfp4":
+            pdl = _pdl_supported(x.get_device())
+            _norm_mxfp4_launch(
+                (m,),
+                (
+                    x2,
+                    r2,
+                    w,
+                    y if y is not None else x2,
+                    res_out if res_out is not None else x2,
+                    q,
+                    s,
+                    m,
+                    x2.stride(0),
+                    r2.stride(0),
+                    kdim,
+                    eps,
+                ),
+                (
+                    ("HAS_RES", residual is not None),
+                    ("DO_NORM", weight is not None),
+                    ("WRITE_Y", write_y),
+                    ("BLOCK_K", block_k),
+                    ("ROWS", 1),
+                    ("USE_PDL", pdl),
+                    ("num_warps", _num_warps(block_k, m)),
+                    ("launch_pdl", pdl),
+                ),
+            )
+        else:
+            scheme_id, group, ue8m0, fp8 = k.SCHEME_NONE, 1, False, torch.float8_e4m3fn
+            if scheme is not None:
+                scheme_id = _SCHEME_IDS[scheme]
+                if scheme_id == k.SCHEME_FP8:
+                    ue8m0, fp8 = params[-2], params[-1]
+                    # per-token: one group of the padded row
+                    group = params[0] if scheme == "fp8_group" else block_k
+            _norm_quant_launch(
+                (m,),
+                (
+                    x2,
+                    r2,
+                    w,
+                    y if y is not None else x2,
+                    res_out if res_out is not None else x2,
+                    q if q is not None else x2,
+                    s if s is not None else x2,
+                    x2.stride(0),
+                    r2.stride(0),
+                    kdim,
+                    eps,
+                    formats.fp8_max(fp8),
+                    formats.fp8_min_scale(fp8),
+                ),
+                (
+                    ("HAS_RES", residual is not None),
+                    ("DO_NORM", weight is not None),
+                    ("WRITE_Y", write_y),
+                    ("SCHEME", scheme_id),
+                    ("GROUP", group),
+                    ("UE8M0", ue8m0),
+                    ("BLOCK_K", block_k),
+                    ("num_warps", _num_warps(block_k, m)),
+                ),
+            )
+    lead = x.shape[:-1]
+    if len(lead) != 1:
+        y, res_out, q, s = (
+            t.view(*lead, *t.shape[1:]) if t is not None else None for t in (y, res_out, q, s)
         )
-    return {n: t.view(*lead, *t.shape[1:]) for n, t in out.items()}
+    return y, res_out, q, s
 
 
 def _fnuz_on_nvidia(params: tuple[Any, ...]) -> bool:
@@ -104,13 +167,13 @@ def _fnuz_on_nvidia(params: tuple[Any, ...]) -> bool:
 # --- registration ------------------------------------------------------------------------------
 @register_impl("rms_norm", "triton")
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return _norm_quant(x, None, weight, eps, None, (), True)["y"]
+    return _norm_quant(x, None, weight, eps, None, (), True)[0]
 
 
 @register_impl("fused_add_rms_norm", "triton")
 def fused_add_rms_norm(x, residual, weight, eps):  # type: ignore[no-untyped-def]
-    out = _norm_quant(x, residual, weight, eps, None, (), True)
-    return out["y"], out["residual_out"]
+    y, residual_out, _, _ = _norm_quant(x, residual, weight, eps, None, (), True)
+    return y, residual_out
 
 
 def _register_scheme(name: str) -> None:
@@ -119,16 +182,16 @@ def _register_scheme(name: str) -> None:
     def quant(x: torch.Tensor, *params: Any) -> Any:
         if _fnuz_on_nvidia(params):
             return s.reference(x, *params)
-        out = _norm_quant(x, None, None, 0.0, name, params, False)
-        return out["q"], out["s"]
+        _, _, q, scales = _norm_quant(x, None, None, 0.0, name, params, False)
+        return q, scales
 
     def rms(x: torch.Tensor, w: torch.Tensor, eps: float, *p: Any) -> Any:
         params, return_normed = p[:-1], p[-1]
         if _fnuz_on_nvidia(params):
             y = rms_norm(x, w, eps)
             return (*s.reference(y, *params), y if return_normed else y.new_empty((0,)))
-        out = _norm_quant(x, None, w, eps, name, params, return_normed)
-        return out["q"], out["s"], out["y"] if return_normed else x.new_empty((0,))
+        y, _, q, scales = _norm_quant(x, None, w, eps, name, params, return_normed)
+        return q, scales, y if return_normed else x.new_empty((0,))
 
     def add_rms(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float, *p: Any) -> Any:
         params, return_normed = p[:-1], p[-1]
@@ -136,9 +199,8 @@ def _register_scheme(name: str) -> None:
             y, res = fused_add_rms_norm(x, r, w, eps)
             normed = y if return_normed else y.new_empty((0,))
             return (*s.reference(y, *params), res, normed)
-        out = _norm_quant(x, r, w, eps, name, params, return_normed)
-        normed = out["y"] if return_normed else x.new_empty((0,))
-        return out["q"], out["s"], out["residual_out"], normed
+        y, residual_out, q, scales = _norm_quant(x, r, w, eps, name, params, return_normed)
+        return q, scales, residual_out, y if return_normed else x.new_empty((0,))
 
     register_impl(s.quant_op, "triton")(quant)
     register_impl(s.rms_op, "triton")(rms)
@@ -162,19 +224,24 @@ def rope(positions, x, cos_sin_cache, rope_dim, is_neox):  # type: ignore[no-unt
     t, h, d = xv.shape
     out = torch.empty((t, h, d), dtype=x.dtype, device=x.device)
     if t:
-        k.rope_kernel[(t, h)](
-            positions,
-            xv,
-            out,
-            cos_sin_cache.float().contiguous(),
-            xv.stride(0),
-            xv.stride(1),
-            h,
-            D=d,
-            ROPE=rope_dim,
-            IS_NEOX=is_neox,
-            BLOCK_D=triton.next_power_of_2(d),
-            enable_fp_fusion=False,
+        _rope_launch(
+            (t, h),
+            (
+                positions,
+                xv,
+                out,
+                cos_sin_cache.float().contiguous(),
+                xv.stride(0),
+                xv.stride(1),
+                h,
+            ),
+            (
+                ("D", d),
+                ("ROPE", rope_dim),
+                ("IS_NEOX", is_neox),
+                ("BLOCK_D", triton.next_power_of_2(d)),
+                ("enable_fp_fusion", False),
+            ),
         )
     return out.view(x.shape)
 
@@ -188,18 +255,23 @@ def mla_cache_write(kv, kv_cache, slot_mapping, layout):  # type: ignore[no-unty
     kv2 = _kv_rows(kv)
     t, d = kv2.shape
     if t:
-        k.cache_write_kernel[(t,)](
-            kv2,
-            kv2.stride(0),
-            kv_cache,
-            slot_mapping,
-            kv_cache.stride(0),
-            kv_cache.shape[0] * kv_cache.shape[1],
-            BS=kv_cache.shape[1],
-            D=d,
-            DSV4=layout == "dsv4_fp8",
-            BLOCK_D=triton.next_power_of_2(d),
-            num_warps=4,
+        _cache_write_launch(
+            (t,),
+            (
+                kv2,
+                kv2.stride(0),
+                kv_cache,
+                slot_mapping,
+                kv_cache.stride(0),
+                kv_cache.shape[0] * kv_cache.shape[1],
+            ),
+            (
+                ("BS", kv_cache.shape[1]),
+                ("D", d),
+                ("DSV4", layout == "dsv4_fp8"),
+                ("BLOCK_D", triton.next_power_of_2(d)),
+                ("num_warps", 4),
+            ),
         )
 
 
@@ -212,28 +284,33 @@ def rope_mla_cache_write(
     q_out = torch.empty((t, h, d), dtype=q.dtype, device=q.device)
     kv_out = torch.empty(kv2.shape, dtype=kv.dtype, device=kv.device)
     if t:
-        k.rope_cache_kernel[(t, h + 1)](
-            positions,
-            qv,
-            kv2,
-            q_out,
-            kv_out,
-            cos_sin_cache.float().contiguous(),
-            kv_cache,
-            slot_mapping,
-            qv.stride(0),
-            qv.stride(1),
-            kv2.stride(0),
-            kv_cache.stride(0),
-            kv_cache.shape[0] * kv_cache.shape[1],
-            h,
-            BS=kv_cache.shape[1],
-            D=d,
-            ROPE=rope_dim,
-            IS_NEOX=is_neox,
-            DSV4=layout == "dsv4_fp8",
-            BLOCK_D=triton.next_power_of_2(d),
-            enable_fp_fusion=False,
+        _rope_cache_launch(
+            (t, h + 1),
+            (
+                positions,
+                qv,
+                kv2,
+                q_out,
+                kv_out,
+                cos_sin_cache.float().contiguous(),
+                kv_cache,
+                slot_mapping,
+                qv.stride(0),
+                qv.stride(1),
+                kv2.stride(0),
+                kv_cache.stride(0),
+                kv_cache.shape[0] * kv_cache.shape[1],
+                h,
+            ),
+            (
+                ("BS", kv_cache.shape[1]),
+                ("D", d),
+                ("ROPE", rope_dim),
+                ("IS_NEOX", is_neox),
+                ("DSV4", layout == "dsv4_fp8"),
+                ("BLOCK_D", triton.next_power_of_2(d)),
+                ("enable_fp_fusion", False),
+            ),
         )
     return q_out.view(q.shape), kv_out
 
@@ -251,17 +328,22 @@ def _dequant(
         )
         tok = min(bs, 16)
         if n and bs % tok == 0:
-            k.dequant_dsv4_kernel[(n, bs // tok)](
-                kv_cache,
-                block_ids,
-                out,
-                kv_cache.stride(0),
-                nb,
-                fmax,
-                BS=bs,
-                TOK=tok,
-                TO_FP8=to_fp8,
-                num_warps=4,
+            _dequant_dsv4_launch(
+                (n, bs // tok),
+                (
+                    kv_cache,
+                    block_ids,
+                    out,
+                    kv_cache.stride(0),
+                    nb,
+                    fmax,
+                ),
+                (
+                    ("BS", bs),
+                    ("TOK", tok),
+                    ("TO_FP8", to_fp8),
+                    ("num_warps", 4),
+                ),
             )
             return out
         return _reference_dequant(kv_cache, block_ids, layout, fp8_dtype)
@@ -270,17 +352,22 @@ def _dequant(
     )
     if n:
         block = 4096
-        k.gather_rows_kernel[(n, triton.cdiv(bs * row, block))](
-            kv_cache,
-            block_ids,
-            out,
-            kv_cache.stride(0),
-            nb,
-            fmax,
-            ROW=bs * row,
-            BLOCK=block,
-            TO_FP8=to_fp8,
-            num_warps=4,
+        _gather_rows_launch(
+            (n, triton.cdiv(bs * row, block)),
+            (
+                kv_cache,
+                block_ids,
+                out,
+                kv_cache.stride(0),
+                nb,
+                fmax,
+            ),
+            (
+                ("TO_FP8", to_fp8),
+                ("ROW", bs * row),
+                ("BLOCK", block),
+                ("num_warps", 4),
+            ),
         )
     return out
 

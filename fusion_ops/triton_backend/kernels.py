@@ -159,6 +159,98 @@ def _mxfp4(y, q_ptr, s_ptr, row, K, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _e2m1_code(mag):
+    """E2M1 code (0..7) of |q| rounded to nearest, ties away from zero, saturating at 6.
+
+    From the float's bits: for |q| >= 1 adding half an ulp of the 1-bit mantissa (0x200000) and
+    truncating rounds ties away, so code = 2 + 2·exponent + mantissa bit (capped at 7; inf gives
+    exponent 128); below 1 the two subnormal steps are two comparisons (a rounding add would
+    round twice). Equal to the seven threshold comparisons of the contract for every fp32 (checked
+    exhaustively on a stride of the fp32 range and densely around every threshold).
+    """
+    bits = mag.to(tl.int32, bitcast=True)
+    rounded = bits + 0x200000
+    big = 2 + 2 * (((rounded >> 23) & 0xFF) - 127) + ((rounded >> 22) & 1)
+    small = (mag >= 0.25).to(tl.int32) + (mag >= 0.75).to(tl.int32)
+    return tl.where(((bits >> 23) & 0xFF) >= 127, tl.minimum(big, 7), small)
+
+
+@triton.jit
+def norm_mxfp4_kernel(
+    x_ptr,
+    r_ptr,
+    w_ptr,
+    y_ptr,
+    res_ptr,
+    q_ptr,
+    s_ptr,
+    M,
+    x_stride,
+    r_stride,
+    K,
+    eps,
+    HAS_RES: tl.constexpr,
+    DO_NORM: tl.constexpr,
+    WRITE_Y: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ROWS: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    """[add +] [rms_norm +] MXFP4 quant of ROWS rows per program, the row held as [blocks of 32,
+    16 pairs, 2] from the load on: block maxima and nibble pairs need no layout change.
+
+    Same numbers as norm_quant_kernel with SCHEME=1 (the sum of squares comes from the same
+    dedicated load, the norm is elementwise, the block maximum is exact in any order). With
+    USE_PDL (CUDA sm_90+, launched with launch_pdl) nothing is read or written before
+    ``gdc_wait`` (a weight written by the previous kernel stays safe): only the launch and the
+    index math overlap the previous kernel's tail.
+    """
+    NB: tl.constexpr = BLOCK_K // 32
+    blk = tl.arange(0, NB)
+    pair = tl.arange(0, 16)
+    cols = blk[:, None, None] * 32 + pair[None, :, None] * 2 + tl.arange(0, 2)[None, None, :]
+    mask = cols < K
+    if USE_PDL:  # nothing before this touches memory; the next PDL kernel waits for our end
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    if DO_NORM:
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    for i in tl.static_range(ROWS):
+        row_raw = tl.program_id(0).to(tl.int64) * ROWS + i
+        row_ok = row_raw < M
+        row = tl.minimum(row_raw, M - 1)  # an out-of-range row re-reads the last; stores masked
+        x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
+        out_dtype = x.dtype
+        if HAS_RES:
+            r = tl.load(r_ptr + row * r_stride + cols, mask=mask, other=0.0)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(out_dtype)
+            tl.store(res_ptr + row * K + cols, x, mask=mask & row_ok)
+        if DO_NORM:
+            ss = _sum_of_squares(x_ptr, r_ptr, row, x_stride, r_stride, K, HAS_RES, BLOCK_K)
+            mean = tl.math.div_rn(ss, K.to(tl.float32))
+            inv = tl.math.div_rn(1.0, tl.sqrt_rn(mean + eps))
+            y = ((x.to(tl.float32) * inv) * w).to(out_dtype)
+        else:
+            y = x
+        if WRITE_Y:
+            tl.store(y_ptr + row * K + cols, y, mask=mask & row_ok)
+        yf = y.to(tl.float32)
+        has_nan = tl.max(tl.max((yf != yf).to(tl.int32), axis=2), axis=1) > 0
+        amax = tl.max(tl.max(tl.abs(yf), axis=2), axis=1)
+        rounded = ((amax.to(tl.int32, bitcast=True) + 0x200000) & -0x800000) >> 23
+        field = rounded & 0xFF
+        u = tl.where(field == 255, 127, tl.minimum(tl.maximum(field - 129, -127), 127))
+        u = tl.where(has_nan, 127, u)
+        byte = tl.where(has_nan, 255, u + 127)  # int32 in [0, 255]: no negative float→uint cast
+        q = yf * _pow2(-u)[:, None, None]
+        code = tl.where(has_nan[:, None, None], 0, _e2m1_code(tl.abs(q))) | (_sign_bit(q) << 3)
+        packed = tl.sum(code * (1 + 15 * tl.arange(0, 2))[None, None, :], axis=2).to(tl.uint8)
+        qcols = blk[:, None] * 16 + pair[None, :]
+        tl.store(q_ptr + row * (K // 2) + qcols, packed, mask=(qcols < K // 2) & row_ok)
+        tl.store(s_ptr + row * (K // 32) + blk, byte.to(tl.uint8), mask=(blk < K // 32) & row_ok)
+
+
+@triton.jit
 def _mxfp8(y, q_ptr, s_ptr, row, K, BLOCK_K: tl.constexpr):
     NB: tl.constexpr = BLOCK_K // 32
     yb = tl.reshape(y, (NB, 32))

@@ -1,0 +1,160 @@
+"""Host cost per op call: what a fusion_ops call costs the CPU, next to the floors it competes with.
+
+    python benchmarks/overhead.py [--device cpu|cuda|both] [--json out.json]
+
+Rows, for ``rms_norm → MXFP4`` of one token (``[1, 256]`` on the CPU, ``[1, 7168]`` on the GPU):
+
+* ``eager standalone``: ``ops.rms_norm`` then ``ops.mxfp4_quant`` (two op calls);
+* ``eager fused``: ``ops.rms_norm_mxfp4_quant``;
+* ``compiled + FusionPass``: the standalone pair under ``torch.compile`` with ``FusionPass()``,
+  whose graph holds the one fused op (checked: one match);
+* ``Inductor, same math``: the reference backend's plain-torch norm and MXFP4 quant under
+  ``torch.compile`` (Inductor's own kernel(s));
+* ``x + x``: one eager aten op, the floor of any eager call;
+* CPU only: ``ops.rms_norm`` next to the same math in plain torch (the reference function),
+  the wrapper overhead of the op layer.
+
+Host time per call: the wall time of a loop of calls divided by its length, with the GPU kept
+ahead (every call here costs the GPU a few µs, the host far more, so the loop measures the host).
+Rounds alternate between the rows; the median of the rounds is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import fusion_ops
+from fusion_ops.reference import norm as ref_norm
+from fusion_ops.reference import quant as ref_quant
+from fusion_passes import FusionPass
+
+ops = torch.ops.fusion_ops
+EPS = 1e-6
+
+
+def per_call_us(
+    fns: dict[str, Callable[[], Any]], sync: Callable[[], None], calls: int, rounds: int
+) -> dict[str, float]:
+    """Median over ``rounds`` of the mean wall µs per call; rows alternate within a round."""
+    for fn in fns.values():  # warm up: compile, autotune caches, allocator
+        for _ in range(20):
+            fn()
+    sync()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            sync()
+            samples[name].append((time.perf_counter() - start) / calls * 1e6)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def plain_norm_mxfp4(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same math in plain torch: the reference backend's functions."""
+    return ref_quant.mxfp4_quant(ref_norm.rms_norm(x, w, EPS))
+
+
+def standalone(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return ops.mxfp4_quant(ops.rms_norm(x, w, EPS))
+
+
+def measure(device: str, calls: int, rounds: int) -> dict[str, Any]:
+    hidden = 256 if device == "cpu" else 7168
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, hidden, generator=gen).to(device, torch.bfloat16)
+    w = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(device, torch.bfloat16)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    # caches off for the whole run: a warm FX graph cache would skip the pass (no fusion)
+    torch._inductor.config.force_disable_caches = True
+    fusion = FusionPass(fusions=["rms_quant"], schemes=["mxfp4"])
+    compiled_pass = torch.compile(
+        standalone, fullgraph=True, dynamic=False, options={"post_grad_custom_post_pass": fusion}
+    )
+    compiled_pass(x, w)
+    inductor_same_math = torch.compile(plain_norm_mxfp4, fullgraph=True, dynamic=False)
+    inductor_same_math(x, w)
+    if fusion.matched_count != 1:
+        raise RuntimeError(f"expected the pass to fuse once, got {fusion.match_table}")
+    fused_out = ops.rms_norm_mxfp4_quant(x, w, EPS)[:2]
+
+    def same(out: tuple[torch.Tensor, ...]) -> bool:
+        return all(torch.equal(a, b) for a, b in zip(out, fused_out, strict=True))
+
+    if not (same(standalone(x, w)) and same(compiled_pass(x, w))):
+        raise RuntimeError("standalone, fused and compiled+pass compute different codes/scales")
+
+    fns: dict[str, Callable[[], Any]] = {
+        "eager standalone (2 ops)": lambda: standalone(x, w),
+        "eager fused": lambda: ops.rms_norm_mxfp4_quant(x, w, EPS),
+        "compiled + FusionPass (1 fused op)": lambda: compiled_pass(x, w),
+        "Inductor, same math": lambda: inductor_same_math(x, w),
+        "x + x": lambda: x + x,
+    }
+    if device == "cpu":
+        fns["ops.rms_norm"] = lambda: ops.rms_norm(x, w, EPS)
+        fns["rms_norm, plain torch"] = lambda: ref_norm.rms_norm(x, w, EPS)
+    us = per_call_us(fns, sync, calls, rounds)
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name()
+        if device == "cuda"
+        else platform.processor() or platform.machine(),
+        "shape": [1, hidden],
+        "backend": fusion_ops.last_backend("rms_norm_mxfp4_quant"),
+        "us_per_call": us,
+        "compiled_over_inductor": us["compiled + FusionPass (1 fused op)"]
+        / us["Inductor, same math"],
+        "inductor_same_bits": same(inductor_same_math(x, w)),
+    }
+    if device == "cpu":
+        result["rms_norm_wrapper_us"] = us["ops.rms_norm"] - us["rms_norm, plain torch"]
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="both", choices=["cpu", "cuda", "both"])
+    p.add_argument("--calls", type=int, default=1000)
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--json")
+    args = p.parse_args()
+    devices = ["cpu", "cuda"] if args.device == "both" else [args.device]
+    if "cuda" in devices and not torch.cuda.is_available():
+        devices.remove("cuda")
+    report: dict[str, Any] = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    try:
+        import triton
+
+        report["triton"] = triton.__version__
+    except ImportError:
+        pass
+    for device in devices:
+        r = report[device] = measure(device, args.calls, args.rounds)
+        print(f"\n{device}: {r['device']}, shape {r['shape']}, backend {r['backend']}")
+        for name, v in r["us_per_call"].items():
+            print(f"  {name:38s} {v:8.1f} µs")
+        print(f"  compiled+pass / Inductor: {r['compiled_over_inductor']:.2f}x")
+        if "rms_norm_wrapper_us" in r:
+            print(f"  ops.rms_norm wrapper over plain torch: {r['rms_norm_wrapper_us']:.1f} µs")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

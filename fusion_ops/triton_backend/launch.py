@@ -1,0 +1,100 @@
+"""Launch our Triton kernels through their compiled binaries, not through ``JITFunction.run``.
+
+``kernel[grid](*args, **meta)`` re-derives on every call what does not change between calls of
+one op at one shape class: the options (reading Triton's knobs from the environment), the current
+device and stream through the driver, the specialization of every argument, the cache key, the
+launch metadata. For a decode-size row kernel that host work costs more than the kernel.
+:class:`Launcher` keeps, per specialization, the ``CompiledKernel`` that the first
+``JITFunction.run`` produced and launches it directly with its C launcher (what Inductor's own
+launcher does for the kernels it generates).
+
+The specialization key reproduces Triton's own rule for the argument kinds our kernels take:
+tensors by dtype and 16-byte alignment of the data pointer (plus, on ROCm, whether the buffer
+fits 2 GiB, for buffer ops), ints by ``== 1``, divisibility by 16 and whether they need 64 bits,
+floats not at all, and every constexpr and launch option by value. A key this launcher has not
+seen goes through ``JITFunction.run`` (compiling if Triton has not either), so a specialization
+is never guessed. When a Triton launch hook is installed (profilers such as proton), every call
+goes through ``JITFunction.run`` so the hook sees it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from triton import knobs
+from triton.runtime.jit import JITFunction
+
+IS_HIP = torch.version.hip is not None
+_get_stream = torch._C._cuda_getCurrentRawStream
+_get_device = torch._C._cuda_getDevice
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+_TWO_GIB = 2**31
+
+
+def _launch_hooks_installed() -> bool:
+    """A launch-enter hook is set (Triton 3.5+ keeps an empty HookChain there; older, None)."""
+    hook = knobs.runtime.launch_enter_hook
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def _arg_key(a: Any) -> Any:
+    """What Triton specializes an argument on (see the module docstring)."""
+    if isinstance(a, torch.Tensor):
+        if IS_HIP:
+            return (a.dtype, a.data_ptr() & 15 == 0, a.numel() * a.element_size() <= _TWO_GIB)
+        return (a.dtype, a.data_ptr() & 15 == 0)
+    if type(a) is int:
+        return (a == 1, a % 16 == 0, _INT32_MIN <= a <= _INT32_MAX)
+    if type(a) is float:
+        return float
+    return a  # bool / None / anything else: by value, as Triton does
+
+
+class Launcher:
+    """A Triton kernel launched through its cached ``CompiledKernel``.
+
+    ``launcher(grid, args, meta)``: ``args`` are the kernel's runtime arguments in order, ``meta``
+    the constexprs and launch options (``num_warps``, ``enable_fp_fusion``, ...) as a tuple of
+    ``(name, value)`` pairs. Launches go to the current device's current stream, as with
+    ``kernel[grid](...)``.
+    """
+
+    def __init__(self, fn: JITFunction) -> None:
+        n_runtime = len(fn.arg_names) - len(fn.constexprs)
+        if sorted(fn.constexprs) != list(range(n_runtime, len(fn.arg_names))):
+            raise TypeError(f"Launcher({fn.__name__}): constexpr parameters must come last")
+        self.fn = fn
+        self._constexpr_names = fn.arg_names[n_runtime:]
+        self._compiled: dict[tuple[Any, ...], tuple[Any, tuple[Any, ...]]] = {}
+
+    def __call__(
+        self, grid: tuple[int, ...], args: tuple[Any, ...], meta: tuple[tuple[str, Any], ...]
+    ) -> None:
+        if _launch_hooks_installed():  # let profilers see the launch
+            self.fn[grid](*args, **dict(meta))
+            return
+        device = _get_device()
+        key = (device, meta, *map(_arg_key, args))
+        entry = self._compiled.get(key)
+        if entry is None:
+            by_name = dict(meta)
+            compiled = self.fn[grid](*args, **by_name)  # compiles (or finds) and launches
+            compiled._init_handles()
+            constexprs = tuple(by_name.get(n) for n in self._constexpr_names)
+            self._compiled[key] = (compiled, constexprs)
+            return
+        compiled, constexprs = entry
+        compiled.run(
+            grid[0],
+            grid[1] if len(grid) > 1 else 1,
+            grid[2] if len(grid) > 2 else 1,
+            _get_stream(device),
+            compiled.function,
+            compiled.packed_metadata,
+            None,  # launch metadata: only built for launch hooks
+            None,
+            None,
+            *args,
+            *constexprs,  # the C launcher skips them, but they keep their places
+        )
