@@ -85,6 +85,13 @@ def main() -> None:
     p.add_argument("--cached", type=int, default=300)
     p.add_argument("--residual", default="add", choices=["add", "mhc"])
     p.add_argument("--json", default=None)
+    p.add_argument(
+        "--launch-rounds",
+        type=int,
+        default=0,
+        help="re-time the launched (no CUDA graph) step this many more rounds per batch size, "
+        "variants alternating within each round (spread of the CPU-bound launch timing)",
+    )
     args = p.parse_args()
     torch._dynamo.config.recompile_limit = 64
     cfg = dm.PRESETS[args.preset](
@@ -147,6 +154,23 @@ def main() -> None:
                     flush=True,
                 )
                 del replay, graph_out
+        if args.launch_rounds:
+            rounds: dict[str, list[float]] = {name: [] for name in variants}
+            with torch.no_grad():
+                for _ in range(args.launch_rounds):
+                    for name, fn in variants.items():
+                        rounds[name].append(step_ms(fn, step))
+            faster = [
+                p < c
+                for p, c in zip(rounds["compiled+FusionPass"], rounds["compiled"], strict=True)
+            ]
+            print(
+                "      launched step ms per round: "
+                + "; ".join(f"{n} {', '.join(f'{t:.3f}' for t in v)}" for n, v in rounds.items())
+                + f"; pass faster in {sum(faster)}/{len(faster)} rounds",
+                flush=True,
+            )
+            rows.append({"batch": b, "launch_rounds_ms": rounds, "pass_faster": faster})
         same = torch.equal(logits["compiled"], logits["compiled+FusionPass"])
         rel = (logits["compiled+FusionPass"] - logits["eager"]).norm() / logits["eager"].norm()
         print(

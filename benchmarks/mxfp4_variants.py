@@ -1,8 +1,8 @@
 """rms_norm → MXFP4 kernel variants on one GPU, in one run: the general row kernel
-(``norm_quant_kernel``, SCHEME=1: 1-D row, reshaped per 32-block, seven threshold comparisons per
-code) against the dedicated ``norm_mxfp4_kernel`` (row held as [blocks, 16 pairs, 2], codes from
-the float's bits) at several warps, rows per program and with/without programmatic dependent
-launch. Every variant's codes and scales are compared with the general kernel's at the same warps
+(``norm_quant_kernel``, SCHEME=1: 1-D row, reshaped per 32-block) against the dedicated
+``norm_mxfp4_kernel`` (row loaded as [blocks, 32]), both with codes from the float's bits, at 8
+and 16 warps, with and without programmatic dependent launch.
+Every variant's codes and scales are compared with the general kernel's at the same warps
 (bit-exact expected) and with the reference backend's codes (share equal).
 
     python benchmarks/mxfp4_variants.py [--json out.json]
@@ -22,7 +22,7 @@ from triton.testing import do_bench_cudagraph
 
 from fusion_ops.reference import norm as ref_norm
 from fusion_ops.reference import quant as ref_quant
-from fusion_ops.triton_backend import _norm_mxfp4_launch, _norm_quant_launch
+from fusion_ops.triton_backend import _norm_mxfp4_chunked_launch, _norm_quant_launch
 from fusion_ops.triton_backend import kernels as k
 
 EPS = 1e-6
@@ -35,7 +35,7 @@ def copy_gbs() -> float:
     return 2 * src.numel() / (us * 1e-6) / 1e9
 
 
-def run_old(x, w, q, s, warps):  # type: ignore[no-untyped-def]
+def run_general(x, w, q, s, warps, pdl):  # type: ignore[no-untyped-def]
     m, kdim = x.shape
     _norm_quant_launch(
         (m,),
@@ -48,22 +48,24 @@ def run_old(x, w, q, s, warps):  # type: ignore[no-untyped-def]
             ("GROUP", 1),
             ("UE8M0", False),
             ("BLOCK_K", triton.next_power_of_2(kdim)),
+            ("USE_PDL", pdl),
             ("num_warps", warps),
+            ("launch_pdl", pdl),
         ),
     )
 
 
-def run_new(x, w, q, s, warps, rows, pdl):  # type: ignore[no-untyped-def]
+def run_chunked(x, w, q, s, warps, pdl, chunk):  # type: ignore[no-untyped-def]
     m, kdim = x.shape
-    _norm_mxfp4_launch(
-        (triton.cdiv(m, rows),),
-        (x, x, w, x, x, q, s, m, x.stride(0), x.stride(0), kdim, EPS),
+    _norm_mxfp4_chunked_launch(
+        (m,),
+        (x, x, w, x, x, q, s, x.stride(0), x.stride(0), kdim, EPS),
         (
             ("HAS_RES", False),
             ("DO_NORM", True),
             ("WRITE_Y", False),
             ("BLOCK_K", triton.next_power_of_2(kdim)),
-            ("ROWS", rows),
+            ("CHUNK", chunk),
             ("USE_PDL", pdl),
             ("num_warps", warps),
             ("launch_pdl", pdl),
@@ -88,17 +90,16 @@ def main() -> None:
         ref_q, ref_s = ref_quant.mxfp4_quant(ref_norm.rms_norm(x, w, EPS))
         nbytes = x.numel() * 2 + ref_q.numel() + ref_s.numel()
         old = {}  # the general kernel's bytes per warp count: the sum-of-squares order depends
-        for nw in (4, 8, 16, 32):  # on the warps, so variants are compared at equal warps
+        for nw in (8, 16):  # on the warps, so variants are compared at equal warps
             old[nw] = (torch.empty_like(ref_q), torch.empty_like(ref_s))
-            run_old(x, w, *old[nw], nw)
-        variants = {f"old w{nw}": (run_old, (nw,)) for nw in (8, 16)}
-        for nw in (8, 16, 32):
-            for rows in (1, 2) if m >= 1024 else (1,):
-                for pdl in (False, True) if m <= 128 else (False,):
-                    variants[f"new w{nw} r{rows}{' pdl' if pdl else ''}"] = (
-                        run_new,
-                        (nw, rows, pdl),
-                    )
+            run_general(x, w, *old[nw], nw, False)
+        variants = {}
+        for nw in (8, 16):
+            for pdl in (False, True) if m <= 128 else (False,):
+                tag = f"w{nw}{' pdl' if pdl else ''}"
+                variants[f"general {tag}"] = (run_general, (nw, pdl))
+                for chunk in (512, 1024, 2048):
+                    variants[f"chunked{chunk} {tag}"] = (run_chunked, (nw, pdl, chunk))
         for name, (fn, extra) in variants.items():
             q = torch.empty_like(ref_q)
             s = torch.empty_like(ref_s)

@@ -155,6 +155,20 @@ _define(
     ref_norm.rms_norm,
     quick=_quick_norm,
 )
+
+
+def _quick_add_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> bool:
+    """Every check of _check_add_norm passes."""
+    return (
+        _quick_norm(x, weight, eps)
+        and residual.dtype == x.dtype
+        and residual.shape == x.shape
+        and residual.device == x.device
+    )
+
+
 _define(
     "fused_add_rms_norm",
     "(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)",
@@ -164,6 +178,7 @@ _define(
         torch.empty_like(x, memory_format=torch.contiguous_format),
     ),
     ref_norm.fused_add_rms_norm,
+    quick=_quick_add_norm,
 )
 
 
@@ -212,6 +227,7 @@ def _define_scheme(s: QuantScheme) -> None:
         lambda x, *p: s.check(s.quant_op, x, p),
         lambda x, *p: s.fake(x, p),
         quant_ref,
+        quick=lambda x, *p: s.quick(x, p),
     )
     _define(
         s.rms_op,
@@ -220,6 +236,7 @@ def _define_scheme(s: QuantScheme) -> None:
         check_rms,
         lambda x, w, eps, *p: (*s.fake(x, p[:-1]), fake_normed(x, p[-1])),
         rms_ref,
+        quick=lambda x, w, eps, *p: _quick_norm(x, w, eps) and s.quick(x, p[:-1]),
     )
     _define(
         s.add_rms_op,
@@ -232,6 +249,7 @@ def _define_scheme(s: QuantScheme) -> None:
             fake_normed(x, p[-1]),
         ),
         add_rms_ref,
+        quick=lambda x, r, w, eps, *p: _quick_add_norm(x, r, w, eps) and s.quick(x, p[:-1]),
     )
 
 

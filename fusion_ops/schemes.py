@@ -23,6 +23,9 @@ from . import checks
 from .formats import MX_BLOCK
 from .reference import quant as ref
 
+_FLOATS = frozenset(checks.FLOAT_DTYPES)
+_FP8 = frozenset((torch.float8_e4m3fn, torch.float8_e4m3fnuz))
+
 
 @dataclass(frozen=True)
 class QuantScheme:
@@ -64,6 +67,17 @@ class QuantScheme:
                 lambda: f"last dim K={k} must be a multiple of group_size={group_size}",
             )
         checks.check_fp8_dtype(op, "fp8_dtype", params[-1])
+
+    def quick(self, x: torch.Tensor, params: tuple[Any, ...]) -> bool:
+        """True only if every check of :meth:`check` passes (one expression per scheme: op calls
+        run this first and :meth:`check`, with its messages, only when it says False)."""
+        if x.dtype not in _FLOATS or x.dim() < 1:
+            return False
+        if self.name in ("mxfp4", "mxfp8"):
+            return x.shape[-1] % MX_BLOCK == 0
+        if self.name == "fp8_group":
+            return params[0] > 0 and x.shape[-1] % params[0] == 0 and params[-1] in _FP8
+        return params[-1] in _FP8
 
     def fake(self, x: torch.Tensor, params: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """Empty outputs with the shapes and dtypes of the real op."""

@@ -19,7 +19,7 @@ from ..backends import register_impl
 from ..reference import cache as ref_cache
 from ..schemes import SCHEMES
 from . import kernels as k
-from .launch import Launcher
+from .launch import Launcher, next_power_of_2
 
 IS_HIP = torch.version.hip is not None
 FNUZ = torch.float8_e4m3fnuz
@@ -33,7 +33,7 @@ PDL_ENV = "FUSION_OPS_PDL"
 
 # every kernel launches through its cached compiled binary (see .launch)
 _norm_quant_launch = Launcher(k.norm_quant_kernel)
-_norm_mxfp4_launch = Launcher(k.norm_mxfp4_kernel)
+_norm_mxfp4_chunked_launch = Launcher(k.norm_mxfp4_chunked_kernel)
 _rope_launch = Launcher(k.rope_kernel)
 _cache_write_launch = Launcher(k.cache_write_kernel)
 _rope_cache_launch = Launcher(k.rope_cache_kernel)
@@ -84,74 +84,47 @@ def _norm_quant(
     q = s = None
     if scheme is not None:
         q, s = SCHEMES[scheme].fake(x2, params)
-    block_k = triton.next_power_of_2(kdim)
+    block_k = next_power_of_2(kdim)
     if m:
         w = weight if weight is not None else x2
-        if scheme == "mxfp4":
-            pdl = _pdl_supported(x.get_device())
-            _norm_mxfp4_launch(
-                (m,),
-                (
-                    x2,
-                    r2,
-                    w,
-                    y if y is not None else x2,
-                    res_out if res_out is not None else x2,
-                    q,
-                    s,
-                    m,
-                    x2.stride(0),
-                    r2.stride(0),
-                    kdim,
-                    eps,
-                ),
-                (
-                    ("HAS_RES", residual is not None),
-                    ("DO_NORM", weight is not None),
-                    ("WRITE_Y", write_y),
-                    ("BLOCK_K", block_k),
-                    ("ROWS", 1),
-                    ("USE_PDL", pdl),
-                    ("num_warps", _num_warps(block_k, m)),
-                    ("launch_pdl", pdl),
-                ),
-            )
-        else:
-            scheme_id, group, ue8m0, fp8 = k.SCHEME_NONE, 1, False, torch.float8_e4m3fn
-            if scheme is not None:
-                scheme_id = _SCHEME_IDS[scheme]
-                if scheme_id == k.SCHEME_FP8:
-                    ue8m0, fp8 = params[-2], params[-1]
-                    # per-token: one group of the padded row
-                    group = params[0] if scheme == "fp8_group" else block_k
-            _norm_quant_launch(
-                (m,),
-                (
-                    x2,
-                    r2,
-                    w,
-                    y if y is not None else x2,
-                    res_out if res_out is not None else x2,
-                    q if q is not None else x2,
-                    s if s is not None else x2,
-                    x2.stride(0),
-                    r2.stride(0),
-                    kdim,
-                    eps,
-                    formats.fp8_max(fp8),
-                    formats.fp8_min_scale(fp8),
-                ),
-                (
-                    ("HAS_RES", residual is not None),
-                    ("DO_NORM", weight is not None),
-                    ("WRITE_Y", write_y),
-                    ("SCHEME", scheme_id),
-                    ("GROUP", group),
-                    ("UE8M0", ue8m0),
-                    ("BLOCK_K", block_k),
-                    ("num_warps", _num_warps(block_k, m)),
-                ),
-            )
+        pdl = _pdl_supported(x.get_device())
+        scheme_id, group, ue8m0, fp8 = k.SCHEME_NONE, 1, False, torch.float8_e4m3fn
+        if scheme is not None:
+            scheme_id = _SCHEME_IDS[scheme]
+            if scheme_id == k.SCHEME_FP8:
+                ue8m0, fp8 = params[-2], params[-1]
+                # per-token: one group of the padded row
+                group = params[0] if scheme == "fp8_group" else block_k
+        _norm_quant_launch(
+            (m,),
+            (
+                x2,
+                r2,
+                w,
+                y if y is not None else x2,
+                res_out if res_out is not None else x2,
+                q if q is not None else x2,
+                s if s is not None else x2,
+                x2.stride(0),
+                r2.stride(0),
+                kdim,
+                eps,
+                formats.fp8_max(fp8),
+                formats.fp8_min_scale(fp8),
+            ),
+            (
+                ("HAS_RES", residual is not None),
+                ("DO_NORM", weight is not None),
+                ("WRITE_Y", write_y),
+                ("SCHEME", scheme_id),
+                ("GROUP", group),
+                ("UE8M0", ue8m0),
+                ("BLOCK_K", block_k),
+                ("USE_PDL", pdl),
+                ("num_warps", _num_warps(block_k, m)),
+                ("launch_pdl", pdl),
+            ),
+        )
     lead = x.shape[:-1]
     if len(lead) != 1:
         y, res_out, q, s = (
@@ -239,7 +212,7 @@ def rope(positions, x, cos_sin_cache, rope_dim, is_neox):  # type: ignore[no-unt
                 ("D", d),
                 ("ROPE", rope_dim),
                 ("IS_NEOX", is_neox),
-                ("BLOCK_D", triton.next_power_of_2(d)),
+                ("BLOCK_D", next_power_of_2(d)),
                 ("enable_fp_fusion", False),
             ),
         )
@@ -269,7 +242,7 @@ def mla_cache_write(kv, kv_cache, slot_mapping, layout):  # type: ignore[no-unty
                 ("BS", kv_cache.shape[1]),
                 ("D", d),
                 ("DSV4", layout == "dsv4_fp8"),
-                ("BLOCK_D", triton.next_power_of_2(d)),
+                ("BLOCK_D", next_power_of_2(d)),
                 ("num_warps", 4),
             ),
         )
@@ -308,7 +281,7 @@ def rope_mla_cache_write(
                 ("ROPE", rope_dim),
                 ("IS_NEOX", is_neox),
                 ("DSV4", layout == "dsv4_fp8"),
-                ("BLOCK_D", triton.next_power_of_2(d)),
+                ("BLOCK_D", next_power_of_2(d)),
                 ("enable_fp_fusion", False),
             ),
         )

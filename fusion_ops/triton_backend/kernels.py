@@ -94,10 +94,13 @@ def norm_quant_kernel(
     GROUP: tl.constexpr,
     UE8M0: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_K)
     mask = cols < K
+    if USE_PDL:  # see _pdl_start
+        _pdl_start()
     x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
     out_dtype = x.dtype
     if HAS_RES:
@@ -116,7 +119,7 @@ def norm_quant_kernel(
     if WRITE_Y:
         tl.store(y_ptr + row * K + cols, y, mask=mask)
     if SCHEME == 1:
-        _mxfp4(y.to(tl.float32), q_ptr, s_ptr, row, K, BLOCK_K)
+        _mxfp4(y.to(tl.float32), q_ptr, s_ptr, row, K, BLOCK_K, 0)
     elif SCHEME == 2:
         _mxfp8(y.to(tl.float32), q_ptr, s_ptr, row, K, BLOCK_K)
     elif SCHEME == 3:
@@ -126,7 +129,8 @@ def norm_quant_kernel(
 
 
 @triton.jit
-def _mxfp4(y, q_ptr, s_ptr, row, K, BLOCK_K: tl.constexpr):
+def _mxfp4(y, q_ptr, s_ptr, row, K, BLOCK_K: tl.constexpr, col0):
+    """MXFP4 codes and scales of y = row[col0 : col0 + BLOCK_K] (col0 a multiple of 32)."""
     NB: tl.constexpr = BLOCK_K // 32
     yb = tl.reshape(y, (NB, 32))
     has_nan = tl.max((yb != yb).to(tl.int32), axis=1) > 0
@@ -137,22 +141,12 @@ def _mxfp4(y, q_ptr, s_ptr, row, K, BLOCK_K: tl.constexpr):
     u = tl.where(has_nan, 127, u)
     byte = tl.where(has_nan, 255, u + 127)  # int32 in [0, 255]: no negative float→uint cast
     q = yb * _pow2(-u)[:, None]
-    mag = tl.abs(q)
-    code = (
-        (mag >= 0.25).to(tl.int32)
-        + (mag >= 0.75).to(tl.int32)
-        + (mag >= 1.25).to(tl.int32)
-        + (mag >= 1.75).to(tl.int32)
-        + (mag >= 2.5).to(tl.int32)
-        + (mag >= 3.5).to(tl.int32)
-        + (mag >= 5.0).to(tl.int32)
-    )
-    code = tl.where(has_nan[:, None], 0, code) | (_sign_bit(q) << 3)
+    code = tl.where(has_nan[:, None], 0, _e2m1_code(tl.abs(q))) | (_sign_bit(q) << 3)
     # pack pairs (2j, 2j+1) as lo | hi << 4: a weighted sum over a size-2 axis stays inside a
     # thread, where tl.split may shuffle through shared memory
     nibble_weight = (1 + 15 * tl.arange(0, 2))[None, None, :]  # [1, 16]
     packed = tl.sum(tl.reshape(code, (NB, 16, 2)) * nibble_weight, axis=2).to(tl.uint8)
-    blk = tl.arange(0, NB)
+    blk = col0 // 32 + tl.arange(0, NB)
     pair = blk[:, None] * 16 + tl.arange(0, 16)[None, :]
     tl.store(q_ptr + row * (K // 2) + pair, packed, mask=pair < K // 2)
     tl.store(s_ptr + row * (K // 32) + blk, byte.to(tl.uint8), mask=blk < K // 32)
@@ -176,7 +170,17 @@ def _e2m1_code(mag):
 
 
 @triton.jit
-def norm_mxfp4_kernel(
+def _pdl_start():
+    """Programmatic dependent launch (CUDA sm_90+, kernels launched with ``launch_pdl``): wait
+    for the previous kernel to finish and flush, then let the next one launch. Nothing before it
+    touches memory (a weight written by the previous kernel stays safe): only the launch and the
+    index math overlap the previous kernel's tail."""
+    tl.extra.cuda.gdc_wait()
+    tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def norm_mxfp4_chunked_kernel(
     x_ptr,
     r_ptr,
     w_ptr,
@@ -184,7 +188,6 @@ def norm_mxfp4_kernel(
     res_ptr,
     q_ptr,
     s_ptr,
-    M,
     x_stride,
     r_stride,
     K,
@@ -193,61 +196,41 @@ def norm_mxfp4_kernel(
     DO_NORM: tl.constexpr,
     WRITE_Y: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    ROWS: tl.constexpr,
+    CHUNK: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    """[add +] [rms_norm +] MXFP4 quant of ROWS rows per program, the row held as [blocks of 32,
-    16 pairs, 2] from the load on: block maxima and nibble pairs need no layout change.
+    """[add +] [rms_norm +] MXFP4 of one row per program, the row normed and quantized in chunks
+    of CHUNK columns (no padded lanes when CHUNK divides K: 7168 = 7·1024; a small register
+    footprint keeps more rows in flight per SM).
 
-    Same numbers as norm_quant_kernel with SCHEME=1 (the sum of squares comes from the same
-    dedicated load, the norm is elementwise, the block maximum is exact in any order). With
-    USE_PDL (CUDA sm_90+, launched with launch_pdl) nothing is read or written before
-    ``gdc_wait`` (a weight written by the previous kernel stays safe): only the launch and the
-    index math overlap the previous kernel's tail.
+    Same bytes as norm_quant_kernel with SCHEME=1 at the same warps and BLOCK_K: the sum of
+    squares is the same _sum_of_squares over the padded row, the norm is elementwise, each
+    32-block lies inside one chunk.
     """
-    NB: tl.constexpr = BLOCK_K // 32
-    blk = tl.arange(0, NB)
-    pair = tl.arange(0, 16)
-    cols = blk[:, None, None] * 32 + pair[None, :, None] * 2 + tl.arange(0, 2)[None, None, :]
-    mask = cols < K
-    if USE_PDL:  # nothing before this touches memory; the next PDL kernel waits for our end
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    row = tl.program_id(0).to(tl.int64)
+    if USE_PDL:
+        _pdl_start()
     if DO_NORM:
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    for i in tl.static_range(ROWS):
-        row_raw = tl.program_id(0).to(tl.int64) * ROWS + i
-        row_ok = row_raw < M
-        row = tl.minimum(row_raw, M - 1)  # an out-of-range row re-reads the last; stores masked
+        ss = _sum_of_squares(x_ptr, r_ptr, row, x_stride, r_stride, K, HAS_RES, BLOCK_K)
+        mean = tl.math.div_rn(ss, K.to(tl.float32))
+        inv = tl.math.div_rn(1.0, tl.sqrt_rn(mean + eps))
+    for col0 in range(0, K, CHUNK):
+        cols = col0 + tl.arange(0, CHUNK)
+        mask = cols < K
         x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
         out_dtype = x.dtype
         if HAS_RES:
             r = tl.load(r_ptr + row * r_stride + cols, mask=mask, other=0.0)
             x = (x.to(tl.float32) + r.to(tl.float32)).to(out_dtype)
-            tl.store(res_ptr + row * K + cols, x, mask=mask & row_ok)
+            tl.store(res_ptr + row * K + cols, x, mask=mask)
         if DO_NORM:
-            ss = _sum_of_squares(x_ptr, r_ptr, row, x_stride, r_stride, K, HAS_RES, BLOCK_K)
-            mean = tl.math.div_rn(ss, K.to(tl.float32))
-            inv = tl.math.div_rn(1.0, tl.sqrt_rn(mean + eps))
+            w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             y = ((x.to(tl.float32) * inv) * w).to(out_dtype)
         else:
             y = x
         if WRITE_Y:
-            tl.store(y_ptr + row * K + cols, y, mask=mask & row_ok)
-        yf = y.to(tl.float32)
-        has_nan = tl.max(tl.max((yf != yf).to(tl.int32), axis=2), axis=1) > 0
-        amax = tl.max(tl.max(tl.abs(yf), axis=2), axis=1)
-        rounded = ((amax.to(tl.int32, bitcast=True) + 0x200000) & -0x800000) >> 23
-        field = rounded & 0xFF
-        u = tl.where(field == 255, 127, tl.minimum(tl.maximum(field - 129, -127), 127))
-        u = tl.where(has_nan, 127, u)
-        byte = tl.where(has_nan, 255, u + 127)  # int32 in [0, 255]: no negative float→uint cast
-        q = yf * _pow2(-u)[:, None, None]
-        code = tl.where(has_nan[:, None, None], 0, _e2m1_code(tl.abs(q))) | (_sign_bit(q) << 3)
-        packed = tl.sum(code * (1 + 15 * tl.arange(0, 2))[None, None, :], axis=2).to(tl.uint8)
-        qcols = blk[:, None] * 16 + pair[None, :]
-        tl.store(q_ptr + row * (K // 2) + qcols, packed, mask=(qcols < K // 2) & row_ok)
-        tl.store(s_ptr + row * (K // 32) + blk, byte.to(tl.uint8), mask=(blk < K // 32) & row_ok)
+            tl.store(y_ptr + row * K + cols, y, mask=mask)
+        _mxfp4(y.to(tl.float32), q_ptr, s_ptr, row, K, CHUNK, col0)
 
 
 @triton.jit

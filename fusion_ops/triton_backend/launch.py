@@ -38,17 +38,25 @@ def _launch_hooks_installed() -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
-def _arg_key(a: Any) -> Any:
-    """What Triton specializes an argument on (see the module docstring)."""
-    if isinstance(a, torch.Tensor):
-        if IS_HIP:
-            return (a.dtype, a.data_ptr() & 15 == 0, a.numel() * a.element_size() <= _TWO_GIB)
-        return (a.dtype, a.data_ptr() & 15 == 0)
-    if type(a) is int:
-        return (a == 1, a % 16 == 0, _INT32_MIN <= a <= _INT32_MAX)
-    if type(a) is float:
-        return float
-    return a  # bool / None / anything else: by value, as Triton does
+def _specialization(args: tuple[Any, ...]) -> list[Any]:
+    """What Triton specializes the runtime arguments on (see the module docstring), one loop and
+    no call per argument: this runs on every launch."""
+    key: list[Any] = []
+    append = key.append
+    for a in args:
+        t = type(a)
+        if t is int:
+            append((a == 1, a % 16 == 0, _INT32_MIN <= a <= _INT32_MAX))
+        elif t is float:
+            append(float)
+        elif t is bool or a is None:
+            append(a)
+        else:  # a tensor (or subclass)
+            append(a.dtype)
+            append(a.data_ptr() & 15 == 0)
+            if IS_HIP:  # buffer ops: whether the tensor fits 2 GiB
+                append(a.numel() * a.element_size() <= _TWO_GIB)
+    return key
 
 
 class Launcher:
@@ -66,7 +74,7 @@ class Launcher:
             raise TypeError(f"Launcher({fn.__name__}): constexpr parameters must come last")
         self.fn = fn
         self._constexpr_names = fn.arg_names[n_runtime:]
-        self._compiled: dict[tuple[Any, ...], tuple[Any, tuple[Any, ...]]] = {}
+        self._compiled: dict[tuple[Any, ...], tuple[Any, Any, Any, tuple[Any, ...]]] = {}
 
     def __call__(
         self, grid: tuple[int, ...], args: tuple[Any, ...], meta: tuple[tuple[str, Any], ...]
@@ -75,26 +83,38 @@ class Launcher:
             self.fn[grid](*args, **dict(meta))
             return
         device = _get_device()
-        key = (device, meta, *map(_arg_key, args))
+        key = (device, meta, *_specialization(args))
         entry = self._compiled.get(key)
         if entry is None:
             by_name = dict(meta)
             compiled = self.fn[grid](*args, **by_name)  # compiles (or finds) and launches
             compiled._init_handles()
             constexprs = tuple(by_name.get(n) for n in self._constexpr_names)
-            self._compiled[key] = (compiled, constexprs)
+            # the launcher object (Triton's driver launcher), the CUfunction, the metadata
+            self._compiled[key] = (
+                compiled.run,
+                compiled.function,
+                compiled.packed_metadata,
+                constexprs,
+            )
             return
-        compiled, constexprs = entry
-        compiled.run(
+        run, function, packed_metadata, constexprs = entry
+        run(
             grid[0],
             grid[1] if len(grid) > 1 else 1,
             grid[2] if len(grid) > 2 else 1,
             _get_stream(device),
-            compiled.function,
-            compiled.packed_metadata,
+            function,
+            packed_metadata,
             None,  # launch metadata: only built for launch hooks
             None,
             None,
             *args,
             *constexprs,  # the C launcher skips them, but they keep their places
         )
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (``triton.next_power_of_2`` is a constexpr function since
+    Triton 3.5, costing microseconds per host call)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
