@@ -1,9 +1,9 @@
-"""rms_norm → MXFP4 kernel variants on one GPU, in one run: the general row kernel
-(``norm_quant_kernel``, SCHEME=1: 1-D row, reshaped per 32-block) against the dedicated
-``norm_mxfp4_kernel`` (row loaded as [blocks, 32]), both with codes from the float's bits, at 8
-and 16 warps, with and without programmatic dependent launch.
-Every variant's codes and scales are compared with the general kernel's at the same warps
-(bit-exact expected) and with the reference backend's codes (share equal).
+"""rms_norm → MXFP4 launch variants on one GPU, in one run: the row kernel (``norm_quant_kernel``,
+SCHEME=1) at 8 and 16 warps, with and without programmatic dependent launch (PDL, up to 128
+tokens). Every variant's codes and scales are compared with the 8/16-warp launch without PDL
+(bit-exact expected) and with the reference backend's codes (share equal). The kernel variants
+tried in this session (row held as [blocks, 16, 2] or [blocks, 32], rows per program, chunked
+rows) were slower and are gone; their numbers are in benchmarks/RESULTS.md.
 
     python benchmarks/mxfp4_variants.py [--json out.json]
 
@@ -22,7 +22,7 @@ from triton.testing import do_bench_cudagraph
 
 from fusion_ops.reference import norm as ref_norm
 from fusion_ops.reference import quant as ref_quant
-from fusion_ops.triton_backend import _norm_mxfp4_chunked_launch, _norm_quant_launch
+from fusion_ops.triton_backend import _norm_quant_launch
 from fusion_ops.triton_backend import kernels as k
 
 EPS = 1e-6
@@ -55,24 +55,6 @@ def run_general(x, w, q, s, warps, pdl):  # type: ignore[no-untyped-def]
     )
 
 
-def run_chunked(x, w, q, s, warps, pdl, chunk):  # type: ignore[no-untyped-def]
-    m, kdim = x.shape
-    _norm_mxfp4_chunked_launch(
-        (m,),
-        (x, x, w, x, x, q, s, x.stride(0), x.stride(0), kdim, EPS),
-        (
-            ("HAS_RES", False),
-            ("DO_NORM", True),
-            ("WRITE_Y", False),
-            ("BLOCK_K", triton.next_power_of_2(kdim)),
-            ("CHUNK", chunk),
-            ("USE_PDL", pdl),
-            ("num_warps", warps),
-            ("launch_pdl", pdl),
-        ),
-    )
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--hidden", type=int, default=7168)
@@ -98,8 +80,6 @@ def main() -> None:
             for pdl in (False, True) if m <= 128 else (False,):
                 tag = f"w{nw}{' pdl' if pdl else ''}"
                 variants[f"general {tag}"] = (run_general, (nw, pdl))
-                for chunk in (512, 1024, 2048):
-                    variants[f"chunked{chunk} {tag}"] = (run_chunked, (nw, pdl, chunk))
         for name, (fn, extra) in variants.items():
             q = torch.empty_like(ref_q)
             s = torch.empty_like(ref_s)

@@ -12,7 +12,9 @@ Rows, for ``rms_norm → MXFP4`` of one token (``[1, 256]`` on the CPU, ``[1, 71
   ``torch.compile`` (Inductor's own kernel(s));
 * ``x + x``: one eager aten op, the floor of any eager call;
 * CPU only: ``ops.rms_norm`` next to the same math in plain torch (the reference function),
-  the wrapper overhead of the op layer.
+  the wrapper overhead of the op layer, and a bare ``torch.library.Library`` op whose CPU kernel
+  is that plain function (the floor any Python-kernel op pays: dispatcher and Python kernel
+  holder, no validation, no backend selection).
 
 Host time per call: the wall time of a loop of calls divided by its length, with the GPU kept
 ahead (every call here costs the GPU a few µs, the host far more, so the loop measures the host).
@@ -60,6 +62,14 @@ def per_call_us(
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
+# The floor of any op whose kernel is Python: a Library op registered for the CPU key whose
+# kernel is the plain-torch function itself (no validation, no backend selection).
+_FLOOR_LIB = torch.library.Library("fusion_ops_overhead_floor", "DEF")
+_FLOOR_LIB.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
+_FLOOR_LIB.impl("rms_norm", ref_norm.rms_norm, "CPU")
+_bare_rms_norm = torch.ops.fusion_ops_overhead_floor.rms_norm.default
+
+
 def plain_norm_mxfp4(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The same math in plain torch: the reference backend's functions."""
     return ref_quant.mxfp4_quant(ref_norm.rms_norm(x, w, EPS))
@@ -105,6 +115,7 @@ def measure(device: str, calls: int, rounds: int) -> dict[str, Any]:
     if device == "cpu":
         fns["ops.rms_norm"] = lambda: ops.rms_norm(x, w, EPS)
         fns["rms_norm, plain torch"] = lambda: ref_norm.rms_norm(x, w, EPS)
+        fns["bare Library op, kernel = plain fn"] = lambda: _bare_rms_norm(x, w, EPS)
     us = per_call_us(fns, sync, calls, rounds)
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name()
@@ -119,6 +130,9 @@ def measure(device: str, calls: int, rounds: int) -> dict[str, Any]:
     }
     if device == "cpu":
         result["rms_norm_wrapper_us"] = us["ops.rms_norm"] - us["rms_norm, plain torch"]
+        result["dispatcher_floor_us"] = (
+            us["bare Library op, kernel = plain fn"] - us["rms_norm, plain torch"]
+        )
     return result
 
 
@@ -154,6 +168,7 @@ def main() -> None:
         print(f"  compiled+pass / Inductor: {r['compiled_over_inductor']:.2f}x")
         if "rms_norm_wrapper_us" in r:
             print(f"  ops.rms_norm wrapper over plain torch: {r['rms_norm_wrapper_us']:.1f} µs")
+            print(f"  of which the dispatcher floor (bare op): {r['dispatcher_floor_us']:.1f} µs")
         if args.profile:
             profile_fused(device)
     if args.json:

@@ -33,7 +33,6 @@ PDL_ENV = "FUSION_OPS_PDL"
 
 # every kernel launches through its cached compiled binary (see .launch)
 _norm_quant_launch = Launcher(k.norm_quant_kernel)
-_norm_mxfp4_chunked_launch = Launcher(k.norm_mxfp4_chunked_kernel)
 _rope_launch = Launcher(k.rope_kernel)
 _cache_write_launch = Launcher(k.cache_write_kernel)
 _rope_cache_launch = Launcher(k.rope_cache_kernel)

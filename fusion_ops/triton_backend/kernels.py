@@ -180,60 +180,6 @@ def _pdl_start():
 
 
 @triton.jit
-def norm_mxfp4_chunked_kernel(
-    x_ptr,
-    r_ptr,
-    w_ptr,
-    y_ptr,
-    res_ptr,
-    q_ptr,
-    s_ptr,
-    x_stride,
-    r_stride,
-    K,
-    eps,
-    HAS_RES: tl.constexpr,
-    DO_NORM: tl.constexpr,
-    WRITE_Y: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    CHUNK: tl.constexpr,
-    USE_PDL: tl.constexpr,
-):
-    """[add +] [rms_norm +] MXFP4 of one row per program, the row normed and quantized in chunks
-    of CHUNK columns (no padded lanes when CHUNK divides K: 7168 = 7·1024; a small register
-    footprint keeps more rows in flight per SM).
-
-    Same bytes as norm_quant_kernel with SCHEME=1 at the same warps and BLOCK_K: the sum of
-    squares is the same _sum_of_squares over the padded row, the norm is elementwise, each
-    32-block lies inside one chunk.
-    """
-    row = tl.program_id(0).to(tl.int64)
-    if USE_PDL:
-        _pdl_start()
-    if DO_NORM:
-        ss = _sum_of_squares(x_ptr, r_ptr, row, x_stride, r_stride, K, HAS_RES, BLOCK_K)
-        mean = tl.math.div_rn(ss, K.to(tl.float32))
-        inv = tl.math.div_rn(1.0, tl.sqrt_rn(mean + eps))
-    for col0 in range(0, K, CHUNK):
-        cols = col0 + tl.arange(0, CHUNK)
-        mask = cols < K
-        x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
-        out_dtype = x.dtype
-        if HAS_RES:
-            r = tl.load(r_ptr + row * r_stride + cols, mask=mask, other=0.0)
-            x = (x.to(tl.float32) + r.to(tl.float32)).to(out_dtype)
-            tl.store(res_ptr + row * K + cols, x, mask=mask)
-        if DO_NORM:
-            w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            y = ((x.to(tl.float32) * inv) * w).to(out_dtype)
-        else:
-            y = x
-        if WRITE_Y:
-            tl.store(y_ptr + row * K + cols, y, mask=mask)
-        _mxfp4(y.to(tl.float32), q_ptr, s_ptr, row, K, CHUNK, col0)
-
-
-@triton.jit
 def _mxfp8(y, q_ptr, s_ptr, row, K, BLOCK_K: tl.constexpr):
     NB: tl.constexpr = BLOCK_K // 32
     yb = tl.reshape(y, (NB, 32))
@@ -460,6 +406,16 @@ def rope_cache_kernel(
 
 
 @triton.jit
+def _cast_fp8_like_compiled(v, fp8_max, out_ty: tl.constexpr):
+    """``v.to(fp8)`` as compiled torch code computes it (reference/cache.py
+    cast_fp8_like_compiled): e4m3fn saturates at ±fp8_max (NaN kept); e4m3fnuz (gfx942) is a
+    plain cast, in the output pointer's own FP8 type."""
+    if out_ty == tl.float8e4nv:
+        return _clamp_keep_nan(v.to(tl.float32), -fp8_max, fp8_max).to(out_ty)
+    return v.to(tl.float32).to(out_ty)
+
+
+@triton.jit
 def _requested_block(ids_ptr, i, num_blocks):
     """Block id i of the request and whether it lies in the cache; an out-of-range id reads
     block 0 under a false mask, so the kernel never reads outside the cache (its rows are 0)."""
@@ -495,12 +451,12 @@ def dequant_dsv4_kernel(
         factor = tl.where(byte == 255, float("nan"), _pow2(tl.minimum(byte, 254) - 127))
         v = (vals * factor[:, None]).to(tl.bfloat16)
         if TO_FP8:
-            v = _clamp_keep_nan(v.to(tl.float32), -fp8_max, fp8_max).to(tl.float8e4nv)
+            v = _cast_fp8_like_compiled(v, fp8_max, out_ptr.dtype.element_ty)
         tl.store(out_rows + tile * 64 + j[None, :], v)
     rope_ptr = (base + 448).to(tl.pointer_type(tl.bfloat16))
     rope = tl.load(rope_ptr + tok[:, None] * 288 + j[None, :], mask=ok, other=0.0)
     if TO_FP8:
-        rope = _clamp_keep_nan(rope.to(tl.float32), -fp8_max, fp8_max).to(tl.float8e4nv)
+        rope = _cast_fp8_like_compiled(rope, fp8_max, out_ptr.dtype.element_ty)
     tl.store(out_rows + 448 + j[None, :], rope)
 
 
@@ -524,5 +480,5 @@ def gather_rows_kernel(
     mask = (cols < ROW) & ok
     v = tl.load(cache_ptr + block * block_stride + cols, mask=mask)
     if TO_FP8:
-        v = _clamp_keep_nan(v.to(tl.float32), -fp8_max, fp8_max).to(tl.float8e4nv)
+        v = _cast_fp8_like_compiled(v, fp8_max, out_ptr.dtype.element_ty)
     tl.store(out_ptr + i * ROW + cols, v, mask=mask)

@@ -26,8 +26,9 @@ from triton import knobs
 from triton.runtime.jit import JITFunction
 
 IS_HIP = torch.version.hip is not None
-_get_stream = torch._C._cuda_getCurrentRawStream
-_get_device = torch._C._cuda_getDevice
+# (absent from CPU-only builds of torch, where nothing launches; the module still imports)
+_get_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+_get_device = getattr(torch._C, "_cuda_getDevice", None)
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 _TWO_GIB = 2**31
 
