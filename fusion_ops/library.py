@@ -44,6 +44,9 @@ _LIB = torch.library.Library(NAMESPACE, "DEF")
 
 #: name -> schema, every op defined by this module (tests iterate over it)
 OP_SCHEMAS: dict[str, str] = {}
+#: name -> (validate, quick) of every op with a one-expression fast path (tests check that
+#: quick(*args) is True only where validate(*args) passes)
+QUICK_CHECKS: dict[str, tuple[Callable[..., None], Callable[..., bool]]] = {}
 
 
 def _define(
@@ -65,6 +68,8 @@ def _define(
     The fake always runs ``validate`` (trace time is not the hot path).
     """
     OP_SCHEMAS[name] = schema
+    if quick is not None:
+        QUICK_CHECKS[name] = (validate, quick)
     _LIB.define(name + schema)
     register_impl(name, "reference")(reference)
     arguments = torch._C.parse_schema(f"{NAMESPACE}::{name}{schema}").arguments
