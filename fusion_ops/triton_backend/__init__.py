@@ -302,20 +302,8 @@ def _dequant(
         if n and bs % tok == 0:
             _dequant_dsv4_launch(
                 (n, bs // tok),
-                (
-                    kv_cache,
-                    block_ids,
-                    out,
-                    kv_cache.stride(0),
-                    nb,
-                    fmax,
-                ),
-                (
-                    ("BS", bs),
-                    ("TOK", tok),
-                    ("TO_FP8", to_fp8),
-                    ("num_warps", 4),
-                ),
+                (kv_cache, block_ids, out, kv_cache.stride(0), nb, fmax),
+                (("BS", bs), ("TOK", tok), ("TO_FP8", to_fp8), ("num_warps", 4)),
             )
             return out
         return _reference_dequant(kv_cache, block_ids, layout, fp8_dtype)
@@ -326,20 +314,8 @@ def _dequant(
         block = 4096
         _gather_rows_launch(
             (n, triton.cdiv(bs * row, block)),
-            (
-                kv_cache,
-                block_ids,
-                out,
-                kv_cache.stride(0),
-                nb,
-                fmax,
-            ),
-            (
-                ("TO_FP8", to_fp8),
-                ("ROW", bs * row),
-                ("BLOCK", block),
-                ("num_warps", 4),
-            ),
+            (kv_cache, block_ids, out, kv_cache.stride(0), nb, fmax),
+            (("TO_FP8", to_fp8), ("ROW", bs * row), ("BLOCK", block), ("num_warps", 4)),
         )
     return out
 
