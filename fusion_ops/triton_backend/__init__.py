@@ -44,9 +44,19 @@ _gather_rows_launch = Launcher(k.gather_rows_kernel)
 def _pdl_supported(device_index: int) -> bool:
     """Programmatic dependent launch: NVIDIA sm_90+ only (never on ROCm), unless
     FUSION_OPS_PDL=0. Read once per device."""
-    if IS_HIP or os.environ.get(PDL_ENV, "1") == "0":
+    if IS_HIP or os.environ.get(PDL_ENV, "1") == "0" or not _triton_has_pdl():
         return False
     return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def _triton_has_pdl() -> bool:
+    """The ``launch_pdl`` option and ``gdc_wait`` exist (Triton 3.4+; 3.6 verified)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
+    except ImportError:
+        return False
+    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
 def _num_warps(block: int, rows: int = 2) -> int:
