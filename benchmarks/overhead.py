@@ -8,6 +8,8 @@ Rows, for ``rms_norm → MXFP4`` of one token (``[1, 256]`` on the CPU, ``[1, 71
 * ``eager fused``: ``ops.rms_norm_mxfp4_quant``;
 * ``compiled + FusionPass``: the standalone pair under ``torch.compile`` with ``FusionPass()``,
   whose graph holds the one fused op (checked: one match);
+* ``compiled + FusionPass(inductor_launch=True)`` (NVIDIA): the same, with the fused op's Triton
+  kernel launched by Inductor itself;
 * ``Inductor, same math``: the reference backend's plain-torch norm and MXFP4 quant under
   ``torch.compile`` (Inductor's own kernel(s));
 * ``x + x``: one eager aten op, the floor of any eager call;
@@ -93,6 +95,18 @@ def measure(device: str, calls: int, rounds: int) -> dict[str, Any]:
         standalone, fullgraph=True, dynamic=False, options={"post_grad_custom_post_pass": fusion}
     )
     compiled_pass(x, w)
+    launched = None
+    if device == "cuda" and torch.version.hip is None:
+        fusion_launch = FusionPass(fusions=["rms_quant"], schemes=["mxfp4"], inductor_launch=True)
+        launched = torch.compile(
+            standalone,
+            fullgraph=True,
+            dynamic=False,
+            options={"post_grad_custom_post_pass": fusion_launch},
+        )
+        launched(x, w)
+        if fusion_launch.graphs[0].inductor_launched != 1:
+            raise RuntimeError("inductor_launch did not lower the fused op")
     inductor_same_math = torch.compile(plain_norm_mxfp4, fullgraph=True, dynamic=False)
     inductor_same_math(x, w)
     if fusion.matched_count != 1:
@@ -102,6 +116,8 @@ def measure(device: str, calls: int, rounds: int) -> dict[str, Any]:
     def same(out: tuple[torch.Tensor, ...]) -> bool:
         return all(torch.equal(a, b) for a, b in zip(out, fused_out, strict=True))
 
+    if launched is not None and not same(launched(x, w)):
+        raise RuntimeError("compiled+pass(inductor_launch) computes different codes/scales")
     if not (same(standalone(x, w)) and same(compiled_pass(x, w))):
         raise RuntimeError("standalone, fused and compiled+pass compute different codes/scales")
 
@@ -110,6 +126,11 @@ def measure(device: str, calls: int, rounds: int) -> dict[str, Any]:
         "eager fused": lambda: ops.rms_norm_mxfp4_quant(x, w, EPS),
         "compiled + FusionPass (1 fused op)": lambda: compiled_pass(x, w),
         "Inductor, same math": lambda: inductor_same_math(x, w),
+        **(
+            {"compiled + FusionPass(inductor_launch=True)": lambda: launched(x, w)}
+            if launched is not None
+            else {}
+        ),
         "x + x": lambda: x + x,
     }
     if device == "cpu":
@@ -127,6 +148,14 @@ def measure(device: str, calls: int, rounds: int) -> dict[str, Any]:
         "compiled_over_inductor": us["compiled + FusionPass (1 fused op)"]
         / us["Inductor, same math"],
         "inductor_same_bits": same(inductor_same_math(x, w)),
+        **(
+            {
+                "inductor_launch_over_inductor": us["compiled + FusionPass(inductor_launch=True)"]
+                / us["Inductor, same math"]
+            }
+            if launched is not None
+            else {}
+        ),
     }
     if device == "cpu":
         result["rms_norm_wrapper_us"] = us["ops.rms_norm"] - us["rms_norm, plain torch"]
@@ -166,6 +195,9 @@ def main() -> None:
         for name, v in r["us_per_call"].items():
             print(f"  {name:38s} {v:8.1f} µs")
         print(f"  compiled+pass / Inductor: {r['compiled_over_inductor']:.2f}x")
+        if "inductor_launch_over_inductor" in r:
+            ratio = r["inductor_launch_over_inductor"]
+            print(f"  compiled+pass(inductor_launch) / Inductor: {ratio:.2f}x")
         if "rms_norm_wrapper_us" in r:
             print(f"  ops.rms_norm wrapper over plain torch: {r['rms_norm_wrapper_us']:.1f} µs")
             print(f"  of which the dispatcher floor (bare op): {r['dispatcher_floor_us']:.1f} µs")

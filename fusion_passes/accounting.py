@@ -31,6 +31,8 @@ class GraphRecord:
     ops_after: dict[str, int]
     near_misses: list[NearMiss]
     ms: float
+    inductor_launched: int = 0  # fused nodes handed to Inductor as Triton kernels (see
+    # fusion_passes.inductor_launch); counted in ops_after as the fused op they were
     code_before: str | None = field(default=None, repr=False)
     code_after: str | None = field(default=None, repr=False)
 
@@ -47,4 +49,5 @@ class GraphRecord:
             "ops_after": self.ops_after,
             "near_misses": [m.as_dict() for m in self.near_misses],
             "ms": round(self.ms, 3),
+            "inductor_launched": self.inductor_launched,
         }

@@ -32,6 +32,7 @@ from patterns.base import HOPS, val
 
 from .accounting import GraphRecord, count_fusion_ops
 from .dumps import Dumper, readable, resolve_dump_dir, trace_graph
+from .inductor_launch import lower_fused_norm_quant
 
 ALL_SCHEMES = tuple(fusion_ops.SCHEMES)
 ALL_FUSIONS = tuple(FAMILIES)
@@ -55,6 +56,9 @@ class FusionPass(CustomGraphPass):
             ``mxfp4``, ``mxfp8``, ``fp8_per_token``, ``fp8_group``.
         dump_dir: write graph dumps there (default: ``$FUSION_PASSES_DUMP_DIR``, else none).
         keep_graphs: keep each graph's readable code before/after in ``graphs`` (tests).
+        inductor_launch: on NVIDIA, static shapes, hand each fused norm+quant op's Triton kernel
+            to Inductor (it launches it like its own kernels, without the op call's host cost;
+            :mod:`fusion_passes.inductor_launch`). Accounting counts them as the fused ops.
     """
 
     def __init__(
@@ -63,11 +67,13 @@ class FusionPass(CustomGraphPass):
         schemes: Sequence[str] | None = None,
         dump_dir: str | os.PathLike[str] | None = None,
         keep_graphs: bool = False,
+        inductor_launch: bool = False,
     ) -> None:
         self.fusions = _validated("fusions", fusions, ALL_FUSIONS)
         self.schemes = _validated("schemes", schemes, ALL_SCHEMES)
         self.dump_dir = resolve_dump_dir(dump_dir)
         self.keep_graphs = keep_graphs
+        self.inductor_launch = bool(inductor_launch)
         self.match_table: dict[str, int] = {}
         self.graphs: list[GraphRecord] = []
         self._matchers: dict[str, pm.PatternMatcherPass] = {}
@@ -144,15 +150,21 @@ class FusionPass(CustomGraphPass):
         near_misses = [
             miss for f in self.fusions for miss in FAMILIES[f].near_misses(graph, self.schemes)
         ]
+        ops_after = count_fusion_ops(graph)
+        launched = 0
+        if self.inductor_launch:
+            launched = lower_fused_norm_quant(graph)
+            graph.eliminate_dead_code()
         ms = (time.perf_counter() - start) * 1e3
         code_after = readable(graph) if capture else None
         record = GraphRecord(
             index=index,
             matches=dict(sorted(matches.items())),
             ops_before=ops_before,
-            ops_after=count_fusion_ops(graph),
+            ops_after=ops_after,
             near_misses=near_misses,
             ms=ms,
+            inductor_launched=launched,
             code_before=code_before if self.keep_graphs else None,
             code_after=code_after if self.keep_graphs else None,
         )
@@ -175,6 +187,8 @@ class FusionPass(CustomGraphPass):
         digest = hashlib.sha256()
         digest.update(json.dumps(self.config_dict(), sort_keys=True).encode())
         digest.update(f"torch={torch.__version__}".encode())
+        if self.inductor_launch:  # the backend forced at compile time decides what is lowered
+            digest.update(f"forced={fusion_ops.backends.forced_backend()}".encode())
         # read the files on every call (torch's get_hash_for_files caches per process, so an
         # edited pattern would keep serving the old rewrite from the FX graph cache)
         for path in _source_files():
@@ -204,6 +218,7 @@ class FusionPass(CustomGraphPass):
             "fusions": list(self.fusions),
             "schemes": list(self.schemes),
             "dump_dir": str(self.dump_dir) if self.dump_dir is not None else None,
+            "inductor_launch": self.inductor_launch,
         }
 
     def summary(self) -> dict[str, Any]:

@@ -1,0 +1,193 @@
+"""Hand the fused norm+quant ops' Triton kernel to Inductor, so compiled code launches it itself.
+
+A fused op left in the post-grad graph is called from Inductor's generated wrapper through the
+dispatcher: the op's Python kernel, validation, backend selection and Triton's launcher run on
+every call. With ``FusionPass(inductor_launch=True)`` each fused ``rms_norm_<scheme>_quant`` /
+``add_rms_norm_<scheme>_quant`` node that the Triton backend would run is replaced by the
+kernel itself, as ``triton_kernel_wrapper_functional`` (the node torch.compile makes of a
+user-written ``kernel[grid](...)`` call) with its output buffers: Inductor then compiles and
+launches it like one of its own kernels. Same kernel, same constexprs, same warps (a one-config
+``triton.autotune`` wrapper, as Dynamo builds for ``num_warps=``), hence the same bytes as the
+op — ``pytest -m gpu`` compares the two bit for bit.
+
+Only where the rewrite cannot change results or the backend: NVIDIA (the Triton backend; ROCm's
+AITER backend keeps its op), static shapes (the warps depend on the row count), a row-contiguous
+``x``, a forced backend other than ``triton`` absent at compile time, no FNUZ FP8 output (NVIDIA
+runs those on the reference backend). No PDL: Inductor's launcher has no ``launch_pdl``.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from typing import Any
+
+import torch
+
+import fusion_ops
+from fusion_ops import SCHEMES, formats
+from patterns.base import val
+
+_FUSED = {s.rms_op: (s, False) for s in SCHEMES.values()} | {
+    s.add_rms_op: (s, True) for s in SCHEMES.values()
+}
+
+
+@functools.cache
+def _kernel_with_warps(num_warps: int) -> Any:
+    """norm_quant_kernel wrapped in a one-config autotuner carrying ``num_warps``."""
+    import triton
+
+    from fusion_ops.triton_backend import kernels
+
+    return triton.autotune(configs=[triton.Config({}, num_warps=num_warps)], key=[])(
+        kernels.norm_quant_kernel
+    )
+
+
+def _lowerable(node: torch.fx.Node) -> tuple[Any, bool] | None:
+    """(scheme, has_residual) when ``node`` is a fused norm+quant call this module can lower."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return None
+    if node.target.namespace != "fusion_ops" or node.target._opname not in _FUSED:
+        return None
+    scheme, has_res = _FUSED[node.target._opname]
+    x = val(node.args[0])
+    if x is None or x.device.type != "cuda" or torch.version.hip is not None:
+        return None
+    if fusion_ops.backends.forced_backend() not in (None, "triton"):
+        return None
+    if not all(isinstance(d, int) for d in x.shape) or not x.is_contiguous():
+        return None
+    if has_res and not val(node.args[1]).is_contiguous():
+        return None
+    params = node.args[(4 if has_res else 3) :]
+    if any(p is torch.float8_e4m3fnuz for p in params):
+        return None
+    return scheme, has_res
+
+
+def _empty_node(graph: torch.fx.Graph, v: torch.Tensor, fake_mode: Any) -> torch.fx.Node:
+    """An ``aten.empty`` node shaped like the fake value ``v`` (with its own fake value)."""
+    e = graph.call_function(
+        torch.ops.aten.empty.memory_format,
+        (list(v.shape),),
+        {"dtype": v.dtype, "device": v.device, "pin_memory": False},
+    )
+    with fake_mode:
+        e.meta["val"] = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    return e
+
+
+def lower_fused_norm_quant(graph: torch.fx.Graph) -> int:
+    """Replace every lowerable fused norm+quant node (see the module docstring); returns how
+    many were replaced."""
+    from torch._higher_order_ops.triton_kernel_wrap import (
+        kernel_side_table,
+        triton_kernel_wrapper_functional,
+    )
+
+    from fusion_ops.triton_backend import _SCHEME_IDS, _num_warps, next_power_of_2
+    from fusion_ops.triton_backend import kernels as k
+
+    lowered = 0
+    for node in list(graph.nodes):
+        found = _lowerable(node)
+        if found is None:
+            continue
+        scheme, has_res = found
+        n_lead = 4 if has_res else 3
+        x, r, w = (
+            (node.args[0], node.args[1], node.args[2])
+            if has_res
+            else (node.args[0], None, node.args[1])
+        )
+        eps = node.args[n_lead - 1]
+        schema_args = node.target._schema.arguments
+        args = list(node.args) + [
+            node.kwargs.get(a.name, a.default_value) for a in schema_args[len(node.args) :]
+        ]
+        params, return_normed = tuple(args[n_lead:-1]), bool(args[-1])
+        xv = val(x)
+        kdim = xv.shape[-1]
+        m = xv.numel() // kdim if kdim else 0
+        if m == 0:
+            continue
+        block_k = next_power_of_2(kdim)
+        scheme_id, group, ue8m0, fp8 = _SCHEME_IDS[scheme.name], 1, False, torch.float8_e4m3fn
+        if scheme_id == k.SCHEME_FP8:
+            ue8m0, fp8 = params[-2], params[-1]
+            group = params[0] if scheme.name == "fp8_group" else block_k
+        fake_mode = xv.fake_mode
+        with fake_mode:
+            q_val, s_val = scheme.fake(xv, params)
+            res_val = torch.empty_like(xv) if has_res else None
+            y_val = torch.empty_like(xv) if return_normed else None
+
+        with graph.inserting_before(node):
+            outs = {
+                "q_ptr": _empty_node(graph, q_val, fake_mode),
+                "s_ptr": _empty_node(graph, s_val, fake_mode),
+            }
+            if has_res:
+                outs["res_ptr"] = _empty_node(graph, res_val, fake_mode)
+            if return_normed:
+                outs["y_ptr"] = _empty_node(graph, y_val, fake_mode)
+            tensors = {
+                "x_ptr": x,
+                "r_ptr": r if has_res else x,  # read only when HAS_RES
+                "w_ptr": w,
+                "y_ptr": outs.get("y_ptr", outs["q_ptr"]),  # written only when WRITE_Y
+                "res_ptr": outs.get("res_ptr", outs["q_ptr"]),  # written only when HAS_RES
+                "q_ptr": outs["q_ptr"],
+                "s_ptr": outs["s_ptr"],
+            }
+            constants = {
+                "x_stride": kdim,
+                "r_stride": kdim,
+                "K": kdim,
+                "eps": float(eps),
+                "fp8_max": formats.fp8_max(fp8),
+                "min_scale": formats.fp8_min_scale(fp8),
+                "HAS_RES": has_res,
+                "DO_NORM": True,
+                "WRITE_Y": return_normed,
+                "SCHEME": scheme_id,
+                "GROUP": group,
+                "UE8M0": bool(ue8m0),
+                "BLOCK_K": block_k,
+                "USE_PDL": False,
+            }
+            kernel = _kernel_with_warps(_num_warps(block_k, m))
+            hop = graph.call_function(
+                triton_kernel_wrapper_functional,
+                (),
+                {
+                    "kernel_idx": kernel_side_table.add_kernel(kernel),
+                    "constant_args_idx": kernel_side_table.add_constant_args(constants),
+                    "grid": [(m, 1, 1)],
+                    "tma_descriptor_metadata": {},
+                    "kwargs": tensors,
+                    "tensors_to_clone": list(outs),
+                },
+            )
+            hop.meta["val"] = {name: val(o) for name, o in outs.items()}
+            results = {}
+            for name, out in outs.items():
+                g = graph.call_function(operator.getitem, (hop, name))
+                g.meta["val"] = val(out)
+                results[name] = g
+            # the op's outputs: (q, scales[, residual_out], normed_or_empty)
+            order = ["q_ptr", "s_ptr", *(["res_ptr"] if has_res else []), "y_ptr"]
+            for user in list(node.users):
+                if user.target is not operator.getitem:
+                    raise RuntimeError(f"{node.name}: unexpected user {user.format_node()}")
+                name = order[user.args[1]]
+                if name in results:
+                    user.replace_all_uses_with(results[name])
+                elif user.users:  # the empty normed placeholder, used: keep an empty tensor
+                    user.replace_all_uses_with(_empty_node(graph, val(user), fake_mode))
+                graph.erase_node(user)
+        graph.erase_node(node)
+        lowered += 1
+    return lowered
