@@ -99,6 +99,10 @@ def norm_quant_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_K)
     mask = cols < K
+    # fp32 whatever the launcher typed the floats as (Triton's JIT: fp32; Inductor: fp64)
+    eps = tl.cast(eps, tl.float32)
+    fp8_max = tl.cast(fp8_max, tl.float32)
+    min_scale = tl.cast(min_scale, tl.float32)
     if USE_PDL:  # see _pdl_start
         _pdl_start()
     x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
@@ -110,7 +114,7 @@ def norm_quant_kernel(
     if DO_NORM:
         xf = x.to(tl.float32)
         ss = _sum_of_squares(x_ptr, r_ptr, row, x_stride, r_stride, K, HAS_RES, BLOCK_K)
-        mean = tl.math.div_rn(ss, K.to(tl.float32))
+        mean = tl.math.div_rn(ss, tl.cast(K, tl.float32))
         inv = tl.math.div_rn(1.0, tl.sqrt_rn(mean + eps))
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         y = ((xf * inv) * w).to(out_dtype)  # rounded once to x.dtype, like the standalone op
