@@ -1,5 +1,5 @@
 """rms_norm → MXFP4 launch variants on one GPU, in one run: the row kernel (``norm_quant_kernel``,
-SCHEME=1) at 8 and 16 warps, with and without programmatic dependent launch (PDL, up to 128
+SCHEME=1) at 4, 8 and 16 warps, with and without programmatic dependent launch (PDL, up to 128
 tokens). Every variant's codes and scales are compared with the 8/16-warp launch without PDL
 (bit-exact expected) and with the reference backend's codes (share equal). The kernel variants
 tried in this session (row held as [blocks, 16, 2] or [blocks, 32], rows per program, chunked
@@ -72,11 +72,11 @@ def main() -> None:
         ref_q, ref_s = ref_quant.mxfp4_quant(ref_norm.rms_norm(x, w, EPS))
         nbytes = x.numel() * 2 + ref_q.numel() + ref_s.numel()
         old = {}  # the general kernel's bytes per warp count: the sum-of-squares order depends
-        for nw in (8, 16):  # on the warps, so variants are compared at equal warps
+        for nw in (4, 8, 16):  # on the warps, so variants are compared at equal warps
             old[nw] = (torch.empty_like(ref_q), torch.empty_like(ref_s))
             run_general(x, w, *old[nw], nw, False)
         variants = {}
-        for nw in (8, 16):
+        for nw in (4, 8, 16):
             for pdl in (False, True) if m <= 128 else (False,):
                 tag = f"w{nw}{' pdl' if pdl else ''}"
                 variants[f"general {tag}"] = (run_general, (nw, pdl))

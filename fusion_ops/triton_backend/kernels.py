@@ -47,11 +47,6 @@ def _clamp_keep_nan(x, lo, hi):
 
 
 @triton.jit
-def _sign_bit(x):
-    return (x.to(tl.int32, bitcast=True) >> 31) & 1
-
-
-@triton.jit
 def _sum_of_squares(
     x_ptr, r_ptr, row, x_stride, r_stride, K, HAS_RES: tl.constexpr, BLOCK_K: tl.constexpr
 ):
@@ -123,7 +118,7 @@ def norm_quant_kernel(
     if WRITE_Y:
         tl.store(y_ptr + row * K + cols, y, mask=mask)
     if SCHEME == 1:
-        _mxfp4(y.to(tl.float32), q_ptr, s_ptr, row, K, BLOCK_K, 0)
+        _mxfp4(y.to(tl.float32), q_ptr, s_ptr, row, K, BLOCK_K, 0, not HAS_RES)
     elif SCHEME == 2:
         _mxfp8(y.to(tl.float32), q_ptr, s_ptr, row, K, BLOCK_K)
     elif SCHEME == 3:
@@ -133,19 +128,30 @@ def norm_quant_kernel(
 
 
 @triton.jit
-def _mxfp4(y, q_ptr, s_ptr, row, K, BLOCK_K: tl.constexpr, col0):
+def _mxfp4(y, q_ptr, s_ptr, row, K, BLOCK_K: tl.constexpr, col0, INT_MAX: tl.constexpr):
     """MXFP4 codes and scales of y = row[col0 : col0 + BLOCK_K] (col0 a multiple of 32)."""
     NB: tl.constexpr = BLOCK_K // 32
     yb = tl.reshape(y, (NB, 32))
-    has_nan = tl.max((yb != yb).to(tl.int32), axis=1) > 0
-    amax = tl.max(tl.abs(yb), axis=1)
-    rounded = ((amax.to(tl.int32, bitcast=True) + 0x200000) & -0x800000) >> 23
+    if INT_MAX:
+        # |y| as int bits: ordered like the floats, NaN patterns above inf's 0x7F800000, so one
+        # integer max gives the block maximum and whether the block holds a NaN (measured: 7 %
+        # faster for rms→MXFP4, 6–9 % slower for add+rms→MXFP4, hence a switch; same bytes)
+        amax_bits = tl.max(yb.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)
+        has_nan = amax_bits > 0x7F800000
+    else:
+        has_nan = tl.max((yb != yb).to(tl.int32), axis=1) > 0
+        amax_bits = tl.max(tl.abs(yb), axis=1).to(tl.int32, bitcast=True)
+    finite_or_inf = tl.minimum(amax_bits, 0x7F800000)  # no int overflow; NaN: overridden below
+    rounded = ((finite_or_inf + 0x200000) & -0x800000) >> 23
     field = rounded & 0xFF
     u = tl.where(field == 255, 127, tl.minimum(tl.maximum(field - 129, -127), 127))
     u = tl.where(has_nan, 127, u)
     byte = tl.where(has_nan, 255, u + 127)  # int32 in [0, 255]: no negative float→uint cast
     q = yb * _pow2(-u)[:, None]
-    code = tl.where(has_nan[:, None], 0, _e2m1_code(tl.abs(q))) | (_sign_bit(q) << 3)
+    # q's sign bit moved to bit 3 (q's, not y's: a NaN keeps whatever sign the multiply gives it,
+    # as in the reference computed on the same device)
+    sign = (q.to(tl.int32, bitcast=True) >> 28) & 8
+    code = tl.where(has_nan[:, None], 0, _e2m1_code(tl.abs(q))) | sign
     # pack pairs (2j, 2j+1) as lo | hi << 4: a weighted sum over a size-2 axis stays inside a
     # thread, where tl.split may shuffle through shared memory
     nibble_weight = (1 + 15 * tl.arange(0, 2))[None, None, :]  # [1, 16]
