@@ -23,6 +23,8 @@ head_dim]`` of the vector's dtype, token ``t`` of block ``b`` at ``[b, t, :]``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # --- MX formats (OCP Microscaling) -------------------------------------------------------------
@@ -36,11 +38,13 @@ FP4_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 
 
+@functools.cache
 def fp8_max(dtype: torch.dtype) -> float:
     """Largest finite value: 448 for e4m3fn, 240 for e4m3fnuz."""
     return float(torch.finfo(dtype).max)
 
 
+@functools.cache
 def fp8_min_scale(dtype: torch.dtype) -> float:
     """Lower bound of a dynamic FP8 scale: 1 / (FP8_MAX · 512) (vLLM's rule)."""
     return 1.0 / (fp8_max(dtype) * 512.0)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 import fusion_ops
-from fusion_ops import SCHEMES, formats
+from fusion_ops import SCHEMES
 from patterns.base import val
 
 _FUSED = {s.rms_op: (s, False) for s in SCHEMES.values()} | {
@@ -87,8 +87,7 @@ def lower_fused_norm_quant(graph: torch.fx.Graph) -> int:
         triton_kernel_wrapper_functional,
     )
 
-    from fusion_ops.triton_backend import _SCHEME_IDS, _num_warps, next_power_of_2
-    from fusion_ops.triton_backend import kernels as k
+    from fusion_ops.triton_backend import _num_warps, next_power_of_2, scheme_constants
 
     lowered = 0
     for node in list(graph.nodes):
@@ -114,10 +113,6 @@ def lower_fused_norm_quant(graph: torch.fx.Graph) -> int:
         if m == 0:
             continue
         block_k = next_power_of_2(kdim)
-        scheme_id, group, ue8m0, fp8 = _SCHEME_IDS[scheme.name], 1, False, torch.float8_e4m3fn
-        if scheme_id == k.SCHEME_FP8:
-            ue8m0, fp8 = params[-2], params[-1]
-            group = params[0] if scheme.name == "fp8_group" else block_k
         fake_mode = xv.fake_mode
         with fake_mode:
             q_val, s_val = scheme.fake(xv, params)
@@ -147,14 +142,10 @@ def lower_fused_norm_quant(graph: torch.fx.Graph) -> int:
                 "r_stride": kdim,
                 "K": kdim,
                 "eps": float(eps),
-                "fp8_max": formats.fp8_max(fp8),
-                "min_scale": formats.fp8_min_scale(fp8),
                 "HAS_RES": has_res,
                 "DO_NORM": True,
                 "WRITE_Y": return_normed,
-                "SCHEME": scheme_id,
-                "GROUP": group,
-                "UE8M0": bool(ue8m0),
+                **scheme_constants(scheme.name, params, block_k),
                 "BLOCK_K": block_k,
                 "USE_PDL": False,
             }

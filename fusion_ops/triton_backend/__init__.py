@@ -73,6 +73,26 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
+def scheme_constants(scheme: str | None, params: tuple[Any, ...], block_k: int) -> dict[str, Any]:
+    """norm_quant_kernel's scheme-dependent arguments (SCHEME, GROUP, UE8M0, fp8_max, min_scale)
+    for ``scheme`` (None: norm only) and its op parameters; shared by this backend's launches
+    and by FusionPass(inductor_launch=True), which must launch the same kernel alike."""
+    scheme_id, group, ue8m0, fp8 = k.SCHEME_NONE, 1, False, torch.float8_e4m3fn
+    if scheme is not None:
+        scheme_id = _SCHEME_IDS[scheme]
+        if scheme_id == k.SCHEME_FP8:
+            ue8m0, fp8 = bool(params[-2]), params[-1]
+            # per-token: one group of the padded row
+            group = params[0] if scheme == "fp8_group" else block_k
+    return {
+        "SCHEME": scheme_id,
+        "GROUP": group,
+        "UE8M0": ue8m0,
+        "fp8_max": formats.fp8_max(fp8),
+        "min_scale": formats.fp8_min_scale(fp8),
+    }
+
+
 def _norm_quant(
     x: torch.Tensor,
     residual: torch.Tensor | None,
@@ -97,13 +117,7 @@ def _norm_quant(
     if m:
         w = weight if weight is not None else x2
         pdl = _pdl_supported(x.get_device())
-        scheme_id, group, ue8m0, fp8 = k.SCHEME_NONE, 1, False, torch.float8_e4m3fn
-        if scheme is not None:
-            scheme_id = _SCHEME_IDS[scheme]
-            if scheme_id == k.SCHEME_FP8:
-                ue8m0, fp8 = params[-2], params[-1]
-                # per-token: one group of the padded row
-                group = params[0] if scheme == "fp8_group" else block_k
+        scheme_consts = scheme_constants(scheme, params, block_k)
         _norm_quant_launch(
             (m,),
             (
@@ -118,16 +132,16 @@ def _norm_quant(
                 r2.stride(0),
                 kdim,
                 eps,
-                formats.fp8_max(fp8),
-                formats.fp8_min_scale(fp8),
+                scheme_consts["fp8_max"],
+                scheme_consts["min_scale"],
             ),
             (
                 ("HAS_RES", residual is not None),
                 ("DO_NORM", weight is not None),
                 ("WRITE_Y", write_y),
-                ("SCHEME", scheme_id),
-                ("GROUP", group),
-                ("UE8M0", ue8m0),
+                ("SCHEME", scheme_consts["SCHEME"]),
+                ("GROUP", scheme_consts["GROUP"]),
+                ("UE8M0", scheme_consts["UE8M0"]),
                 ("BLOCK_K", block_k),
                 ("USE_PDL", pdl),
                 ("num_warps", _num_warps(block_k, m)),
