@@ -164,17 +164,10 @@ def _select(op_name: str, device: torch.device, forced: str | None) -> str:
 
 def run_op(op_name: str, device_type: str, args: tuple[Any, ...]) -> Any:
     """Run ``op_name`` on ``args`` (validated, defaults filled in) with the backend selected for
-    ``device_type``. The hot path of every op call: kept to an env read and two dict operations."""
-    forced = _FORCED
-    if forced is None:
-        raw = _environ_get(ENV_VAR)
-        if raw:
-            forced = _parse_env(raw)
-    selected = _SELECTED.get((op_name, device_type, forced))
-    if selected is None:
-        selected = _selected(op_name, device_type, forced)
-    _LAST_USED[op_name] = selected[0]
-    return selected[1](*args)
+    ``device_type``: the hot path of every op call (an env read and a dict lookup)."""
+    backend, impl = _selected(op_name, device_type, forced_backend())
+    _LAST_USED[op_name] = backend
+    return impl(*args)
 
 
 def implementation(op_name: str, backend: str) -> Callable[..., Any]:

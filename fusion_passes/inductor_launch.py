@@ -26,7 +26,7 @@ import torch
 
 import fusion_ops
 from fusion_ops import SCHEMES
-from patterns.base import val
+from patterns.base import op_args, val
 
 _FUSED = {s.rms_op: (s, False) for s in SCHEMES.values()} | {
     s.add_rms_op: (s, True) for s in SCHEMES.values()
@@ -45,26 +45,28 @@ def _kernel_with_warps(num_warps: int) -> Any:
     )
 
 
-def _lowerable(node: torch.fx.Node) -> tuple[Any, bool] | None:
-    """(scheme, has_residual) when ``node`` is a fused norm+quant call this module can lower."""
+def _lowerable(node: torch.fx.Node) -> tuple[Any, bool, list[Any]] | None:
+    """(scheme, has_residual, every schema argument in order) when ``node`` is a fused
+    norm+quant call this module can lower."""
     if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
         return None
     if node.target.namespace != "fusion_ops" or node.target._opname not in _FUSED:
         return None
     scheme, has_res = _FUSED[node.target._opname]
-    x = val(node.args[0])
+    by_name = op_args(node)  # defaults filled in, kwargs included
+    args = [by_name[a.name] for a in node.target._schema.arguments]
+    x = val(args[0])
     if x is None or x.device.type != "cuda" or torch.version.hip is not None:
         return None
     if fusion_ops.backends.forced_backend() not in (None, "triton"):
         return None
     if not all(isinstance(d, int) for d in x.shape) or not x.is_contiguous():
         return None
-    if has_res and not val(node.args[1]).is_contiguous():
+    if has_res and not val(args[1]).is_contiguous():
         return None
-    params = node.args[(4 if has_res else 3) :]
-    if any(p is torch.float8_e4m3fnuz for p in params):
+    if any(p is torch.float8_e4m3fnuz for p in args):
         return None
-    return scheme, has_res
+    return scheme, has_res, args
 
 
 def _empty_node(graph: torch.fx.Graph, v: torch.Tensor, fake_mode: Any) -> torch.fx.Node:
@@ -94,18 +96,10 @@ def lower_fused_norm_quant(graph: torch.fx.Graph) -> int:
         found = _lowerable(node)
         if found is None:
             continue
-        scheme, has_res = found
-        n_lead = 4 if has_res else 3
-        x, r, w = (
-            (node.args[0], node.args[1], node.args[2])
-            if has_res
-            else (node.args[0], None, node.args[1])
-        )
-        eps = node.args[n_lead - 1]
-        schema_args = node.target._schema.arguments
-        args = list(node.args) + [
-            node.kwargs.get(a.name, a.default_value) for a in schema_args[len(node.args) :]
-        ]
+        scheme, has_res, args = found
+        n_lead = 4 if has_res else 3  # x, [residual,] weight, eps
+        x, r, w = (args[0], args[1], args[2]) if has_res else (args[0], None, args[1])
+        eps = args[n_lead - 1]
         params, return_normed = tuple(args[n_lead:-1]), bool(args[-1])
         xv = val(x)
         kdim = xv.shape[-1]
