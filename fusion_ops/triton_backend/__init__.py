@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -73,7 +75,10 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def scheme_constants(scheme: str | None, params: tuple[Any, ...], block_k: int) -> dict[str, Any]:
+@functools.cache
+def scheme_constants(
+    scheme: str | None, params: tuple[Any, ...], block_k: int
+) -> Mapping[str, Any]:
     """norm_quant_kernel's scheme-dependent arguments (SCHEME, GROUP, UE8M0, fp8_max, min_scale)
     for ``scheme`` (None: norm only) and its op parameters; shared by this backend's launches
     and by FusionPass(inductor_launch=True), which must launch the same kernel alike."""
@@ -84,13 +89,15 @@ def scheme_constants(scheme: str | None, params: tuple[Any, ...], block_k: int) 
             ue8m0, fp8 = bool(params[-2]), params[-1]
             # per-token: one group of the padded row
             group = params[0] if scheme == "fp8_group" else block_k
-    return {
-        "SCHEME": scheme_id,
-        "GROUP": group,
-        "UE8M0": ue8m0,
-        "fp8_max": formats.fp8_max(fp8),
-        "min_scale": formats.fp8_min_scale(fp8),
-    }
+    return MappingProxyType(  # cached: read-only
+        {
+            "SCHEME": scheme_id,
+            "GROUP": group,
+            "UE8M0": ue8m0,
+            "fp8_max": formats.fp8_max(fp8),
+            "min_scale": formats.fp8_min_scale(fp8),
+        }
+    )
 
 
 def _norm_quant(
