@@ -128,6 +128,8 @@ class FusionPass(CustomGraphPass):
         code_before = readable(graph) if capture else None
         start = time.perf_counter()  # the rewrite and its accounting; rendering dumps excluded
         ops_before = count_fusion_ops(graph)
+        for family in self.fusions:
+            FAMILIES[family].prepare(graph, self.schemes)
         existing = set(graph.nodes)
 
         for matcher in self._matchers.values():

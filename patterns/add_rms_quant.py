@@ -16,7 +16,7 @@ import torch
 from fusion_ops import SCHEMES
 
 from . import quant_variants as qv
-from .base import NearMiss, PatternSpec, find_calls
+from .base import NearMiss, PatternSpec, find_calls, op_name
 from .rms_quant import explain_norm_output
 
 NAME = "add_rms_quant"
@@ -33,6 +33,19 @@ def pattern_specs(schemes: Sequence[str]) -> list[PatternSpec]:
         for residual in (True, False)
         for v in variants
     ]
+
+
+def prepare(graph: torch.fx.Graph, schemes: Sequence[str]) -> int:
+    """``quant(fused_add_rms_norm(…)[0].reshape(…))`` → the quant on item 0, then the view."""
+    return qv.sink_quant_views(graph, schemes, _is_normed_item)
+
+
+def _is_normed_item(node: torch.fx.Node) -> bool:
+    return (
+        node.target is operator.getitem
+        and node.args[1] == 0
+        and op_name(node.args[0]) == "fused_add_rms_norm"
+    )
 
 
 def label(node: torch.fx.Node) -> str | None:

@@ -57,6 +57,10 @@ class Family(Protocol):
 
     def near_misses(self, graph: torch.fx.Graph, schemes: Sequence[str]) -> list[NearMiss]: ...
 
+    def prepare(self, graph: torch.fx.Graph, schemes: Sequence[str]) -> int:
+        """Exact canonicalization before matching (:mod:`patterns.canonical`); rewrites done."""
+        ...
+
 
 # --- fx helpers shared by the families -----------------------------------------------------------
 def op_name(node: torch.fx.Node) -> str | None:

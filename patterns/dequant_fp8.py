@@ -14,7 +14,17 @@ import torch
 
 from fusion_ops import CACHE_LAYOUTS
 
-from .base import NearMiss, PatternSpec, dtype_name, find_calls, op_args, users_by_op, val
+from . import canonical
+from .base import (
+    NearMiss,
+    PatternSpec,
+    dtype_name,
+    find_calls,
+    op_args,
+    op_name,
+    users_by_op,
+    val,
+)
 
 NAME = "dequant_fp8"
 STANDALONE_OPS = ("dequant_cache",)
@@ -43,6 +53,14 @@ def _spec(layout: str, fp8: torch.dtype) -> PatternSpec:
 
 def pattern_specs(schemes: Sequence[str]) -> list[PatternSpec]:
     return [_spec(layout, fp8) for layout in CACHE_LAYOUTS for fp8 in FP8]
+
+
+def prepare(graph: torch.fx.Graph, schemes: Sequence[str]) -> int:
+    """``dequant_cache(…).view(…).to(fp8)`` → the cast on the dequantized value, then the view
+    (a cast is elementwise: any view that keeps the rows commutes with it)."""
+    casts = [n for n in graph.nodes if n.target is convert and n.args[1] in FP8]
+    is_dequant = lambda n: op_name(n) == "dequant_cache"  # noqa: E731
+    return sum(canonical.sink_below_views(c, is_dequant) for c in casts)
 
 
 def label(node: torch.fx.Node) -> str | None:

@@ -15,6 +15,7 @@ import torch
 
 from fusion_ops import SCHEMES
 
+from . import canonical
 from .base import PatternSpec, dtype_name, op_args, op_name, val
 
 FP8_NAMES = {torch.float8_e4m3fn: "e4m3fn", torch.float8_e4m3fnuz: "e4m3fnuz"}
@@ -169,3 +170,13 @@ def label_of_fused(family: str, prefix: str, node: torch.fx.Node) -> str | None:
     normed = "+normed" if op_args(node).get("return_normed") else ""
     dtype = dtype_name(val(node.args[0]).dtype)
     return f"{family}/{label_of_call(scheme, node)}{normed}/{dtype}"
+
+
+def sink_quant_views(
+    graph: torch.fx.Graph, schemes: Sequence[str], is_normed: Callable[[torch.fx.Node], bool]
+) -> int:
+    """Move each enabled quant op that reads a view of a normed value (``is_normed``) above the
+    views (:func:`patterns.canonical.sink_below_views`); the number moved."""
+    quant_ops = {getattr(torch.ops.fusion_ops, SCHEMES[s].quant_op).default for s in schemes}
+    quants = [n for n in graph.nodes if n.op == "call_function" and n.target in quant_ops]
+    return sum(canonical.sink_below_views(q, is_normed) for q in quants)

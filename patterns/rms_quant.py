@@ -13,6 +13,7 @@ import torch
 
 from fusion_ops import SCHEMES
 
+from . import canonical
 from . import quant_variants as qv
 from .base import NearMiss, PatternSpec, dtype_name, find_calls, op_name, users_by_op, val
 
@@ -32,6 +33,11 @@ def pattern_specs(schemes: Sequence[str]) -> list[PatternSpec]:
     ]
 
 
+def prepare(graph: torch.fx.Graph, schemes: Sequence[str]) -> int:
+    """``quant(rms_norm(x).reshape(…))`` → the quant on the norm's output, then the view."""
+    return qv.sink_quant_views(graph, schemes, lambda n: op_name(n) == "rms_norm")
+
+
 def label(node: torch.fx.Node) -> str | None:
     """'rms_quant/<scheme label>[+normed]/<x dtype>' for a fused node this family creates."""
     return qv.label_of_fused(NAME, "rms_norm_", node)
@@ -48,15 +54,23 @@ def near_misses(graph: torch.fx.Graph, schemes: Sequence[str]) -> list[NearMiss]
 def explain_norm_output(normed: torch.fx.Node, schemes: Sequence[str]) -> str:
     """Why the normed value ``normed`` did not feed a fusion (shared with add_rms_quant)."""
     users = list(normed.users)
-    quant_users = [u for u in users if (op_name(u) or "").endswith("_quant")]
+    is_quant = lambda u: (op_name(u) or "").endswith("_quant")  # noqa: E731
+    quant_users = canonical.consumers_through_views(normed, is_quant)
     if not quant_users:
         casts = [u for u in users if u.target is torch.ops.prims.convert_element_type.default]
         for cast in casts:
-            if any((op_name(c) or "").endswith("_quant") for c in cast.users):
+            if any(is_quant(c) for c in cast.users):
                 return (
                     f"dtype {dtype_name(val(cast).dtype)} vs {dtype_name(val(normed).dtype)}: "
                     "a cast sits between the norm and the quant op"
                 )
+        view = canonical.blocking_view(normed, is_quant)
+        if view is not None:
+            return (
+                f"a view between the norm and the quant op changes the rows "
+                f"({canonical.describe_view(view)}): only views that keep the last dim are "
+                "seen through"
+            )
         return f"no quant op consumes it (users: {', '.join(users_by_op(normed)) or 'none'})"
     if len(users) > 1:
         return (

@@ -23,6 +23,7 @@ from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto
 
 from fusion_ops import CACHE_LAYOUTS
 
+from . import canonical
 from .base import HOPS, NearMiss, PatternSpec, dtype_name, find_calls, op_args, op_name, val
 
 NAME = "rope_cache"
@@ -122,6 +123,24 @@ def pattern_specs(schemes: Sequence[str]) -> list[PatternSpec]:
         for layout in CACHE_LAYOUTS
         for is_neox in (False, True)
     ]
+
+
+def prepare(graph: torch.fx.Graph, schemes: Sequence[str]) -> int:
+    """For each cache write fed by a rope through views that keep tokens and head dim
+    (``rope(kv3d).squeeze(1)``), move the views to the rope's input; then put every such kv
+    rope last among the users of its inputs, so the q-rope output of the pattern binds to a
+    q rope written before *or after* it."""
+    done = 0
+    for write in find_calls(graph, "mla_cache_write"):
+        src, views = canonical.view_chain(op_args(write).get("kv"))
+        if views and op_name(src) == "rope":
+            done += canonical.hoist_views_above(src, input_index=1)
+    for write in find_calls(graph, "mla_cache_write"):
+        kv_rot = op_args(write).get("kv")
+        if isinstance(kv_rot, torch.fx.Node) and op_name(kv_rot) == "rope":
+            for arg in kv_rot.all_input_nodes:
+                canonical.move_user_last(arg, kv_rot)
+    return done
 
 
 def label(node: torch.fx.Node) -> str | None:
