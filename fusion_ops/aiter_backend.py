@@ -8,8 +8,9 @@ Loaded by :mod:`fusion_ops.backends` on ROCm when ``import aiter`` works. What A
   fp32 scales)
 * ``add_rms_norm_fp8_group_quant`` → the same with ``res1=residual``
 
-Every other call (other schemes, UE8M0 scales, other group sizes, ``return_normed`` for MXFP4)
-goes to the Triton backend. Numerics differ from the contract (shared/reference/aiter-semantics.md):
+Every other call (other schemes, UE8M0 scales, other group sizes, ``return_normed`` for MXFP4,
+``weight_after_rounding`` / ``norm_unrounded_sum``) goes to the Triton backend. Numerics differ
+from the contract (shared/reference/aiter-semantics.md):
 AITER normalises the *unrounded* fp32 value (and the unrounded fp32 sum x + residual) instead of
 quantizing the normed value rounded to x.dtype, so a code can differ where that rounding moves a
 value across a rounding boundary; its FP8 group scale is ``max(amax, 1e-10)/FP8_MAX`` applied as a
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 
 from .backends import implementation, register_impl
+from .reference.norm import NormNumerics
 
 _KERNELS: dict[str, Any] = {}
 
@@ -67,9 +69,15 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def _mxfp4(x, residual, w, eps, return_normed, op):  # type: ignore[no-untyped-def]
-    if return_normed:
-        return implementation(op, "triton")(*_args(x, residual, w, eps), return_normed)
+def _other_numerics(f: NormNumerics) -> bool:
+    """Rounding points AITER does not offer (fusion_ops.reference.norm): Triton runs those."""
+    return f.weight_after_rounding or f.norm_unrounded_sum
+
+
+def _mxfp4(x, residual, w, eps, flags, op):  # type: ignore[no-untyped-def]
+    f = NormNumerics(*flags)
+    if f.return_normed or _other_numerics(f):
+        return implementation(op, "triton")(*_args(x, residual, w, eps), *flags)
     lead = x.shape[:-1]
     res = _rows(residual) if residual is not None else None
     (q, s), _, res_out = kernels()["mxfp4"](_rows(x), w, eps, res1=res)
@@ -80,18 +88,19 @@ def _mxfp4(x, residual, w, eps, return_normed, op):  # type: ignore[no-untyped-d
     return q, s, res_out.view(x.shape), empty
 
 
-def _fp8_group(x, residual, w, eps, params, return_normed, op):  # type: ignore[no-untyped-def]
+def _fp8_group(x, residual, w, eps, params, flags, op):  # type: ignore[no-untyped-def]
     group_size, use_ue8m0, fp8_dtype = params
-    if group_size != 128 or use_ue8m0:
-        return implementation(op, "triton")(*_args(x, residual, w, eps), *params, return_normed)
+    f = NormNumerics(*flags)
+    if group_size != 128 or use_ue8m0 or _other_numerics(f):
+        return implementation(op, "triton")(*_args(x, residual, w, eps), *params, *flags)
     lead = x.shape[:-1]
     res = _rows(residual) if residual is not None else None
     (q, s), normed, _, res_out = kernels()["fp8_group"](
         _rows(x), w, eps, group_size=128, dtype_quant=fp8_dtype, res1=res,
-        output_unquantized_inp1=return_normed,
+        output_unquantized_inp1=f.return_normed,
     )  # fmt: skip
     q, s = q.view(*lead, -1), s.view(*lead, -1)
-    normed = normed.view(x.shape) if return_normed else x.new_empty((0,))
+    normed = normed.view(x.shape) if f.return_normed else x.new_empty((0,))
     if residual is None:
         return q, s, normed
     return q, s, res_out.view(x.shape), normed
@@ -101,27 +110,26 @@ def _args(x, residual, w, eps):  # type: ignore[no-untyped-def]
     return (x, w, eps) if residual is None else (x, residual, w, eps)
 
 
+# the trailing flags (return_normed, weight_after_rounding[, norm_unrounded_sum]) pass through
 @register_impl("rms_norm_mxfp4_quant", "aiter")
-def rms_norm_mxfp4_quant(x, weight, eps, return_normed=False):  # type: ignore[no-untyped-def]
-    return _mxfp4(x, None, weight, eps, return_normed, "rms_norm_mxfp4_quant")
+def rms_norm_mxfp4_quant(x, weight, eps, *flags):  # type: ignore[no-untyped-def]
+    return _mxfp4(x, None, weight, eps, flags, "rms_norm_mxfp4_quant")
 
 
 @register_impl("add_rms_norm_mxfp4_quant", "aiter")
-def add_rms_norm_mxfp4_quant(x, residual, weight, eps, return_normed=False):  # type: ignore[no-untyped-def]
-    return _mxfp4(x, residual, weight, eps, return_normed, "add_rms_norm_mxfp4_quant")
+def add_rms_norm_mxfp4_quant(x, residual, weight, eps, *flags):  # type: ignore[no-untyped-def]
+    return _mxfp4(x, residual, weight, eps, flags, "add_rms_norm_mxfp4_quant")
 
 
 @register_impl("rms_norm_fp8_group_quant", "aiter")
-def rms_norm_fp8_group_quant(x, weight, eps, group_size, use_ue8m0, fp8_dtype, return_normed=False):  # type: ignore[no-untyped-def]
+def rms_norm_fp8_group_quant(x, weight, eps, group_size, use_ue8m0, fp8_dtype, *flags):  # type: ignore[no-untyped-def]
     params = (group_size, use_ue8m0, fp8_dtype)
-    return _fp8_group(x, None, weight, eps, params, return_normed, "rms_norm_fp8_group_quant")
+    return _fp8_group(x, None, weight, eps, params, flags, "rms_norm_fp8_group_quant")
 
 
 @register_impl("add_rms_norm_fp8_group_quant", "aiter")
 def add_rms_norm_fp8_group_quant(
-    x, residual, weight, eps, group_size, use_ue8m0, fp8_dtype, return_normed=False
+    x, residual, weight, eps, group_size, use_ue8m0, fp8_dtype, *flags
 ):  # type: ignore[no-untyped-def]
     params = (group_size, use_ue8m0, fp8_dtype)
-    return _fp8_group(
-        x, residual, weight, eps, params, return_normed, "add_rms_norm_fp8_group_quant"
-    )
+    return _fp8_group(x, residual, weight, eps, params, flags, "add_rms_norm_fp8_group_quant")

@@ -15,9 +15,10 @@ Standalone ops (what models call)::
 
 Fused ops (what the passes substitute; same numbers as the standalone sequence)::
 
-    rms_norm_<scheme>_quant(x, weight, eps, *scheme_params, return_normed=False)
-        -> (q, scales, normed_or_empty)
-    add_rms_norm_<scheme>_quant(x, residual, weight, eps, *scheme_params, return_normed=False)
+    rms_norm_<scheme>_quant(x, weight, eps, *scheme_params, return_normed=False,
+                            weight_after_rounding=False) -> (q, scales, normed_or_empty)
+    add_rms_norm_<scheme>_quant(x, residual, weight, eps, *scheme_params, return_normed=False,
+                                weight_after_rounding=False, norm_unrounded_sum=False)
         -> (q, scales, residual_out, normed_or_empty)
     rope_mla_cache_write(positions, q, kv, cos_sin_cache, kv_cache!, slot_mapping, rope_dim,
                          is_neox, layout) -> (q_rotated, kv_rotated)
@@ -37,6 +38,7 @@ from .formats import CACHE_LAYOUTS, DSV4_HEAD_DIM, DSV4_SLOT_BYTES
 from .reference import cache as ref_cache
 from .reference import norm as ref_norm
 from .reference import rope as ref_rope
+from .reference.norm import split_fused_params
 from .schemes import SCHEMES, QuantScheme
 
 NAMESPACE = "fusion_ops"
@@ -192,39 +194,57 @@ def _normed_or_empty(y: torch.Tensor, return_normed: bool) -> torch.Tensor:
     return y if return_normed else y.new_empty((0,))
 
 
+_NORM_FLAGS = "bool return_normed=False, bool weight_after_rounding=False"
+
+
 def _define_scheme(s: QuantScheme) -> None:
     """``<s>_quant``, ``rms_norm_<s>_quant``, ``add_rms_norm_<s>_quant``.
 
-    The fused ops end with ``bool return_normed=False``: with True they also return the
-    unquantized normed value (for graphs where it has other users, e.g. a router gate), else an
-    empty tensor in that place. Params below are ``(*scheme_params, return_normed)``.
+    The fused ops end with flags (:class:`fusion_ops.reference.norm.NormNumerics`):
+    ``return_normed`` (also return the unquantized normed value, for graphs where it has other
+    users, e.g. a router gate; else an empty tensor in that place), ``weight_after_rounding``
+    and, for the add op, ``norm_unrounded_sum`` (other libraries' rounding points, see
+    :mod:`fusion_ops.reference.norm`). Params below are ``(*scheme_params, *flags)``.
     """
 
     def quant_ref(x: torch.Tensor, *params: Any) -> Any:
         return s.reference(x, *params)
 
     def rms_ref(x: torch.Tensor, w: torch.Tensor, eps: float, *p: Any) -> Any:
-        y = ref_norm.rms_norm(x, w, eps)
-        return (*s.reference(y, *p[:-1]), _normed_or_empty(y, p[-1]))
+        params, f = split_fused_params(p, add=False)
+        y = ref_norm.rms_norm(x, w, eps, f.weight_after_rounding)
+        return (*s.reference(y, *params), _normed_or_empty(y, f.return_normed))
 
     def add_rms_ref(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float, *p: Any) -> Any:
-        y, residual_out = ref_norm.fused_add_rms_norm(x, r, w, eps)
-        return (*s.reference(y, *p[:-1]), residual_out, _normed_or_empty(y, p[-1]))
+        params, f = split_fused_params(p, add=True)
+        y, residual_out = ref_norm.fused_add_rms_norm(
+            x, r, w, eps, f.weight_after_rounding, f.norm_unrounded_sum
+        )
+        return (*s.reference(y, *params), residual_out, _normed_or_empty(y, f.return_normed))
 
     def check_rms(x: torch.Tensor, w: torch.Tensor, eps: float, *p: Any) -> None:
         _check_norm(s.rms_op, x, w, eps)
-        s.check(s.rms_op, x, p[:-1])
+        s.check(s.rms_op, x, split_fused_params(p, add=False)[0])
 
     def check_add_rms(
         x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float, *p: Any
     ) -> None:
         _check_add_norm(s.add_rms_op, x, r, w, eps)
-        s.check(s.add_rms_op, x, p[:-1])
+        s.check(s.add_rms_op, x, split_fused_params(p, add=True)[0])
 
     def fake_normed(x: torch.Tensor, return_normed: bool) -> torch.Tensor:
         if return_normed:
             return torch.empty_like(x, memory_format=torch.contiguous_format)
         return x.new_empty((0,))
+
+    def fake_rms(x: torch.Tensor, w: torch.Tensor, eps: float, *p: Any) -> Any:
+        params, f = split_fused_params(p, add=False)
+        return (*s.fake(x, params), fake_normed(x, f.return_normed))
+
+    def fake_add_rms(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float, *p: Any) -> Any:
+        params, f = split_fused_params(p, add=True)
+        residual_out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        return (*s.fake(x, params), residual_out, fake_normed(x, f.return_normed))
 
     _define(
         s.quant_op,
@@ -236,25 +256,21 @@ def _define_scheme(s: QuantScheme) -> None:
     )
     _define(
         s.rms_op,
-        f"(Tensor x, Tensor weight, float eps{s.params_schema}, bool return_normed=False)"
+        f"(Tensor x, Tensor weight, float eps{s.params_schema}, {_NORM_FLAGS})"
         " -> (Tensor, Tensor, Tensor)",
         check_rms,
-        lambda x, w, eps, *p: (*s.fake(x, p[:-1]), fake_normed(x, p[-1])),
+        fake_rms,
         rms_ref,
-        quick=lambda x, w, eps, *p: _quick_norm(x, w, eps) and s.quick(x, p[:-1]),
+        quick=lambda x, w, eps, *p: _quick_norm(x, w, eps) and s.quick(x, p[:-2]),
     )
     _define(
         s.add_rms_op,
-        f"(Tensor x, Tensor residual, Tensor weight, float eps{s.params_schema}, "
-        "bool return_normed=False) -> (Tensor, Tensor, Tensor, Tensor)",
+        f"(Tensor x, Tensor residual, Tensor weight, float eps{s.params_schema}, {_NORM_FLAGS}, "
+        "bool norm_unrounded_sum=False) -> (Tensor, Tensor, Tensor, Tensor)",
         check_add_rms,
-        lambda x, r, w, eps, *p: (
-            *s.fake(x, p[:-1]),
-            torch.empty_like(x, memory_format=torch.contiguous_format),
-            fake_normed(x, p[-1]),
-        ),
+        fake_add_rms,
         add_rms_ref,
-        quick=lambda x, r, w, eps, *p: _quick_add_norm(x, r, w, eps) and s.quick(x, p[:-1]),
+        quick=lambda x, r, w, eps, *p: _quick_add_norm(x, r, w, eps) and s.quick(x, p[:-3]),
     )
 
 

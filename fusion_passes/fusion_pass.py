@@ -27,7 +27,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fusion_ops
 import patterns
-from patterns import FAMILIES, PatternSpec
+from patterns import FAMILIES, PatternSpec, quant_variants
 from patterns.base import HOPS, val
 
 from .accounting import GraphRecord, count_fusion_ops
@@ -221,6 +221,7 @@ class FusionPass(CustomGraphPass):
             "schemes": list(self.schemes),
             "dump_dir": str(self.dump_dir) if self.dump_dir is not None else None,
             "inductor_launch": self.inductor_launch,
+            "norm_sources": list(quant_variants.sources()),
         }
 
     def summary(self) -> dict[str, Any]:

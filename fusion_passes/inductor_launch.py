@@ -26,6 +26,7 @@ import torch
 
 import fusion_ops
 from fusion_ops import SCHEMES
+from fusion_ops.reference.norm import split_fused_params
 from patterns.base import op_args, val
 
 _FUSED = {s.rms_op: (s, False) for s in SCHEMES.values()} | {
@@ -100,7 +101,8 @@ def lower_fused_norm_quant(graph: torch.fx.Graph) -> int:
         n_lead = 4 if has_res else 3  # x, [residual,] weight, eps
         x, r, w = (args[0], args[1], args[2]) if has_res else (args[0], None, args[1])
         eps = args[n_lead - 1]
-        params, return_normed = tuple(args[n_lead:-1]), bool(args[-1])
+        params, numerics = split_fused_params(tuple(args[n_lead:]), add=has_res)
+        return_normed = bool(numerics.return_normed)
         xv = val(x)
         kdim = xv.shape[-1]
         m = xv.numel() // kdim if kdim else 0
@@ -142,6 +144,8 @@ def lower_fused_norm_quant(graph: torch.fx.Graph) -> int:
                 **scheme_constants(scheme.name, params, block_k),
                 "BLOCK_K": block_k,
                 "USE_PDL": False,
+                "WEIGHT_AFTER_ROUNDING": bool(numerics.weight_after_rounding),
+                "UNROUNDED_SUM": bool(numerics.norm_unrounded_sum),
             }
             kernel = _kernel_with_warps(_num_warps(block_k, m))
             hop = graph.call_function(

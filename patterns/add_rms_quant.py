@@ -16,8 +16,8 @@ import torch
 from fusion_ops import SCHEMES
 
 from . import quant_variants as qv
-from .base import NearMiss, PatternSpec, find_calls, op_name
-from .rms_quant import explain_norm_output
+from .base import NearMiss, PatternSpec, op_name
+from .rms_quant import explain_norm_output, feeds_quant
 
 NAME = "add_rms_quant"
 STANDALONE_OPS = ("fused_add_rms_norm", *(s.quant_op for s in SCHEMES.values()))
@@ -28,7 +28,10 @@ ops = torch.ops.fusion_ops
 def pattern_specs(schemes: Sequence[str]) -> list[PatternSpec]:
     variants = qv.variants(schemes)
     return [
-        qv.norm_quant_spec(NAME, v, add=True, keep_normed=normed, keep_residual=residual)
+        qv.norm_quant_spec(
+            NAME, v, add=True, keep_normed=normed, keep_residual=residual, source=source
+        )
+        for source in qv.sources()
         for normed in (False, True)
         for residual in (True, False)
         for v in variants
@@ -41,11 +44,7 @@ def prepare(graph: torch.fx.Graph, schemes: Sequence[str]) -> int:
 
 
 def _is_normed_item(node: torch.fx.Node) -> bool:
-    return (
-        node.target is operator.getitem
-        and node.args[1] == 0
-        and op_name(node.args[0]) == "fused_add_rms_norm"
-    )
+    return node.target is operator.getitem and node.args[1] == 0 and qv.is_norm(node.args[0], True)
 
 
 def label(node: torch.fx.Node) -> str | None:
@@ -54,11 +53,17 @@ def label(node: torch.fx.Node) -> str | None:
 
 def near_misses(graph: torch.fx.Graph, schemes: Sequence[str]) -> list[NearMiss]:
     out = []
-    for node in find_calls(graph, "fused_add_rms_norm"):
+    for node in graph.nodes:
+        if not qv.is_norm(node, add=True):
+            continue
+        ours = op_name(node) is not None
         normed = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
+        if not ours and not (normed and feeds_quant(normed[0])):
+            continue  # vLLM IR's norms are listed only where a quant op of ours reads them
         if not normed:
             reason = "its normed output (item 0) is unused"
         else:
             reason = explain_norm_output(normed[0], schemes)
-        out.append(NearMiss(NAME, node.name, "fused_add_rms_norm", reason))
+        op = "fused_add_rms_norm" if ours else "vllm_ir.fused_add_rms_norm"
+        out.append(NearMiss(NAME, node.name, op, reason))
     return out

@@ -87,15 +87,22 @@ def call(graph: torch.fx.Graph, target: Any, args: tuple[Any, ...], kwargs=None)
 
 
 def replay_views(
-    graph: torch.fx.Graph, views: Sequence[torch.fx.Node], source: torch.fx.Node, last: Any = None
+    graph: torch.fx.Graph,
+    views: Sequence[torch.fx.Node],
+    source: torch.fx.Node,
+    rows_differ: bool = False,
 ) -> torch.fx.Node:
-    """``views`` applied to ``source`` (same ops and arguments); with ``last``, the sized views'
-    last dim becomes ``last`` (an output whose rows have another length)."""
+    """``views`` applied to ``source`` (same ops and arguments). With ``rows_differ`` (an
+    output whose rows have another length, e.g. packed codes or scales), each sized view gets
+    ``source``'s row length as its last dim (an int, or ``sym_size(source, -1)`` when symbolic)."""
+    row = val(source).shape[-1]
+    if rows_differ and not isinstance(row, int):
+        row = call(graph, aten.sym_size.int, (source, val(source).dim() - 1))
     node = source
     for view in views:
         rest = list(view.args[1:])
-        if last is not None and view.target in SIZED_VIEWS:
-            rest[0] = [*rest[0][:-1], last]
+        if rows_differ and view.target in SIZED_VIEWS:
+            rest[0] = [*view.args[1][:-1], row]
         node = call(graph, view.target, (node, *rest), view.kwargs)
     return node
 
@@ -105,20 +112,6 @@ def erase_if_unused(nodes: Sequence[torch.fx.Node]) -> None:
     for node in reversed(nodes):
         if not node.users and node.graph is not None:
             node.graph.erase_node(node)
-
-
-def _last_dim_spec(out_len: Any, in_len: Any, views: Sequence[torch.fx.Node]) -> Any:
-    """What a replayed sized view gets as last dim for an output with rows of ``out_len``
-    (input rows: ``in_len``): None (the view's own argument), an int, -1 (inferred; only when
-    no sized view infers a leading dim), or False (cannot be expressed)."""
-    if _same(out_len, in_len):
-        return None
-    if isinstance(out_len, int):
-        return out_len
-    sized = [v for v in views if v.target in SIZED_VIEWS]
-    if all(-1 not in v.args[1][:-1] for v in sized):
-        return -1
-    return False
 
 
 def sink_below_views(consumer: torch.fx.Node, is_source: Callable[[torch.fx.Node], bool]) -> bool:
@@ -134,15 +127,13 @@ def sink_below_views(consumer: torch.fx.Node, is_source: Callable[[torch.fx.Node
     if tuple_out and not all(u.target is operator.getitem for u in outputs):
         return False
     in_len = val(y).shape[-1]
-    lasts = [_last_dim_spec(val(o).shape[-1], in_len, views) for o in outputs]
-    if any(last is False for last in lasts):
-        return False
+    differ = [not _same(val(o).shape[-1], in_len) for o in outputs]
     graph = consumer.graph
     with graph.inserting_before(consumer):
         moved = call(graph, consumer.target, (y, *consumer.args[1:]), consumer.kwargs)
-        for out, last in zip(outputs, lasts, strict=True):
+        for out, rows_differ in zip(outputs, differ, strict=True):
             item = call(graph, operator.getitem, (moved, out.args[1])) if tuple_out else moved
-            out.replace_all_uses_with(replay_views(graph, views, item, last))
+            out.replace_all_uses_with(replay_views(graph, views, item, rows_differ))
     erase_if_unused([*views, consumer, *(outputs if tuple_out else [])])
     return True
 

@@ -6,6 +6,9 @@ wildcard. Shared by :mod:`patterns.rms_quant` and :mod:`patterns.add_rms_quant`.
 
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.util
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -85,20 +88,57 @@ def scheme_of_op(name: str, prefix: str) -> str | None:
     return None
 
 
+def vllm_ir_available() -> bool:
+    """vLLM IR's norm ops can be defined here (``import vllm.ir`` works; imported on first use)."""
+    if importlib.util.find_spec("vllm") is None:
+        return False
+    try:
+        importlib.import_module("vllm.ir")
+    except Exception:  # noqa: BLE001 - a broken vLLM install: no vLLM IR patterns
+        return False
+    return hasattr(torch.ops, "vllm_ir") and hasattr(torch.ops.vllm_ir, "fused_add_rms_norm")
+
+
+@functools.cache
+def sources() -> tuple[str, ...]:
+    """Norm op sources the norm+quant families match: ours, and vLLM IR's where it imports."""
+    return ("fusion_ops", "vllm_ir") if vllm_ir_available() else ("fusion_ops",)
+
+
+def is_norm(node: torch.fx.Node, add: bool) -> bool:
+    """``node`` calls a matched source's ``fused_add_rms_norm`` (``add``) or ``rms_norm``."""
+    if node.op != "call_function":
+        return False
+    return any(node.target is _norm_ops(src)[int(add)] for src in sources())
+
+
+def _norm_ops(source: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """(rms_norm, fused_add_rms_norm) of a source: our ops or vLLM IR's."""
+    ns = torch.ops.fusion_ops if source == "fusion_ops" else torch.ops.vllm_ir
+    return ns.rms_norm.default, ns.fused_add_rms_norm.default
+
+
 def norm_quant_spec(
-    family: str, v: QuantVariant, add: bool, keep_normed: bool, keep_residual: bool = True
+    family: str,
+    v: QuantVariant,
+    add: bool,
+    keep_normed: bool,
+    keep_residual: bool = True,
+    source: str = "fusion_ops",
 ) -> PatternSpec:
     """The spec of ``[fused_add_]rms_norm → quant`` for one variant.
 
     ``keep_normed``: the normed value has users outside the pattern, so the pattern returns it
     and the fused op is called with ``return_normed=True``. ``keep_residual`` (add only): the
-    residual output is used later (False: the last layer, where it is not).
+    residual output is used later (False: the last layer, where it is not). ``source``:
+    ``fusion_ops`` (our norm ops) or ``vllm_ir`` (vLLM IR's, whose rounding points the fused op
+    then reproduces: ``weight_after_rounding``, and for the add ``norm_unrounded_sum``).
     """
     scheme = SCHEMES[v.scheme]
     quant = v.quant()
     fused = getattr(torch.ops.fusion_ops, scheme.add_rms_op if add else scheme.rms_op).default
-    norm = torch.ops.fusion_ops.fused_add_rms_norm.default if add else None
-    rms = torch.ops.fusion_ops.rms_norm.default
+    rms, norm = _norm_ops(source)
+    numerics = () if source == "fusion_ops" else ((True, True) if add else (True,))
 
     def outputs(q: Any, s: Any, y: Any, residual_out: Any) -> tuple[Any, ...]:
         out = (q, s)
@@ -115,7 +155,7 @@ def norm_quant_spec(
         return outputs(q, s, y, residual_out)
 
     def replace_impl(tensors: tuple[Any, ...], eps: float, group_size: int) -> Any:
-        res = fused(*tensors, eps, *v.params(group_size), keep_normed)
+        res = fused(*tensors, eps, *v.params(group_size), keep_normed, *numerics)
         q, s = res[0], res[1]
         return outputs(q, s, res[-1], res[2] if add else None)
 
@@ -159,6 +199,7 @@ def norm_quant_spec(
         wildcards["group_size"] = EXAMPLE_GROUP
     variant = v.name + ("" if keep_residual else "_residual_unused")
     variant += "+normed" if keep_normed else ""
+    variant += "" if source == "fusion_ops" else f"+{source}"
     return PatternSpec(family, variant, search, replace, example_inputs, wildcards)
 
 
@@ -167,9 +208,11 @@ def label_of_fused(family: str, prefix: str, node: torch.fx.Node) -> str | None:
     scheme = scheme_of_op(op_name(node) or "", prefix)
     if scheme is None:
         return None
-    normed = "+normed" if op_args(node).get("return_normed") else ""
+    args = op_args(node)
+    normed = "+normed" if args.get("return_normed") else ""
+    source = "+vllm_ir" if args.get("weight_after_rounding") else ""
     dtype = dtype_name(val(node.args[0]).dtype)
-    return f"{family}/{label_of_call(scheme, node)}{normed}/{dtype}"
+    return f"{family}/{label_of_call(scheme, node)}{normed}{source}/{dtype}"
 
 
 def sink_quant_views(

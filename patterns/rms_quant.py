@@ -27,7 +27,8 @@ def pattern_specs(schemes: Sequence[str]) -> list[PatternSpec]:
     # plain before +normed: the first pattern that matches an anchor wins, and the plain one
     # must win wherever the normed value has no other user
     return [
-        qv.norm_quant_spec(NAME, v, add=False, keep_normed=keep_normed)
+        qv.norm_quant_spec(NAME, v, add=False, keep_normed=keep_normed, source=source)
+        for source in qv.sources()
         for keep_normed in (False, True)
         for v in qv.variants(schemes)
     ]
@@ -35,7 +36,7 @@ def pattern_specs(schemes: Sequence[str]) -> list[PatternSpec]:
 
 def prepare(graph: torch.fx.Graph, schemes: Sequence[str]) -> int:
     """``quant(rms_norm(x).reshape(…))`` → the quant on the norm's output, then the view."""
-    return qv.sink_quant_views(graph, schemes, lambda n: op_name(n) == "rms_norm")
+    return qv.sink_quant_views(graph, schemes, lambda n: qv.is_norm(n, add=False))
 
 
 def label(node: torch.fx.Node) -> str | None:
@@ -44,11 +45,32 @@ def label(node: torch.fx.Node) -> str | None:
 
 
 def near_misses(graph: torch.fx.Graph, schemes: Sequence[str]) -> list[NearMiss]:
-    """Every ``rms_norm`` left in the graph, with why it was not fused."""
+    """Every ``rms_norm`` left in the graph, with why it was not fused (vLLM IR's: those a quant
+    op consumes)."""
     out = []
     for node in find_calls(graph, "rms_norm"):
         out.append(NearMiss(NAME, node.name, "rms_norm", explain_norm_output(node, schemes)))
+    for node in graph.nodes:
+        if qv.is_norm(node, add=False) and op_name(node) is None and feeds_quant(node):
+            reason = explain_norm_output(node, schemes)
+            out.append(NearMiss(NAME, node.name, "vllm_ir.rms_norm", reason))
     return out
+
+
+def feeds_quant(normed: torch.fx.Node) -> bool:
+    """A quant op consumes ``normed`` (directly, through views or a cast)."""
+    return bool(
+        canonical.consumers_through_views(
+            normed,
+            lambda u: (
+                (op_name(u) or "").endswith("_quant")
+                or (
+                    u.target is torch.ops.prims.convert_element_type.default
+                    and any((op_name(c) or "").endswith("_quant") for c in u.users)
+                )
+            ),
+        )
+    )
 
 
 def explain_norm_output(normed: torch.fx.Node, schemes: Sequence[str]) -> str:

@@ -142,6 +142,47 @@ def test_fused_norm_quant_equals_standalone(scheme: str, dtype: torch.dtype, sha
         assert_bitwise(getattr(ops, s.add_rms_op)(x, r, w, EPS, *p, True), (*quant(y, *p), res, y))
 
 
+def vllm_ir_style_norm(x, residual, weight, eps):  # noqa: ANN001, ANN201
+    """vLLM IR's rms_norm / fused_add_rms_norm rounding points, spelled as vLLM 0.32 does
+    (shared/reference/vllm-0.32-facts.md §4), independently of fusion_ops' reference."""
+    orig = x.dtype
+    h = x.to(torch.float32)
+    if residual is not None:
+        h = h + residual.to(torch.float32)
+    residual_out = h.to(orig)
+    h = h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return (h.to(weight.dtype) * weight).to(orig), residual_out
+
+
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+@pytest.mark.parametrize(
+    "dtype,w_dtype",
+    [
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float16, torch.float16),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.bfloat16),
+    ],
+)
+def test_fused_norm_quant_other_rounding_points(scheme, dtype, w_dtype) -> None:  # noqa: ANN001
+    """weight_after_rounding / norm_unrounded_sum give vLLM IR's numbers (then the quant), and
+    differ from the default where the extra rounding matters (16-bit weight)."""
+    s = SCHEMES[scheme]
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(4, 512, generator=g) * 3).to(dtype)
+    r = (torch.randn(4, 512, generator=g) * 3).to(dtype)
+    w = (1 + 0.3 * torch.randn(512, generator=g)).to(w_dtype)
+    p = scheme_params(scheme)
+    quant = getattr(ops, s.quant_op)
+    y, _ = vllm_ir_style_norm(x, None, w, EPS)
+    assert_bitwise(getattr(ops, s.rms_op)(x, w, EPS, *p, True, True), (*quant(y, *p), y))
+    y, res = vllm_ir_style_norm(x, r, w, EPS)
+    fused = getattr(ops, s.add_rms_op)(x, r, w, EPS, *p, True, True, True)
+    assert_bitwise(fused, (*quant(y, *p), res, y))
+    if dtype != torch.float32 and w_dtype == dtype:
+        assert not torch.equal(fused[3], ops.fused_add_rms_norm(x, r, w, EPS)[0])
+
+
 @pytest.mark.parametrize("is_neox", [False, True])
 @pytest.mark.parametrize("layout", ["dsv4_fp8", "bf16"])
 def test_fused_rope_cache_write_equals_standalone(is_neox: bool, layout: str) -> None:

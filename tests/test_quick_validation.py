@@ -81,8 +81,10 @@ def test_quick_is_true_only_where_validation_passes(data: st.DataObject) -> None
         x = data.draw(tensor(data.draw(st.sampled_from([0, 16, 32, 40, 64, 128, 256]))))
         args = (x, *data.draw(scheme_params(scheme.name)))
     else:
-        base = data.draw(norm_args(with_residual=name == scheme.add_rms_op))
-        args = (*base, *data.draw(scheme_params(scheme.name)), data.draw(st.booleans()))
+        add = name == scheme.add_rms_op
+        base = data.draw(norm_args(with_residual=add))
+        flags = data.draw(st.tuples(*[st.booleans()] * (3 if add else 2)))  # NormNumerics
+        args = (*base, *data.draw(scheme_params(scheme.name)), *flags)
     validate, quick = QUICK_CHECKS[name]
     if quick(*args):
         assert passes(validate, args), (name, [getattr(a, "shape", a) for a in args])
@@ -100,9 +102,9 @@ def valid_args(name: str) -> tuple:
         if name == s.quant_op:
             return (x, *params[s.name])
         if name == s.rms_op:
-            return (x, w, 1e-6, *params[s.name], False)
+            return (x, w, 1e-6, *params[s.name], False, True)
         if name == s.add_rms_op:
-            return (x, r, w, 1e-6, *params[s.name], True)
+            return (x, r, w, 1e-6, *params[s.name], True, False, True)
     raise KeyError(name)
 
 

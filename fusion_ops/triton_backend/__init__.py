@@ -19,6 +19,7 @@ import triton
 from .. import formats
 from ..backends import register_impl
 from ..reference import cache as ref_cache
+from ..reference.norm import NormNumerics, split_fused_params
 from ..schemes import SCHEMES
 from . import kernels as k
 from .launch import Launcher, next_power_of_2
@@ -100,6 +101,9 @@ def scheme_constants(
     )
 
 
+_DEFAULT_NUMERICS = NormNumerics()
+
+
 def _norm_quant(
     x: torch.Tensor,
     residual: torch.Tensor | None,
@@ -108,8 +112,10 @@ def _norm_quant(
     scheme: str | None,
     params: tuple[Any, ...],
     write_y: bool,
+    numerics: NormNumerics = _DEFAULT_NUMERICS,
 ) -> tuple[torch.Tensor | None, ...]:
-    """Run the row kernel; returns (y, residual_out, q, scales), None for what it did not make."""
+    """Run the row kernel; returns (y, residual_out, q, scales), None for what it did not make.
+    ``numerics``: the fused op's rounding flags (``return_normed`` is ``write_y``)."""
     kdim = x.shape[-1]
     x2 = _rows(x)
     m = x2.shape[0]
@@ -151,6 +157,8 @@ def _norm_quant(
                 ("UE8M0", scheme_consts["UE8M0"]),
                 ("BLOCK_K", block_k),
                 ("USE_PDL", pdl),
+                ("WEIGHT_AFTER_ROUNDING", numerics.weight_after_rounding),
+                ("UNROUNDED_SUM", numerics.norm_unrounded_sum),
                 ("num_warps", _num_warps(block_k, m)),
                 ("launch_pdl", pdl),
             ),
@@ -189,21 +197,21 @@ def _register_scheme(name: str) -> None:
         return q, scales
 
     def rms(x: torch.Tensor, w: torch.Tensor, eps: float, *p: Any) -> Any:
-        params, return_normed = p[:-1], p[-1]
+        params, f = split_fused_params(p, add=False)
         if _fnuz_on_nvidia(params):
-            y = rms_norm(x, w, eps)
-            return (*s.reference(y, *params), y if return_normed else y.new_empty((0,)))
-        y, _, q, scales = _norm_quant(x, None, w, eps, name, params, return_normed)
-        return q, scales, y if return_normed else x.new_empty((0,))
+            y = _norm_quant(x, None, w, eps, None, (), True, f)[0]  # the norm kernel alone
+            return (*s.reference(y, *params), y if f.return_normed else y.new_empty((0,)))
+        y, _, q, scales = _norm_quant(x, None, w, eps, name, params, f.return_normed, f)
+        return q, scales, y if f.return_normed else x.new_empty((0,))
 
     def add_rms(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float, *p: Any) -> Any:
-        params, return_normed = p[:-1], p[-1]
+        params, f = split_fused_params(p, add=True)
         if _fnuz_on_nvidia(params):
-            y, res = fused_add_rms_norm(x, r, w, eps)
-            normed = y if return_normed else y.new_empty((0,))
+            y, res, _, _ = _norm_quant(x, r, w, eps, None, (), True, f)
+            normed = y if f.return_normed else y.new_empty((0,))
             return (*s.reference(y, *params), res, normed)
-        y, residual_out, q, scales = _norm_quant(x, r, w, eps, name, params, return_normed)
-        return q, scales, residual_out, y if return_normed else x.new_empty((0,))
+        y, residual_out, q, scales = _norm_quant(x, r, w, eps, name, params, f.return_normed, f)
+        return q, scales, residual_out, y if f.return_normed else x.new_empty((0,))
 
     register_impl(s.quant_op, "triton")(quant)
     register_impl(s.rms_op, "triton")(rms)

@@ -78,14 +78,18 @@ def _norm_quant_cases() -> Iterator[Case]:
             8192,
             ue8m0,
         )
-    for (label, (scheme, q_ty, s_ty, group, ue8m0)), dtype, has_res, pdl in itertools.product(
-        schemes.items(), ("bf16", "fp16", "fp32"), (False, True), (False, True)
-    ):
-        if pdl and has_res:  # PDL changes only the prologue: once per scheme and dtype is enough
+    combos = itertools.product(
+        schemes.items(), ("bf16", "fp16", "fp32"), (False, True), (False, True), (False, True)
+    )
+    for (label, (scheme, q_ty, s_ty, group, ue8m0)), dtype, has_res, pdl, other in combos:
+        if pdl and (has_res or other):  # PDL changes only the prologue: once per scheme, dtype
+            continue
+        # other rounding points (vLLM IR's): once per scheme for a 16-bit dtype
+        if other and (dtype != "bf16" or "ue8m0" in label):
             continue
         yield Case(
             f"norm_quant_kernel[{label}, {dtype}, {'add+' if has_res else ''}rms"
-            f"{', pdl' if pdl else ''}]",
+            f"{', pdl' if pdl else ''}{', vllm_ir numerics' if other else ''}]",
             k.norm_quant_kernel,
             {
                 "x_ptr": f"*{dtype}",
@@ -111,6 +115,8 @@ def _norm_quant_cases() -> Iterator[Case]:
                 "UE8M0": ue8m0,
                 "BLOCK_K": 8192,
                 "USE_PDL": pdl,
+                "WEIGHT_AFTER_ROUNDING": other,
+                "UNROUNDED_SUM": other and has_res,
             },
             {"num_warps": 8, "launch_pdl": pdl},
             hip_only_fnuz=q_ty == _FP8["e4m3fnuz"],

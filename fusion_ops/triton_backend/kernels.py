@@ -48,7 +48,15 @@ def _clamp_keep_nan(x, lo, hi):
 
 @triton.jit
 def _sum_of_squares(
-    x_ptr, r_ptr, row, x_stride, r_stride, K, HAS_RES: tl.constexpr, BLOCK_K: tl.constexpr
+    x_ptr,
+    r_ptr,
+    row,
+    x_stride,
+    r_stride,
+    K,
+    HAS_RES: tl.constexpr,
+    UNROUNDED_SUM: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """Σ x² of the row from a load used for nothing else.
 
@@ -59,10 +67,12 @@ def _sum_of_squares(
     cols = tl.arange(0, BLOCK_K)
     mask = cols < K
     x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
+    xf = x.to(tl.float32)
     if HAS_RES:
         r = tl.load(r_ptr + row * r_stride + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
-    xf = x.to(tl.float32)
+        xf = xf + r.to(tl.float32)
+        if not UNROUNDED_SUM:
+            xf = xf.to(x.dtype).to(tl.float32)
     return tl.sum(xf * xf, axis=0)
 
 
@@ -90,7 +100,12 @@ def norm_quant_kernel(
     UE8M0: tl.constexpr,
     BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr,
+    WEIGHT_AFTER_ROUNDING: tl.constexpr = False,
+    UNROUNDED_SUM: tl.constexpr = False,
 ):
+    """One row per program: [x + r →] rms_norm → [quant]; the flags select other libraries'
+    rounding points (fusion_ops.reference.norm): the weight applied after rounding the normed
+    value to the weight's dtype, the norm of the unrounded fp32 sum."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_K)
     mask = cols < K
@@ -102,17 +117,25 @@ def norm_quant_kernel(
         _pdl_start()
     x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
     out_dtype = x.dtype
+    xf = x.to(tl.float32)
     if HAS_RES:
         r = tl.load(r_ptr + row * r_stride + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(out_dtype)  # residual_out, rounded
+        total = xf + r.to(tl.float32)
+        x = total.to(out_dtype)  # residual_out, rounded
         tl.store(res_ptr + row * K + cols, x, mask=mask)
+        xf = total if UNROUNDED_SUM else x.to(tl.float32)
     if DO_NORM:
-        xf = x.to(tl.float32)
-        ss = _sum_of_squares(x_ptr, r_ptr, row, x_stride, r_stride, K, HAS_RES, BLOCK_K)
+        ss = _sum_of_squares(
+            x_ptr, r_ptr, row, x_stride, r_stride, K, HAS_RES, UNROUNDED_SUM, BLOCK_K
+        )
         mean = tl.math.div_rn(ss, tl.cast(K, tl.float32))
         inv = tl.math.div_rn(1.0, tl.sqrt_rn(mean + eps))
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        y = ((xf * inv) * w).to(out_dtype)  # rounded once to x.dtype, like the standalone op
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+        if WEIGHT_AFTER_ROUNDING:  # (n.to(w.dtype) * w).to(x.dtype)
+            n = (xf * inv).to(w.dtype).to(tl.float32)
+            y = (n * w.to(tl.float32)).to(w.dtype).to(out_dtype)
+        else:
+            y = ((xf * inv) * w.to(tl.float32)).to(out_dtype)  # rounded once to x.dtype
     else:
         y = x
     if WRITE_Y:

@@ -114,6 +114,33 @@ def test_fused_norm_quant_equals_triton_standalone(scheme, params, tokens, k) ->
         assert_same(quant(y_ref, *params), q_ref, "quant of the reference normed value")
 
 
+@pytest.mark.parametrize("scheme,params", SCHEME_PARAMS, ids=lambda v: str(v))
+@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float32])
+def test_fused_norm_quant_vllm_ir_rounding_points(scheme, params, w_dtype) -> None:
+    """weight_after_rounding / norm_unrounded_sum on Triton: its codes are the quant of its own
+    normed value (bit for bit), residual_out equals the reference, the normed value equals the
+    reference on >= 99 % of elements (rms_norm's reduction-order freedom, then two roundings)
+    within 2 ulp."""
+    s = fusion_ops.SCHEMES[scheme]
+    x = activations(64, 4096, torch.bfloat16, seed=5, specials=False)
+    r = activations(64, 4096, torch.bfloat16, seed=6, specials=False)
+    w = (1 + 0.1 * torch.randn(4096, device=DEV)).to(w_dtype)
+    quant = getattr(ops, s.quant_op)
+    calls = (
+        (getattr(ops, s.rms_op), (x, w, EPS, *params, True, True)),
+        (getattr(ops, s.add_rms_op), (x, r, w, EPS, *params, True, True, True)),
+    )
+    for op, args in calls:
+        t, ref = both(op, *args)
+        with fusion_ops.use_backend("triton"):
+            assert_same(t[:2], quant(t[-1], *params), f"{op} codes vs quant of its normed value")
+        if len(t) == 4:
+            assert_same(t[2], ref[2], "residual_out")
+        assert (bits(t[-1]) == bits(ref[-1])).float().mean() > 0.99
+        ulp = torch.finfo(torch.bfloat16).eps * ref[-1].float().abs().clamp_min(1e-30)
+        assert ((t[-1].float() - ref[-1].float()).abs() <= 2 * ulp * 1.0001).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_rms_norm_within_one_ulp(dtype) -> None:
     x = activations(257, 7168, dtype, seed=3, specials=False)
