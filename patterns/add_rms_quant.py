@@ -31,7 +31,7 @@ def pattern_specs(schemes: Sequence[str]) -> list[PatternSpec]:
         qv.norm_quant_spec(
             NAME, v, add=True, keep_normed=normed, keep_residual=residual, source=source
         )
-        for source in qv.sources()
+        for source in (*qv.sources(), "plain_add")
         for normed in (False, True)
         for residual in (True, False)
         for v in variants

@@ -131,14 +131,17 @@ def norm_quant_spec(
     ``keep_normed``: the normed value has users outside the pattern, so the pattern returns it
     and the fused op is called with ``return_normed=True``. ``keep_residual`` (add only): the
     residual output is used later (False: the last layer, where it is not). ``source``:
-    ``fusion_ops`` (our norm ops) or ``vllm_ir`` (vLLM IR's, whose rounding points the fused op
-    then reproduces: ``weight_after_rounding``, and for the add ``norm_unrounded_sum``).
+    ``fusion_ops`` (our norm ops), ``vllm_ir`` (vLLM IR's, whose rounding points the fused op
+    then reproduces: ``weight_after_rounding``, and for the add ``norm_unrounded_sum``) or, for
+    the add, ``plain_add`` (``x + residual`` in plain torch then our ``rms_norm``: the custom op
+    reads the sum as a stored, rounded tensor, which is the fused op's ``residual_out``, so the
+    rewrite is exact by construction).
     """
     scheme = SCHEMES[v.scheme]
     quant = v.quant()
     fused = getattr(torch.ops.fusion_ops, scheme.add_rms_op if add else scheme.rms_op).default
-    rms, norm = _norm_ops(source)
-    numerics = () if source == "fusion_ops" else ((True, True) if add else (True,))
+    rms, norm = _norm_ops("vllm_ir" if source == "vllm_ir" else "fusion_ops")
+    numerics = () if source != "vllm_ir" else ((True, True) if add else (True,))
 
     def outputs(q: Any, s: Any, y: Any, residual_out: Any) -> tuple[Any, ...]:
         out = (q, s)
@@ -147,7 +150,11 @@ def norm_quant_spec(
         return out + ((y,) if keep_normed else ())
 
     def search_impl(tensors: tuple[Any, ...], eps: float, group_size: int) -> Any:
-        if add:
+        if source == "plain_add":  # x + residual in plain torch, then our rms_norm
+            x, residual, weight = tensors
+            residual_out = torch.ops.aten.add.Tensor(x, residual)
+            y = torch.ops.fusion_ops.rms_norm.default(residual_out, weight, eps)
+        elif add:
             y, residual_out = norm(*tensors, eps)
         else:
             y, residual_out = rms(*tensors, eps), None
