@@ -74,7 +74,13 @@ def _other_numerics(f: NormNumerics) -> bool:
     return f.weight_after_rounding or f.norm_unrounded_sum
 
 
+def _full_flags(flags: tuple[Any, ...], residual: Any) -> tuple[Any, ...]:
+    """Every trailing flag of the fused op, defaults filled in (direct calls may omit them)."""
+    return tuple(NormNumerics(*flags))[: 3 if residual is not None else 2]
+
+
 def _mxfp4(x, residual, w, eps, flags, op):  # type: ignore[no-untyped-def]
+    flags = _full_flags(flags, residual)
     f = NormNumerics(*flags)
     if f.return_normed or _other_numerics(f):
         return implementation(op, "triton")(*_args(x, residual, w, eps), *flags)
@@ -90,6 +96,7 @@ def _mxfp4(x, residual, w, eps, flags, op):  # type: ignore[no-untyped-def]
 
 def _fp8_group(x, residual, w, eps, params, flags, op):  # type: ignore[no-untyped-def]
     group_size, use_ue8m0, fp8_dtype = params
+    flags = _full_flags(flags, residual)
     f = NormNumerics(*flags)
     if group_size != 128 or use_ue8m0 or _other_numerics(f):
         return implementation(op, "triton")(*_args(x, residual, w, eps), *params, *flags)
