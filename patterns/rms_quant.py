@@ -54,7 +54,41 @@ def near_misses(graph: torch.fx.Graph, schemes: Sequence[str]) -> list[NearMiss]
         if qv.is_norm(node, add=False) and op_name(node) is None and feeds_quant(node):
             reason = explain_norm_output(node, schemes)
             out.append(NearMiss(NAME, node.name, "vllm_ir.rms_norm", reason))
+    for node in graph.nodes:
+        name = op_name(node) or ""
+        if name.endswith("_quant") and name.removesuffix("_quant") in SCHEMES:
+            if _plain_torch_norm(node.args[0]):
+                out.append(NearMiss(NAME, node.name, name, PLAIN_NORM_REASON))
     return out
+
+
+PLAIN_NORM_REASON = (
+    "its input is an RMSNorm written in plain PyTorch (rsqrt of a mean): not fused, because "
+    "Inductor computes that reduction in its own order and drops intermediate roundings inside "
+    "its kernel, which no fused op reproduces bit for bit; use fusion_ops.rms_norm (or vLLM IR's)"
+)
+_POINTWISE = {
+    torch.ops.aten.mul.Tensor,
+    torch.ops.aten.add.Tensor,
+    torch.ops.aten.rsqrt.default,
+    torch.ops.prims.convert_element_type.default,
+}
+
+
+def _plain_torch_norm(node: object, depth: int = 6) -> bool:
+    """``node`` is (through views and ≤ ``depth`` pointwise ops) ``… rsqrt(mean(…)) …``."""
+    src, _ = canonical.view_chain(node) if isinstance(node, torch.fx.Node) else (node, [])
+    if not isinstance(src, torch.fx.Node) or src.op != "call_function" or depth == 0:
+        return False
+    if src.target is torch.ops.aten.rsqrt.default:
+        arg = src.args[0]
+        return any(
+            isinstance(a, torch.fx.Node) and a.target is torch.ops.aten.mean.dim
+            for a in (arg, *getattr(arg, "args", ()))
+        )
+    if src.target not in _POINTWISE:
+        return False
+    return any(_plain_torch_norm(a, depth - 1) for a in src.args if isinstance(a, torch.fx.Node))
 
 
 def feeds_quant(normed: torch.fx.Node) -> bool:
