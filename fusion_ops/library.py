@@ -23,6 +23,15 @@ Fused ops (what the passes substitute; same numbers as the standalone sequence):
     rope_mla_cache_write(positions, q, kv, cos_sin_cache, kv_cache!, slot_mapping, rope_dim,
                          is_neox, layout) -> (q_rotated, kv_rotated)
     dequant_cache_fp8(kv_cache, block_ids, layout, fp8_dtype) -> fp8 [n·block_size, head_dim]
+
+Tensor-parallel fused ops (the sum of x over the ranks of ``group_name`` first, as the
+functional ``all_reduce(x, "sum", group_name)`` + ``wait_tensor`` would give it; then the op
+above; :mod:`fusion_ops.reference.collective`)::
+
+    all_reduce_fused_add_rms_norm(x, residual, weight, eps, group_name) -> (y, residual_out)
+    all_reduce_add_rms_norm_<scheme>_quant(x, residual, weight, eps, group_name,
+                                           *scheme_params, <the add op's flags>)
+        -> (q, scales, residual_out, normed_or_empty)
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from . import checks
 from .backends import register_impl, run_op
 from .formats import CACHE_LAYOUTS, DSV4_HEAD_DIM, DSV4_SLOT_BYTES
 from .reference import cache as ref_cache
+from .reference import collective as ref_collective
 from .reference import norm as ref_norm
 from .reference import rope as ref_rope
 from .reference.norm import split_fused_params
@@ -189,6 +199,40 @@ _define(
 )
 
 
+def _check_group(op: str, group_name: str) -> None:
+    checks.check(
+        op,
+        "group_name",
+        isinstance(group_name, str) and ref_collective.group_exists(group_name),
+        lambda: f"got {group_name!r}; expected the name of an initialized process group",
+    )
+
+
+def _ar_fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, group_name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return ref_norm.fused_add_rms_norm(
+        ref_collective.all_reduce_sum(x, group_name), residual, weight, eps
+    )
+
+
+def _check_ar_add_norm(op: str, x, r, w, eps, group_name) -> None:  # type: ignore[no-untyped-def]
+    _check_add_norm(op, x, r, w, eps)
+    _check_group(op, group_name)
+
+
+_define(
+    "all_reduce_fused_add_rms_norm",
+    "(Tensor x, Tensor residual, Tensor weight, float eps, str group_name) -> (Tensor, Tensor)",
+    lambda x, r, w, eps, g: _check_ar_add_norm("all_reduce_fused_add_rms_norm", x, r, w, eps, g),
+    lambda x, r, w, eps, g: (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+    ),
+    _ar_fused_add_rms_norm,
+)
+
+
 # --- quant family: standalone + fused, generated per scheme -------------------------------------
 def _normed_or_empty(y: torch.Tensor, return_normed: bool) -> torch.Tensor:
     return y if return_normed else y.new_empty((0,))
@@ -198,7 +242,8 @@ _NORM_FLAGS = "bool return_normed=False, bool weight_after_rounding=False"
 
 
 def _define_scheme(s: QuantScheme) -> None:
-    """``<s>_quant``, ``rms_norm_<s>_quant``, ``add_rms_norm_<s>_quant``.
+    """``<s>_quant``, ``rms_norm_<s>_quant``, ``add_rms_norm_<s>_quant`` and its tensor-parallel
+    form ``all_reduce_add_rms_norm_<s>_quant`` (x summed over ``group_name`` first).
 
     The fused ops end with flags (:class:`fusion_ops.reference.norm.NormNumerics`):
     ``return_normed`` (also return the unquantized normed value, for graphs where it has other
@@ -222,6 +267,11 @@ def _define_scheme(s: QuantScheme) -> None:
         )
         return (*s.reference(y, *params), residual_out, _normed_or_empty(y, f.return_normed))
 
+    def ar_add_rms_ref(
+        x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float, group: str, *p: Any
+    ) -> Any:
+        return add_rms_ref(ref_collective.all_reduce_sum(x, group), r, w, eps, *p)
+
     def check_rms(x: torch.Tensor, w: torch.Tensor, eps: float, *p: Any) -> None:
         _check_norm(s.rms_op, x, w, eps)
         s.check(s.rms_op, x, split_fused_params(p, add=False)[0])
@@ -231,6 +281,12 @@ def _define_scheme(s: QuantScheme) -> None:
     ) -> None:
         _check_add_norm(s.add_rms_op, x, r, w, eps)
         s.check(s.add_rms_op, x, split_fused_params(p, add=True)[0])
+
+    def check_ar_add_rms(
+        x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float, group: str, *p: Any
+    ) -> None:
+        _check_ar_add_norm(s.ar_add_rms_op, x, r, w, eps, group)
+        s.check(s.ar_add_rms_op, x, split_fused_params(p, add=True)[0])
 
     def fake_normed(x: torch.Tensor, return_normed: bool) -> torch.Tensor:
         if return_normed:
@@ -271,6 +327,14 @@ def _define_scheme(s: QuantScheme) -> None:
         fake_add_rms,
         add_rms_ref,
         quick=lambda x, r, w, eps, *p: _quick_add_norm(x, r, w, eps) and s.quick(x, p[:-3]),
+    )
+    _define(
+        s.ar_add_rms_op,
+        f"(Tensor x, Tensor residual, Tensor weight, float eps, str group_name{s.params_schema}, "
+        f"{_NORM_FLAGS}, bool norm_unrounded_sum=False) -> (Tensor, Tensor, Tensor, Tensor)",
+        check_ar_add_rms,
+        lambda x, r, w, eps, group, *p: fake_add_rms(x, r, w, eps, *p),
+        ar_add_rms_ref,
     )
 
 

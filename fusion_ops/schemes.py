@@ -45,6 +45,11 @@ class QuantScheme:
     def add_rms_op(self) -> str:
         return f"add_rms_norm_{self.name}_quant"
 
+    @property
+    def ar_add_rms_op(self) -> str:
+        """The tensor-parallel form: all-reduce of x first (fusion_ops.library)."""
+        return f"all_reduce_add_rms_norm_{self.name}_quant"
+
     def check(self, op: str, x: torch.Tensor, params: tuple[Any, ...]) -> None:
         """Validate the quant input ``x`` [..., K] and the scheme parameters."""
         checks.check_min_dim(op, "x", x, 1)

@@ -27,7 +27,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fusion_ops
 import patterns
-from patterns import FAMILIES, PatternSpec, quant_variants
+from patterns import FAMILIES, GraphPatternSpec, PatternSpec, quant_variants
 from patterns.base import HOPS, val
 
 from .accounting import GraphRecord, count_fusion_ops
@@ -51,7 +51,7 @@ class FusionPass(CustomGraphPass):
 
     Args:
         fusions: families to apply (default all): ``rms_quant``, ``add_rms_quant``,
-            ``rope_cache``, ``dequant_fp8``.
+            ``rope_cache``, ``dequant_fp8``, ``ar_add_rms_quant`` (tensor parallel).
         schemes: quant schemes the norm+quant families fuse (default all):
             ``mxfp4``, ``mxfp8``, ``fp8_per_token``, ``fp8_group``.
         dump_dir: write graph dumps there (default: ``$FUSION_PASSES_DUMP_DIR``, else none).
@@ -92,6 +92,13 @@ class FusionPass(CustomGraphPass):
     def _register_family(self, family: str) -> None:
         matcher = pm.PatternMatcherPass(pass_name=f"fusion_passes.{family}")
         for spec in FAMILIES[family].pattern_specs(self.schemes):
+            if isinstance(spec, GraphPatternSpec):
+                pm.register_graph_pattern(spec.pattern, extra_check=spec.check, pass_dict=matcher)(
+                    spec.handler
+                )
+                text = pm.PatternPrettyPrinter.run(spec.pattern)
+                self._pattern_text.append(f"# {spec.name}\n{text}\n")
+                continue
             known = {id(e) for entries in matcher.patterns.values() for e in entries}
             pm.register_replacement(
                 spec.search,

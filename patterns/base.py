@@ -34,6 +34,24 @@ class PatternSpec:
 
 
 @dataclass(frozen=True)
+class GraphPatternSpec:
+    """One ``register_graph_pattern`` call: a pattern and a handler that rewrites each match in
+    place. For folds whose replacement depends on the matched consumer's own arguments (an
+    all-reduce folded into whichever fused add-norm op reads it), which ``register_replacement``
+    would need one traced spec per argument combination for. ``check`` is the extra_check."""
+
+    family: str
+    variant: str
+    pattern: Any  # torch._inductor.pattern_matcher.PatternExpr
+    handler: Callable[..., None]
+    check: Callable[[Any], bool]
+
+    @property
+    def name(self) -> str:
+        return f"{self.family}/{self.variant}"
+
+
+@dataclass(frozen=True)
 class NearMiss:
     family: str
     node: str
@@ -51,7 +69,7 @@ class Family(Protocol):
     STANDALONE_OPS: tuple[str, ...]  # fusion_ops op names the fusion removes
     FUSED_OPS: tuple[str, ...]  # fusion_ops op names it introduces
 
-    def pattern_specs(self, schemes: Sequence[str]) -> list[PatternSpec]: ...
+    def pattern_specs(self, schemes: Sequence[str]) -> list[PatternSpec | GraphPatternSpec]: ...
 
     def label(self, node: torch.fx.Node) -> str | None: ...
 
