@@ -1,0 +1,240 @@
+"""Tensor parallel on CPU: a 2-process gloo group compiles TP layers with and without FusionPass.
+
+Every scenario runs on both ranks (collectives need both) inside one ``torch.multiprocessing``
+spawn; a failed assertion on either rank fails the test with its traceback. Checked per scenario:
+the ``ar_add_rms_quant`` matches (derived from how the layer is built), the standalone ops gone,
+compiled-with-pass == compiled-without == eager bit for bit, and the residual and quant outputs
+identical on both ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.multiprocessing as mp
+from torch.library import opcheck
+
+import fusion_ops
+from dsv4_model.layers import dequantize
+from fusion_passes import FusionPass
+from fusion_passes.testing import assert_bitwise_equal, op_counts, run_compiled
+from patterns.ar_add_rms_quant import NAME
+
+ops = torch.ops.fusion_ops
+WORLD = 2
+EPS = 1e-6
+HIDDEN = 256
+FN = torch.float8_e4m3fn
+
+# the TP stack below: one row-parallel GEMM + all-reduce + add-norm per entry; the quant that
+# reads the norm (None: none), and whether the normed value has another user (a router GEMM)
+STACK: list[tuple[str | None, bool]] = [
+    ("mxfp4", False),
+    ("fp8_group", False),
+    ("mxfp8", True),
+    (None, False),  # the final norm: no quant
+]
+
+
+def _quant(x: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if scheme == "fp8_group":
+        return ops.fp8_group_quant(x, 128, False, FN)
+    return getattr(ops, f"{scheme}_quant")(x)
+
+
+def tp_stack(x, residual, weights, norm_w, router, group_name):  # type: ignore[no-untyped-def]
+    """Each layer: x_shard @ W_shardᵀ (a partial sum) → all-reduce → add + RMSNorm → quant, the
+    next layer's input the dequantized activation (GEMM emulation)."""
+    outs = []
+    for (scheme, routed), w in zip(STACK, weights, strict=True):
+        partial = x @ w.t()
+        reduced = funcol.all_reduce(partial, "sum", group_name)
+        normed, residual = ops.fused_add_rms_norm(reduced, residual, norm_w, EPS)
+        if scheme is None:
+            outs.append(normed)
+            continue
+        q, s = _quant(normed, scheme)
+        outs += [q, s]
+        if routed:
+            outs.append(normed @ router.t())
+        x = dequantize(q, s, scheme, normed.dtype)
+    return (*outs, residual)
+
+
+def expected_matches(dtype: str = "bf16") -> dict[str, int]:
+    out: dict[str, int] = {}
+    for scheme, routed in STACK:
+        if scheme is None:
+            label = "ar_add_rms"
+        else:
+            label = "fp8_group128_e4m3fn" if scheme == "fp8_group" else scheme
+            label += "+normed" if routed else ""
+        key = f"{NAME}/{label}/{dtype}"
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def inputs(rank: int, tokens: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(100 + rank)  # each rank its own shard
+    shared = torch.Generator().manual_seed(7)  # residual and norm weight: same on every rank
+    x = torch.randn(tokens, HIDDEN, generator=g).to(torch.bfloat16)
+    weights = [(torch.randn(HIDDEN, HIDDEN, generator=g) / 16).to(torch.bfloat16) for _ in STACK]
+    residual = torch.randn(tokens, HIDDEN, generator=shared).to(torch.bfloat16)
+    norm_w = (1 + 0.1 * torch.randn(HIDDEN, generator=shared)).to(torch.bfloat16)
+    router = torch.randn(8, HIDDEN, generator=shared).to(torch.bfloat16)
+    return x, residual, weights, norm_w, router
+
+
+def _same_on_every_rank(tensors: Any) -> None:
+    for t in torch.utils._pytree.tree_leaves(tensors):
+        t = t.contiguous().view(torch.uint8)
+        gathered = [torch.empty_like(t) for _ in range(WORLD)]
+        dist.all_gather(gathered, t)
+        assert all(torch.equal(gathered[0], other) for other in gathered[1:])
+
+
+# --- scenarios (each runs on every rank) ---------------------------------------------------------
+def scenario_stack(rank: int, group_name: str) -> None:
+    x, residual, weights, norm_w, router = inputs(rank, 5)
+    p = FusionPass()
+    fn = lambda *a: tp_stack(*a, group_name)  # noqa: E731
+    out = run_compiled(
+        fn,
+        x,
+        residual,
+        weights,
+        norm_w,
+        router,
+        fusion_pass=p,
+        dynamic=True,
+        calls=[inputs(rank, 3)],
+    )
+    assert p.match_table == expected_matches()
+    after = op_counts(p)
+    assert after.get("fused_add_rms_norm", 0) == 0
+    assert not any(name.startswith("add_rms_norm_") for name in after)
+    assert sum(v for k, v in after.items() if k.startswith("all_reduce_")) == len(STACK)
+    assert p.graphs[-1].near_misses == []
+    plain = run_compiled(fn, x, residual, weights, norm_w, router, fusion_pass=None, dynamic=True)
+    assert_bitwise_equal(out, plain, "compiled with pass vs without")
+    assert_bitwise_equal(out, fn(x, residual, weights, norm_w, router), "compiled vs eager")
+    _same_on_every_rank(out[:-1])  # quant outputs and the residual (not the router logits)
+    for tokens in (3, 1):  # the dynamic graph, other token counts
+        again = inputs(rank, tokens)
+        compiled = torch.compile(fn, dynamic=True, options={"post_grad_custom_post_pass": p})
+        assert_bitwise_equal(compiled(*again), fn(*again), f"{tokens} tokens")
+
+
+def _norm_after(
+    reduce: Callable[[torch.Tensor], torch.Tensor], also_return: bool = False
+) -> Callable[..., Any]:
+    def fn(x, residual, norm_w):  # type: ignore[no-untyped-def]
+        reduced = reduce(x)
+        normed, residual_out = ops.fused_add_rms_norm(reduced, residual, norm_w, EPS)
+        return (*ops.mxfp4_quant(normed), residual_out, *([reduced] if also_return else []))
+
+    return fn
+
+
+def _in_place(x: torch.Tensor) -> torch.Tensor:
+    """``dist.all_reduce`` of a graph input, in place: traced as all_reduce + wait + a copy_
+    of the reduced value back into the input (a second user)."""
+    dist.all_reduce(x)
+    return x
+
+
+def scenario_must_not_fire(rank: int, group_name: str) -> None:
+    x, residual, _, norm_w, _ = inputs(rank, 4)
+    reduce_sum = lambda x: funcol.all_reduce(x, "sum", group_name)  # noqa: E731
+    cases: list[tuple[str, Callable[..., Any], str]] = [
+        (
+            "max",
+            _norm_after(lambda x: funcol.all_reduce(x, "max", group_name)),
+            "reduce op 'max': only 'sum' is fused",
+        ),
+        (
+            "reduced value also returned",
+            _norm_after(reduce_sum, also_return=True),
+            "the reduced value has 2 users",
+        ),
+        ("in-place dist.all_reduce", _norm_after(_in_place), "the reduced value has"),
+    ]
+    for what, fn, reason in cases:
+        torch._dynamo.reset()
+        p = FusionPass()
+        out = run_compiled(fn, x.clone(), residual, norm_w, fusion_pass=p)  # (x may be mutated)
+        assert not any(k.startswith(NAME) for k in p.match_table), what
+        assert p.match_table.get("add_rms_quant/mxfp4/bf16") == 1, what  # the pair still fuses
+        misses = [m.reason for m in p.graphs[-1].near_misses if m.family == NAME]
+        assert len(misses) == 1 and misses[0].startswith(reason), (what, misses)
+        plain = run_compiled(fn, x.clone(), residual, norm_w, fusion_pass=None)
+        assert_bitwise_equal(out, plain, what)
+        assert_bitwise_equal(out, fn(x.clone(), residual, norm_w), what)
+
+
+def scenario_scheme_off_and_subgroup(rank: int, group_name: str) -> None:
+    """mxfp4 not enabled: the all-reduce still folds into the add-norm (no-quant form); a second
+    group's name is carried into the fused op."""
+    sub = dist.new_group(list(range(WORLD)))
+    x, residual, _, norm_w, _ = inputs(rank, 4)
+    fn = _norm_after(lambda x: funcol.all_reduce(x, "sum", sub))
+    p = FusionPass(schemes=["mxfp8"], keep_graphs=True)
+    out = run_compiled(fn, x, residual, norm_w, fusion_pass=p)
+    assert p.match_table == {f"{NAME}/ar_add_rms/bf16": 1}
+    assert f"'{sub.group_name}'" in p.graphs[-1].code_after and sub.group_name != group_name
+    assert_bitwise_equal(out, fn(x, residual, norm_w))
+
+
+def scenario_opcheck(rank: int, group_name: str) -> None:
+    x, residual, _, norm_w, _ = inputs(rank, 4)
+    opcheck(ops.all_reduce_fused_add_rms_norm.default, (x, residual, norm_w, EPS, group_name))
+    for s in fusion_ops.SCHEMES.values():
+        params = {"fp8_per_token": (False, FN), "fp8_group": (128, True, FN)}.get(s.name, ())
+        op = getattr(ops, s.ar_add_rms_op).default
+        opcheck(op, (x, residual, norm_w, EPS, group_name, *params, True, False, False))
+        # the definition: the functional all-reduce, then the add-norm-quant op
+        reduced = funcol.all_reduce(x, "sum", group_name).wait()
+        add_op = getattr(ops, s.add_rms_op)
+        assert_bitwise_equal(
+            op(x, residual, norm_w, EPS, group_name, *params),
+            add_op(reduced, residual, norm_w, EPS, *params),
+        )
+    with pytest.raises(ValueError, match="argument 'group_name': got 'no_such_group'"):
+        ops.all_reduce_fused_add_rms_norm(x, residual, norm_w, EPS, "no_such_group")
+
+
+SCENARIOS = {
+    "stack": scenario_stack,
+    "must_not_fire": scenario_must_not_fire,
+    "scheme_off_and_subgroup": scenario_scheme_off_and_subgroup,
+    "opcheck": scenario_opcheck,
+}
+
+
+def _worker(rank: int, port: int, names: list[str]) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        for name in names:
+            SCENARIOS[name](rank, dist.group.WORLD.group_name)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tensor_parallel_two_ranks() -> None:
+    """All scenarios in one spawn (process start and imports dominate otherwise)."""
+    mp.spawn(_worker, args=(_free_port(), list(SCENARIOS)), nprocs=WORLD)
