@@ -21,6 +21,7 @@ from ..backends import register_impl
 from ..reference import cache as ref_cache
 from ..reference.norm import NormNumerics, split_fused_params
 from ..schemes import SCHEMES
+from . import all_reduce
 from . import kernels as k
 from .launch import Launcher, next_power_of_2
 
@@ -213,9 +214,72 @@ def _register_scheme(name: str) -> None:
         y, residual_out, q, scales = _norm_quant(x, r, w, eps, name, params, f.return_normed, f)
         return q, scales, residual_out, y if f.return_normed else x.new_empty((0,))
 
+    def ar_add_rms(
+        x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float, group: str, *p: Any
+    ) -> Any:
+        params, f = split_fused_params(p, add=True)
+        if not _fnuz_on_nvidia(params):
+            q, scales = s.fake(x.reshape(-1, x.shape[-1]), params)
+            done = _all_reduce_norm_quant(x, r, w, eps, group, name, params, f, q, scales)
+            if done is not None:
+                y, residual_out = done
+                normed = y if y is not None else x.new_empty((0,))
+                return (
+                    q.view(*x.shape[:-1], -1),
+                    scales.view(*x.shape[:-1], -1),
+                    residual_out,
+                    normed,
+                )
+        return add_rms(all_reduce.reduced(x, group), r, w, eps, *p)
+
     register_impl(s.quant_op, "triton")(quant)
     register_impl(s.rms_op, "triton")(rms)
     register_impl(s.add_rms_op, "triton")(add_rms)
+    register_impl(s.ar_add_rms_op, "triton")(ar_add_rms)
+
+
+def _all_reduce_norm_quant(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    group_name: str,
+    scheme: str | None,
+    params: tuple[Any, ...],
+    numerics: NormNumerics,
+    q: torch.Tensor | None = None,
+    scales: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+    """The one-shot kernel (see :mod:`.all_reduce`): (normed or None, residual_out) shaped like
+    x, or None when the call must take the all-reduce + fused-kernel path."""
+    block_k = next_power_of_2(x.shape[-1])
+    m = x.numel() // max(x.shape[-1], 1)
+    write_y = scheme is None or numerics.return_normed
+    done = all_reduce.one_shot(
+        x,
+        residual,
+        weight,
+        eps,
+        group_name,
+        write_y,
+        scheme_constants(scheme, params, block_k),
+        q,
+        scales,
+        numerics,
+        _num_warps(block_k, m),
+    )
+    if done is None:
+        return None
+    y, residual_out = done
+    return (y.view(x.shape) if y is not None else None), residual_out.view(x.shape)
+
+
+@register_impl("all_reduce_fused_add_rms_norm", "triton")
+def all_reduce_fused_add_rms_norm(x, residual, weight, eps, group_name):  # type: ignore[no-untyped-def]
+    done = _all_reduce_norm_quant(x, residual, weight, eps, group_name, None, (), _DEFAULT_NUMERICS)
+    if done is not None:
+        return done
+    return fused_add_rms_norm(all_reduce.reduced(x, group_name), residual, weight, eps)
 
 
 for _name in SCHEMES:

@@ -123,6 +123,59 @@ def _norm_quant_cases() -> Iterator[Case]:
         )
 
 
+def _all_reduce_cases() -> Iterator[Case]:
+    """The one-shot all-reduce kernel: every scheme (FP8 as e4m3fn and, for gfx942, e4m3fnuz),
+    with and without the norm-only output, bf16 (what tensor-parallel layers reduce)."""
+    schemes = {
+        "none": (k.SCHEME_NONE, "bf16", "bf16", 1),
+        "mxfp4": (k.SCHEME_MXFP4, "u8", "u8", 1),
+        "mxfp8": (k.SCHEME_MXFP8, "fp8e4nv", "u8", 1),
+        "fp8_group128_e4m3fn": (k.SCHEME_FP8, _FP8["e4m3fn"], "fp32", 128),
+        "fp8_group128_e4m3fnuz": (k.SCHEME_FP8, _FP8["e4m3fnuz"], "fp32", 128),
+    }
+    for label, (scheme, q_ty, s_ty, group) in schemes.items():
+        yield Case(
+            f"all_reduce_norm_quant_kernel[{label}, bf16, world 2]",
+            k.all_reduce_norm_quant_kernel,
+            {
+                "x_ptr": "*bf16",
+                "buf_ptrs": "*i64",
+                "flag_ptrs": "*i64",
+                "red_ptr": "*bf16",
+                "r_ptr": "*bf16",
+                "w_ptr": "*bf16",
+                "y_ptr": "*bf16",
+                "res_ptr": "*bf16",
+                "q_ptr": f"*{q_ty}",
+                "s_ptr": f"*{s_ty}",
+                "x_stride": "i32",
+                "r_stride": "i32",
+                "M": "i32",
+                "K": "i32",
+                "eps": "fp32",
+                "fp8_max": "fp32",
+                "min_scale": "fp32",
+                "rank": "i32",
+            },
+            {
+                "WORLD": 2,
+                "MAX_PROGRAMS": 128,
+                "HAS_RES": True,
+                "DO_NORM": True,
+                "WRITE_Y": scheme == k.SCHEME_NONE,
+                "SCHEME": scheme,
+                "GROUP": group,
+                "UE8M0": False,
+                "BLOCK_K": 8192,
+                "WEIGHT_AFTER_ROUNDING": False,
+                "UNROUNDED_SUM": False,
+                "ALIGNED": True,
+            },
+            {"num_warps": 8},
+            hip_only_fnuz=q_ty == _FP8["e4m3fnuz"],
+        )
+
+
 def _rope_cache_cases() -> Iterator[Case]:
     for dtype, neox in itertools.product(("bf16", "fp16", "fp32"), (False, True)):
         yield Case(
@@ -219,7 +272,7 @@ def _dequant_cases() -> Iterator[Case]:
 
 def cases() -> list[Case]:
     """Every kernel of :mod:`.kernels`, once per path its launches take."""
-    return [*_norm_quant_cases(), *_rope_cache_cases(), *_dequant_cases()]
+    return [*_norm_quant_cases(), *_all_reduce_cases(), *_rope_cache_cases(), *_dequant_cases()]
 
 
 def compile_to_isa(case: Case, target: GPUTarget, with_cubin: bool) -> dict[str, int]:

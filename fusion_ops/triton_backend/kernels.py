@@ -107,14 +107,48 @@ def norm_quant_kernel(
     rounding points (fusion_ops.reference.norm): the weight applied after rounding the normed
     value to the weight's dtype, the norm of the unrounded fp32 sum."""
     row = tl.program_id(0).to(tl.int64)
+    if USE_PDL:  # see _pdl_start
+        _pdl_start()
+    _norm_quant_row(
+        row, x_ptr, r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr, x_stride, r_stride, K,
+        eps, fp8_max, min_scale, HAS_RES, DO_NORM, WRITE_Y, SCHEME, GROUP, UE8M0, BLOCK_K,
+        WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM,
+    )  # fmt: skip
+
+
+@triton.jit
+def _norm_quant_row(
+    row,
+    x_ptr,
+    r_ptr,
+    w_ptr,
+    y_ptr,
+    res_ptr,
+    q_ptr,
+    s_ptr,
+    x_stride,
+    r_stride,
+    K,
+    eps,
+    fp8_max,
+    min_scale,
+    HAS_RES: tl.constexpr,
+    DO_NORM: tl.constexpr,
+    WRITE_Y: tl.constexpr,
+    SCHEME: tl.constexpr,
+    GROUP: tl.constexpr,
+    UE8M0: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    WEIGHT_AFTER_ROUNDING: tl.constexpr,
+    UNROUNDED_SUM: tl.constexpr,
+):
+    """norm_quant_kernel's work on one row (also the tail of all_reduce_norm_quant_kernel)."""
     cols = tl.arange(0, BLOCK_K)
     mask = cols < K
     # fp32 whatever the launcher typed the floats as (Triton's JIT: fp32; Inductor: fp64)
     eps = tl.cast(eps, tl.float32)
     fp8_max = tl.cast(fp8_max, tl.float32)
     min_scale = tl.cast(min_scale, tl.float32)
-    if USE_PDL:  # see _pdl_start
-        _pdl_start()
     x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
     out_dtype = x.dtype
     xf = x.to(tl.float32)
@@ -148,6 +182,106 @@ def norm_quant_kernel(
         _fp8_groups(
             y.to(tl.float32), q_ptr, s_ptr, row, K, fp8_max, min_scale, GROUP, UE8M0, BLOCK_K
         )
+
+
+# --- tensor parallel: one-shot all-reduce over symmetric memory + the row work ----------------
+@triton.jit
+def all_reduce_norm_quant_kernel(
+    x_ptr,
+    buf_ptrs,
+    flag_ptrs,
+    red_ptr,
+    r_ptr,
+    w_ptr,
+    y_ptr,
+    res_ptr,
+    q_ptr,
+    s_ptr,
+    x_stride,
+    r_stride,
+    M,
+    K,
+    eps,
+    fp8_max,
+    min_scale,
+    rank,
+    WORLD: tl.constexpr,
+    MAX_PROGRAMS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    DO_NORM: tl.constexpr,
+    WRITE_Y: tl.constexpr,
+    SCHEME: tl.constexpr,
+    GROUP: tl.constexpr,
+    UE8M0: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    WEIGHT_AFTER_ROUNDING: tl.constexpr,
+    UNROUNDED_SUM: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    """Σ over the ranks of x, then norm_quant_kernel's row work, in one launch.
+
+    ``buf_ptrs`` / ``flag_ptrs``: int64 addresses of every rank's symmetric buffer (rows of K)
+    and flag words (int32), peer memory mapped into this process. The same grid on every rank:
+    program p owns rows p, p + G, … on all of them. Program p copies its rows of x into this
+    rank's buffer, meets program p of every rank (barrier 0), sums its rows over the ranks in
+    rank order in fp32 and rounds once to x's dtype (into ``red_ptr``), runs the row work on the
+    sum, and meets them again (barrier 1) so no rank overwrites its buffer while a peer reads it.
+    """
+    pid = tl.program_id(0)
+    n_programs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_K)
+    mask = cols < K
+    dtype = x_ptr.dtype.element_ty
+    own = tl.load(buf_ptrs + rank).to(tl.pointer_type(dtype))
+    for row in range(pid, M, n_programs):
+        x = tl.load(x_ptr + row.to(tl.int64) * x_stride + cols, mask=mask)
+        tl.store(_peer_row(own, row, K, cols, ALIGNED), x, mask=mask)
+    _meet(flag_ptrs, rank, pid, WORLD)
+    for row in range(pid, M, n_programs):
+        first = tl.load(buf_ptrs).to(tl.pointer_type(dtype))
+        part = tl.load(_peer_row(first, row, K, cols, ALIGNED), mask=mask, cache_modifier=".cg")
+        total = part.to(tl.float32)
+        for peer in tl.static_range(1, WORLD):
+            base = tl.load(buf_ptrs + peer).to(tl.pointer_type(dtype))
+            ptrs = _peer_row(base, row, K, cols, ALIGNED)
+            total = total + tl.load(ptrs, mask=mask, cache_modifier=".cg").to(tl.float32)
+        tl.store(red_ptr + row.to(tl.int64) * K + cols, total.to(dtype), mask=mask)
+        tl.debug_barrier()  # the row is read back by other threads of this program
+        _norm_quant_row(
+            row.to(tl.int64), red_ptr, r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr, K, r_stride,
+            K, eps, fp8_max, min_scale, HAS_RES, DO_NORM, WRITE_Y, SCHEME, GROUP, UE8M0, BLOCK_K,
+            WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM,
+        )  # fmt: skip
+    _meet(flag_ptrs, rank, MAX_PROGRAMS + pid, WORLD)
+
+
+@triton.jit
+def _peer_row(base, row, K, cols, ALIGNED: tl.constexpr):
+    """Pointers to row ``row`` of a symmetric buffer (rows of K). The base address comes from
+    memory, so Triton cannot see its alignment: ``ALIGNED`` (every row starts on 16 bytes) says
+    it for vector loads."""
+    ptrs = base + row.to(tl.int64) * K + cols
+    if ALIGNED:
+        ptrs = tl.multiple_of(ptrs, 16)
+    return ptrs
+
+
+@triton.jit
+def _meet(flag_ptrs, rank, slot, WORLD: tl.constexpr):
+    """Barrier of this program with the same program on every rank, over the flag words
+    ``flags[rank'][slot · WORLD + rank]`` (0 free, 1 signalled): set each peer's word for this
+    rank (release: this program's stores before it are visible to the peer), then take each of
+    this rank's words as they get set (acquire). Portable atomics (no inline PTX)."""
+    tl.debug_barrier()  # every thread's stores happen before the release
+    for peer in tl.static_range(WORLD):
+        remote = tl.load(flag_ptrs + peer).to(tl.pointer_type(tl.int32))
+        while tl.atomic_cas(remote + slot * WORLD + rank, 0, 1, sem="release", scope="sys") != 0:
+            pass
+    local = tl.load(flag_ptrs + rank).to(tl.pointer_type(tl.int32))
+    for peer in tl.static_range(WORLD):
+        while tl.atomic_cas(local + slot * WORLD + peer, 1, 0, sem="acquire", scope="sys") != 1:
+            pass
+    tl.debug_barrier()
 
 
 @triton.jit

@@ -1,0 +1,172 @@
+"""Triton backend of the tensor-parallel ops: a one-shot all-reduce over symmetric memory fused
+with add + RMSNorm + quant in one kernel (:func:`.kernels.all_reduce_norm_quant_kernel`).
+
+Per (process group, device) one symmetric-memory workspace is allocated on first use (a
+collective call: every rank reaches it in the same op call) and kept: ``ONE_SHOT_MAX_BYTES`` of
+rows plus the kernel's flag words. Calls whose x is larger than that (or where symmetric memory
+is unavailable, or FP8 FNUZ on NVIDIA) take the definition's path instead: the functional
+all-reduce (NCCL) then the fused add-norm-quant kernel. The switch is by bytes, measured on 2×H200
+(benchmarks/all_reduce.py, RESULTS.md); ``FUSION_OPS_AR_ONE_SHOT_BYTES`` overrides it (read when
+a workspace is made; 0 turns the one-shot path off).
+
+NVLink multicast is never used (peer loads only): the kernel reads each peer's rows through the
+peer mappings symmetric memory sets up, so it runs with ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1``.
+The first call per group must not happen inside CUDA-graph capture (warm up first, as for NCCL).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed.distributed_c10d as c10d
+
+from ..reference.collective import all_reduce_sum
+from . import kernels as k
+from .launch import Launcher, next_power_of_2
+
+ONE_SHOT_ENV = "FUSION_OPS_AR_ONE_SHOT_BYTES"
+ONE_SHOT_MAX_BYTES = 512 * 1024  # x's bytes up to which the one-shot kernel runs (measured)
+MAX_PROGRAMS = 128  # programs per launch at most (all resident at once: they spin on peers)
+MAX_WORLD = 8
+_launch = Launcher(k.all_reduce_norm_quant_kernel)
+
+
+@dataclass
+class Workspace:
+    handle: Any  # torch's _SymmetricMemory
+    buffer: torch.Tensor  # uint8 [data_bytes + flag bytes], symmetric
+    buf_ptrs: torch.Tensor  # int64 [world]: every rank's row area
+    flag_ptrs: torch.Tensor  # int64 [world]: every rank's flag words
+    data_bytes: int
+    rank: int
+    world: int
+
+
+_WORKSPACES: dict[tuple[str, int], Workspace | None] = {}
+
+
+def one_shot_max_bytes() -> int:
+    raw = os.environ.get(ONE_SHOT_ENV)
+    return ONE_SHOT_MAX_BYTES if raw is None else int(raw)
+
+
+def workspace(group_name: str, device: torch.device) -> Workspace | None:
+    """The group's symmetric workspace on ``device`` (made on first call: collective), or None
+    where the one-shot path cannot run."""
+    key = (group_name, device.index if device.index is not None else torch.cuda.current_device())
+    if key not in _WORKSPACES:
+        _WORKSPACES[key] = _make_workspace(group_name, torch.device("cuda", key[1]))
+    return _WORKSPACES[key]
+
+
+def _make_workspace(group_name: str, device: torch.device) -> Workspace | None:
+    data_bytes = -(-one_shot_max_bytes() // 16) * 16
+    group = c10d._resolve_process_group(group_name)
+    world, rank = group.size(), group.rank()
+    if data_bytes == 0 or not 1 < world <= MAX_WORLD:
+        return None
+    try:
+        import torch.distributed._symmetric_memory as symm_mem
+    except ImportError:
+        return None
+    flag_bytes = 2 * MAX_PROGRAMS * world * 4  # two barriers × programs × source ranks, int32
+    buffer = symm_mem.empty(data_bytes + flag_bytes, dtype=torch.uint8, device=device)
+    buffer[data_bytes:].zero_()
+    handle = symm_mem.rendezvous(buffer, group_name)
+    handle.barrier()  # every rank's flags are zero before any rank signals
+    ptrs = list(handle.buffer_ptrs)
+    as_tensor = functools.partial(torch.tensor, dtype=torch.int64, device=device)
+    return Workspace(
+        handle,
+        buffer,
+        as_tensor(ptrs),
+        as_tensor([p + data_bytes for p in ptrs]),
+        data_bytes,
+        rank,
+        world,
+    )
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def one_shot(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    group_name: str,
+    write_y: bool,
+    scheme_consts: Any,
+    q: torch.Tensor | None,
+    s: torch.Tensor | None,
+    numerics: Any,
+    num_warps: int,
+) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+    """Run the fused kernel when x fits the workspace; returns (y or None, residual_out), or
+    None when the caller must take the all-reduce + fused-op path."""
+    kdim = x.shape[-1]
+    x2 = x.reshape(-1, kdim)
+    m = x2.shape[0]
+    nbytes = x2.numel() * x2.element_size()
+    if nbytes > one_shot_max_bytes() or m == 0 or x2.stride(-1) != 1:
+        return None
+    ws = workspace(group_name, x.device)
+    if ws is None or nbytes > ws.data_bytes:
+        return None
+    r2 = residual.reshape(-1, kdim)
+    r2 = r2 if r2.stride(-1) == 1 else r2.contiguous()
+    reduced = torch.empty((m, kdim), dtype=x.dtype, device=x.device)
+    res_out = torch.empty((m, kdim), dtype=x.dtype, device=x.device)
+    y = torch.empty((m, kdim), dtype=x.dtype, device=x.device) if write_y else None
+    grid = (min(m, MAX_PROGRAMS, _sm_count(x.get_device())),)
+    _launch(
+        grid,
+        (
+            x2,
+            ws.buf_ptrs,
+            ws.flag_ptrs,
+            reduced,
+            r2,
+            weight,
+            y if y is not None else reduced,
+            res_out,
+            q if q is not None else reduced,
+            s if s is not None else reduced,
+            x2.stride(0),
+            r2.stride(0),
+            m,
+            kdim,
+            eps,
+            scheme_consts["fp8_max"],
+            scheme_consts["min_scale"],
+            ws.rank,
+        ),
+        (
+            ("WORLD", ws.world),
+            ("MAX_PROGRAMS", MAX_PROGRAMS),
+            ("HAS_RES", True),
+            ("DO_NORM", True),
+            ("WRITE_Y", write_y),
+            ("SCHEME", scheme_consts["SCHEME"]),
+            ("GROUP", scheme_consts["GROUP"]),
+            ("UE8M0", scheme_consts["UE8M0"]),
+            ("BLOCK_K", next_power_of_2(kdim)),
+            ("WEIGHT_AFTER_ROUNDING", numerics.weight_after_rounding),
+            ("UNROUNDED_SUM", numerics.norm_unrounded_sum),
+            ("ALIGNED", (kdim * x.element_size()) % 16 == 0),
+            ("num_warps", num_warps),
+        ),
+    )
+    return y, res_out
+
+
+def reduced(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    """The definition's first step (NCCL on CUDA): the fallback above the one-shot size."""
+    return all_reduce_sum(x, group_name)
