@@ -59,6 +59,49 @@ def graph_us(fn: Callable[[], Any], reps: int = 15) -> float:
     return statistics.median(times)
 
 
+def _measure(
+    scheme: str,
+    tokens: int,
+    hidden: int,
+    rank: int,
+    group: str,
+    symm_buf: torch.Tensor,
+    default_threshold: int,
+) -> dict[str, Any]:
+    from fusion_ops.triton_backend import all_reduce
+
+    ops, funcol, params = torch.ops.fusion_ops, torch.ops._c10d_functional, PARAMS[scheme]
+    fused = getattr(ops, f"add_rms_norm_{scheme}_quant")
+    ar_fused = getattr(ops, f"all_reduce_add_rms_norm_{scheme}_quant")
+    g = torch.Generator(device="cuda").manual_seed(tokens + rank)
+    x = torch.randn(tokens, hidden, device="cuda", generator=g).to(torch.bfloat16)
+    r = torch.randn(tokens, hidden, device="cuda", generator=g).to(torch.bfloat16)
+    w = torch.randn(hidden, device="cuda", generator=g).to(torch.bfloat16)
+    flat = symm_buf[: tokens * hidden]
+
+    def nccl() -> Any:
+        s = funcol.wait_tensor(funcol.all_reduce(x, "sum", group))
+        return fused(s, r, w, 1e-6, *params)
+
+    def symm() -> Any:
+        flat.copy_(x.view(-1))
+        s = torch.ops.symm_mem.one_shot_all_reduce(flat, "sum", group)
+        return fused(s.view(tokens, hidden), r, w, 1e-6, *params)
+
+    def ours() -> Any:
+        return ar_fused(x, r, w, 1e-6, group, *params)
+
+    row: dict[str, Any] = {"scheme": scheme, "tokens": tokens, "hidden": hidden}
+    row["nccl+fused"] = graph_us(nccl)
+    row["symm+fused"] = graph_us(symm)
+    row["one_shot"] = graph_us(ours)  # the workspace is large enough for every size
+    forced = os.environ[all_reduce.ONE_SHOT_ENV]
+    os.environ[all_reduce.ONE_SHOT_ENV] = str(default_threshold)
+    row["ours"] = graph_us(ours)
+    os.environ[all_reduce.ONE_SHOT_ENV] = forced
+    return row
+
+
 def _worker(rank: int, port: int, args: argparse.Namespace, out: Any) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(rank)
@@ -68,9 +111,7 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out: Any) -> None:
     import fusion_ops
     from fusion_ops.triton_backend import all_reduce
 
-    ops = torch.ops.fusion_ops
     group = dist.group.WORLD.group_name
-    funcol = torch.ops._c10d_functional
     hidden = args.hidden
     max_bytes = max(args.tokens) * hidden * 2
     symm_buf = symm_mem.empty(max_bytes // 2, dtype=torch.bfloat16, device="cuda")
@@ -79,35 +120,8 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out: Any) -> None:
     os.environ[all_reduce.ONE_SHOT_ENV] = str(max_bytes)  # a workspace for the forced runs
     rows = []
     for scheme in args.schemes:
-        params = PARAMS[scheme]
-        fused = getattr(ops, f"add_rms_norm_{scheme}_quant")
-        ar_fused = getattr(ops, f"all_reduce_add_rms_norm_{scheme}_quant")
         for tokens in args.tokens:
-            g = torch.Generator(device="cuda").manual_seed(tokens + rank)
-            x = torch.randn(tokens, hidden, device="cuda", generator=g).to(torch.bfloat16)
-            r = torch.randn(tokens, hidden, device="cuda", generator=g).to(torch.bfloat16)
-            w = torch.randn(hidden, device="cuda", generator=g).to(torch.bfloat16)
-            flat = symm_buf[: tokens * hidden]
-
-            def nccl() -> Any:
-                s = funcol.wait_tensor(funcol.all_reduce(x, "sum", group))
-                return fused(s, r, w, 1e-6, *params)
-
-            def symm() -> Any:
-                flat.copy_(x.view(-1))
-                s = torch.ops.symm_mem.one_shot_all_reduce(flat, "sum", group)
-                return fused(s.view(tokens, hidden), r, w, 1e-6, *params)
-
-            def ours() -> Any:
-                return ar_fused(x, r, w, 1e-6, group, *params)
-
-            row = {"scheme": scheme, "tokens": tokens, "hidden": hidden}
-            row["nccl+fused"] = graph_us(nccl)
-            row["symm+fused"] = graph_us(symm)
-            row["one_shot"] = graph_us(ours)
-            os.environ[all_reduce.ONE_SHOT_ENV] = str(default_threshold)
-            row["ours"] = graph_us(ours)
-            os.environ[all_reduce.ONE_SHOT_ENV] = str(max_bytes)
+            row = _measure(scheme, tokens, hidden, rank, group, symm_buf, default_threshold)
             if rank == 0:
                 print(
                     f"{scheme:9s} T={tokens:5d}  nccl+fused {row['nccl+fused']:8.1f}  symm+fused "
