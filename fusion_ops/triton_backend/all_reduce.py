@@ -2,10 +2,11 @@
 with add + RMSNorm + quant in one kernel (:func:`.kernels.all_reduce_norm_quant_kernel`).
 
 Per (process group, device) one symmetric-memory workspace is allocated on first use (a
-collective call: every rank reaches it in the same op call) and kept: ``ONE_SHOT_MAX_BYTES`` of
-rows plus the kernel's flag words. Calls whose x is larger than that (or where symmetric memory
-is unavailable, or FP8 FNUZ on NVIDIA) take the definition's path instead: the functional
-all-reduce (NCCL) then the fused add-norm-quant kernel. The switch is by bytes, measured on 2×H200
+collective call: every rank reaches it in the same op call) and kept: 2 × world slots of
+``ONE_SHOT_MAX_BYTES`` (every rank pushes its rows into its slot on every rank; two parities, see
+the kernel), the kernel's flag words and this rank's call counter. Calls whose x is larger than
+that (or where symmetric memory is unavailable, or FP8 FNUZ on NVIDIA) take the definition's
+path instead: the functional all-reduce (NCCL) then the fused add-norm-quant kernel. The switch is by bytes, measured on 2×H200
 (benchmarks/all_reduce.py, RESULTS.md); ``FUSION_OPS_AR_ONE_SHOT_BYTES`` overrides it (read when
 a workspace is made; 0 turns the one-shot path off).
 
@@ -29,8 +30,8 @@ from . import kernels as k
 from .launch import Launcher, next_power_of_2
 
 ONE_SHOT_ENV = "FUSION_OPS_AR_ONE_SHOT_BYTES"
-ONE_SHOT_MAX_BYTES = 512 * 1024  # x's bytes up to which the one-shot kernel runs (measured)
-MAX_PROGRAMS = 128  # programs per launch at most (all resident at once: they spin on peers)
+ONE_SHOT_MAX_BYTES = 16 * 2**20  # x's bytes up to which the one-shot kernel runs (measured)
+MAX_PROGRAMS = 128  # programs per launch at most (all resident at once: they wait on peers)
 MAX_WORLD = 8
 _launch = Launcher(k.all_reduce_norm_quant_kernel)
 
@@ -38,10 +39,11 @@ _launch = Launcher(k.all_reduce_norm_quant_kernel)
 @dataclass
 class Workspace:
     handle: Any  # torch's _SymmetricMemory
-    buffer: torch.Tensor  # uint8 [data_bytes + flag bytes], symmetric
-    buf_ptrs: torch.Tensor  # int64 [world]: every rank's row area
+    buffer: torch.Tensor  # uint8 [2 · world · slot_bytes + flag bytes + 8], symmetric
+    buf_ptrs: torch.Tensor  # int64 [world]: every rank's slots
     flag_ptrs: torch.Tensor  # int64 [world]: every rank's flag words
-    data_bytes: int
+    state: torch.Tensor  # int32 [2]: calls so far, programs finished in this call (local)
+    slot_bytes: int
     rank: int
     world: int
 
@@ -64,28 +66,31 @@ def workspace(group_name: str, device: torch.device) -> Workspace | None:
 
 
 def _make_workspace(group_name: str, device: torch.device) -> Workspace | None:
-    data_bytes = -(-one_shot_max_bytes() // 16) * 16
+    slot_bytes = -(-one_shot_max_bytes() // 16) * 16
     group = c10d._resolve_process_group(group_name)
     world, rank = group.size(), group.rank()
-    if data_bytes == 0 or not 1 < world <= MAX_WORLD:
+    if slot_bytes == 0 or not 1 < world <= MAX_WORLD:
         return None
     try:
         import torch.distributed._symmetric_memory as symm_mem
     except ImportError:
         return None
-    flag_bytes = 2 * MAX_PROGRAMS * world * 4  # two barriers × programs × source ranks, int32
-    buffer = symm_mem.empty(data_bytes + flag_bytes, dtype=torch.uint8, device=device)
+    data_bytes = 2 * world * slot_bytes
+    flag_bytes = MAX_PROGRAMS * world * 4  # programs × source ranks, int32
+    buffer = symm_mem.empty(data_bytes + flag_bytes + 8, dtype=torch.uint8, device=device)
     buffer[data_bytes:].zero_()
     handle = symm_mem.rendezvous(buffer, group_name)
     handle.barrier()  # every rank's flags are zero before any rank signals
     ptrs = list(handle.buffer_ptrs)
     as_tensor = functools.partial(torch.tensor, dtype=torch.int64, device=device)
+    state = buffer[data_bytes + flag_bytes :].view(torch.int32)
     return Workspace(
         handle,
         buffer,
         as_tensor(ptrs),
         as_tensor([p + data_bytes for p in ptrs]),
-        data_bytes,
+        state,
+        slot_bytes,
         rank,
         world,
     )
@@ -118,7 +123,7 @@ def one_shot(
     if nbytes > one_shot_max_bytes() or m == 0 or x2.stride(-1) != 1:
         return None
     ws = workspace(group_name, x.device)
-    if ws is None or nbytes > ws.data_bytes:
+    if ws is None or nbytes > ws.slot_bytes:
         return None
     r2 = residual.reshape(-1, kdim)
     r2 = r2 if r2.stride(-1) == 1 else r2.contiguous()
@@ -132,6 +137,7 @@ def one_shot(
             x2,
             ws.buf_ptrs,
             ws.flag_ptrs,
+            ws.state,
             reduced,
             r2,
             weight,
@@ -147,10 +153,10 @@ def one_shot(
             scheme_consts["fp8_max"],
             scheme_consts["min_scale"],
             ws.rank,
+            ws.slot_bytes // x.element_size(),
         ),
         (
             ("WORLD", ws.world),
-            ("MAX_PROGRAMS", MAX_PROGRAMS),
             ("HAS_RES", True),
             ("DO_NORM", True),
             ("WRITE_Y", write_y),

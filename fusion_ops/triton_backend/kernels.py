@@ -190,6 +190,7 @@ def all_reduce_norm_quant_kernel(
     x_ptr,
     buf_ptrs,
     flag_ptrs,
+    state_ptr,
     red_ptr,
     r_ptr,
     w_ptr,
@@ -205,8 +206,8 @@ def all_reduce_norm_quant_kernel(
     fp8_max,
     min_scale,
     rank,
+    slot_elems,
     WORLD: tl.constexpr,
-    MAX_PROGRAMS: tl.constexpr,
     HAS_RES: tl.constexpr,
     DO_NORM: tl.constexpr,
     WRITE_Y: tl.constexpr,
@@ -218,33 +219,52 @@ def all_reduce_norm_quant_kernel(
     UNROUNDED_SUM: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
-    """Σ over the ranks of x, then norm_quant_kernel's row work, in one launch.
+    """Σ over the ranks of x, then norm_quant_kernel's row work, in one launch (push model).
 
-    ``buf_ptrs`` / ``flag_ptrs``: int64 addresses of every rank's symmetric buffer (rows of K)
-    and flag words (int32), peer memory mapped into this process. The same grid on every rank:
-    program p owns rows p, p + G, … on all of them. Program p copies its rows of x into this
-    rank's buffer, meets program p of every rank (barrier 0), sums its rows over the ranks in
-    rank order in fp32 and rounds once to x's dtype (into ``red_ptr``), runs the row work on the
-    sum, and meets them again (barrier 1) so no rank overwrites its buffer while a peer reads it.
+    Every rank's symmetric buffer holds ``[2 parities][WORLD sources][slot_elems]`` rows of K;
+    ``buf_ptrs`` / ``flag_ptrs`` are the int64 addresses of every rank's buffer and flag words
+    (peer memory mapped into this process), ``state_ptr`` this rank's call counter and
+    finished-program counter. The same grid on every rank: program p owns rows p, p + G, ….
+
+    Call c uses parity c & 1. Program p writes its rows of x into slot ``rank`` of every rank's
+    buffer (remote stores, no round trip), then sets its flag word on every rank to c + 1
+    (release), waits until each rank's flag word for it here reaches c + 1 (acquire, local
+    polling), sums its rows over the slots in rank order in fp32, rounds once to x's dtype
+    (into ``red_ptr``) and runs the row work on the sum. Why one barrier is enough: a rank
+    writes parity c & 1 again in call c + 2, which starts after its call c + 1 finished, which
+    waited for every peer's call c + 1 flag, set after that peer's call c had finished reading.
     """
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_K)
     mask = cols < K
     dtype = x_ptr.dtype.element_ty
-    own = tl.load(buf_ptrs + rank).to(tl.pointer_type(dtype))
+    call = tl.load(state_ptr)
+    region = (call & 1) * WORLD
     for row in range(pid, M, n_programs):
         x = tl.load(x_ptr + row.to(tl.int64) * x_stride + cols, mask=mask)
-        tl.store(_peer_row(own, row, K, cols, ALIGNED), x, mask=mask)
-    _meet(flag_ptrs, rank, pid, WORLD)
+        for dst in tl.static_range(WORLD):
+            base = tl.load(buf_ptrs + dst).to(tl.pointer_type(dtype))
+            tl.store(
+                _slot_row(base, region + rank, slot_elems, row, K, cols, ALIGNED), x, mask=mask
+            )
+    tl.debug_barrier()  # every thread's stores happen before the release
+    for dst in tl.static_range(WORLD):
+        flags = tl.load(flag_ptrs + dst).to(tl.pointer_type(tl.int32))
+        tl.atomic_xchg(flags + pid * WORLD + rank, call + 1, sem="release", scope="sys")
+    own_flags = tl.load(flag_ptrs + rank).to(tl.pointer_type(tl.int32))
+    for src in tl.static_range(WORLD):
+        flag = own_flags + pid * WORLD + src
+        while tl.atomic_add(flag, 0, sem="acquire", scope="sys") - (call + 1) < 0:
+            pass
+    tl.debug_barrier()
+    own = tl.load(buf_ptrs + rank).to(tl.pointer_type(dtype))
     for row in range(pid, M, n_programs):
-        first = tl.load(buf_ptrs).to(tl.pointer_type(dtype))
-        part = tl.load(_peer_row(first, row, K, cols, ALIGNED), mask=mask, cache_modifier=".cg")
-        total = part.to(tl.float32)
-        for peer in tl.static_range(1, WORLD):
-            base = tl.load(buf_ptrs + peer).to(tl.pointer_type(dtype))
-            ptrs = _peer_row(base, row, K, cols, ALIGNED)
-            total = total + tl.load(ptrs, mask=mask, cache_modifier=".cg").to(tl.float32)
+        total = tl.load(_slot_row(own, region, slot_elems, row, K, cols, ALIGNED), mask=mask)
+        total = total.to(tl.float32)
+        for src in tl.static_range(1, WORLD):
+            ptrs = _slot_row(own, region + src, slot_elems, row, K, cols, ALIGNED)
+            total = total + tl.load(ptrs, mask=mask).to(tl.float32)
         tl.store(red_ptr + row.to(tl.int64) * K + cols, total.to(dtype), mask=mask)
         tl.debug_barrier()  # the row is read back by other threads of this program
         _norm_quant_row(
@@ -252,36 +272,23 @@ def all_reduce_norm_quant_kernel(
             K, eps, fp8_max, min_scale, HAS_RES, DO_NORM, WRITE_Y, SCHEME, GROUP, UE8M0, BLOCK_K,
             WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM,
         )  # fmt: skip
-    _meet(flag_ptrs, rank, MAX_PROGRAMS + pid, WORLD)
+    # the last program to finish advances the call counter (every program has read it)
+    tl.debug_barrier()
+    finished = tl.atomic_add(state_ptr + 1, 1, sem="acq_rel", scope="gpu")
+    if finished == n_programs - 1:
+        tl.store(state_ptr + 1, 0)
+        tl.store(state_ptr, call + 1)
 
 
 @triton.jit
-def _peer_row(base, row, K, cols, ALIGNED: tl.constexpr):
-    """Pointers to row ``row`` of a symmetric buffer (rows of K). The base address comes from
-    memory, so Triton cannot see its alignment: ``ALIGNED`` (every row starts on 16 bytes) says
-    it for vector loads."""
-    ptrs = base + row.to(tl.int64) * K + cols
+def _slot_row(base, slot, slot_elems, row, K, cols, ALIGNED: tl.constexpr):
+    """Pointers to row ``row`` of slot ``slot`` of a symmetric buffer. The base address comes
+    from memory, so Triton cannot see its alignment: ``ALIGNED`` (every row starts on 16 bytes)
+    says it, for vector loads and stores."""
+    ptrs = base + slot.to(tl.int64) * slot_elems + row.to(tl.int64) * K + cols
     if ALIGNED:
         ptrs = tl.multiple_of(ptrs, 16)
     return ptrs
-
-
-@triton.jit
-def _meet(flag_ptrs, rank, slot, WORLD: tl.constexpr):
-    """Barrier of this program with the same program on every rank, over the flag words
-    ``flags[rank'][slot · WORLD + rank]`` (0 free, 1 signalled): set each peer's word for this
-    rank (release: this program's stores before it are visible to the peer), then take each of
-    this rank's words as they get set (acquire). Portable atomics (no inline PTX)."""
-    tl.debug_barrier()  # every thread's stores happen before the release
-    for peer in tl.static_range(WORLD):
-        remote = tl.load(flag_ptrs + peer).to(tl.pointer_type(tl.int32))
-        while tl.atomic_cas(remote + slot * WORLD + rank, 0, 1, sem="release", scope="sys") != 0:
-            pass
-    local = tl.load(flag_ptrs + rank).to(tl.pointer_type(tl.int32))
-    for peer in tl.static_range(WORLD):
-        while tl.atomic_cas(local + slot * WORLD + peer, 1, 0, sem="acquire", scope="sys") != 1:
-            pass
-    tl.debug_barrier()
 
 
 @triton.jit
