@@ -6,9 +6,10 @@ collective call: every rank reaches it in the same op call) and kept: 2 × world
 ``ONE_SHOT_MAX_BYTES`` (every rank pushes its rows into its slot on every rank; two parities, see
 the kernel), the kernel's flag words and this rank's call counter. Calls whose x is larger than
 that (or where symmetric memory is unavailable, or FP8 FNUZ on NVIDIA) take the definition's
-path instead: the functional all-reduce (NCCL) then the fused add-norm-quant kernel. The switch is by bytes, measured on 2×H200
-(benchmarks/all_reduce.py, RESULTS.md); ``FUSION_OPS_AR_ONE_SHOT_BYTES`` overrides it (read when
-a workspace is made; 0 turns the one-shot path off).
+path instead: the functional all-reduce (NCCL) then the fused add-norm-quant kernel. The switch
+is by bytes, measured on 2×H200 (benchmarks/all_reduce.py, RESULTS.md);
+``FUSION_OPS_AR_ONE_SHOT_BYTES`` overrides it (the workspace's slot size when it is made, the
+switch at every call; 0 turns the one-shot path off).
 
 NVLink multicast is never used (peer loads only): the kernel reads each peer's rows through the
 peer mappings symmetric memory sets up, so it runs with ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1``.
