@@ -56,6 +56,7 @@ def test_all_families_on_cuda(v2: bool) -> None:
         "rms_quant": 1,
         "rope_cache": 1,
         "dequant_fp8": 1,
+        "ar_add_rms_quant": 0,  # no all-reduce in this graph
     }
     assert_fully_replaced(
         p,
