@@ -3,6 +3,7 @@
 from .cache import PagedCaches, Step
 from .config import PRESETS, DSV4Config, flash, pro, tiny
 from .driver import RunResult, build, run, token_ids
+from .layers import TensorParallel
 from .model import DSV4Model
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "PagedCaches",
     "RunResult",
     "Step",
+    "TensorParallel",
     "build",
     "flash",
     "pro",

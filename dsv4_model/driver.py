@@ -9,6 +9,7 @@ import torch
 
 from .cache import PagedCaches, Step
 from .config import DSV4Config
+from .layers import TensorParallel
 from .model import DSV4Model
 
 Forward = Callable[[Step, bool], torch.Tensor]
@@ -22,9 +23,14 @@ class RunResult:
 
 
 def build(
-    cfg: DSV4Config, batch: int, max_len: int, device: str | torch.device = "cpu", seed: int = 0
+    cfg: DSV4Config,
+    batch: int,
+    max_len: int,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    tp: TensorParallel | None = None,
 ) -> tuple[DSV4Model, PagedCaches]:
-    model = DSV4Model(cfg, seed=seed).to(device)
+    model = DSV4Model(cfg, seed=seed, tp=tp).to(device)
     caches = PagedCaches(cfg, batch, max_len, device, seed=seed)
     model.attach(caches)
     return model, caches

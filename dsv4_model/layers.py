@@ -7,8 +7,10 @@ op the fusion passes see), is dequantized in plain torch, and multiplied with bf
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 import fusion_ops  # noqa: F401  (defines torch.ops.fusion_ops)
@@ -46,16 +48,43 @@ def dequantize(q: torch.Tensor, s: torch.Tensor, scheme: str, dtype: torch.dtype
     return (vals.unflatten(-1, (k // 32, 32)) * scale).flatten(-2).to(dtype)
 
 
+@dataclass(frozen=True)
+class TensorParallel:
+    """Row-parallel output projections (attention's wo_b, the experts' down projections): rank
+    ``rank`` of ``world`` multiplies its slice of the input features, giving a partial sum of
+    the output; :meth:`all_reduce` (the functional collective torch.compile traces) sums the
+    partials, right before the next add + RMSNorm. Everything else is computed on every rank
+    (the weights are the full, seeded ones; each rank reads its slice)."""
+
+    group_name: str
+    rank: int
+    world: int
+
+    def shard(self, n: int) -> slice:
+        if n % self.world:
+            raise ValueError(f"TensorParallel: {n} features do not split over {self.world} ranks")
+        size = n // self.world
+        return slice(self.rank * size, (self.rank + 1) * size)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return funcol.all_reduce(x, "sum", self.group_name)
+
+
 class QuantLinear(nn.Module):
-    """y = dequant(quant(x)) @ Wᵀ: a quantized-activation GEMM, emulated. Weight [out, in]."""
+    """y = dequant(quant(x)) @ Wᵀ: a quantized-activation GEMM, emulated. Weight [out, in].
+    With ``tp``: this rank's partial sum over its slice of the input features."""
 
     def __init__(self, in_features: int, out_features: int, scheme: str, fp8_dtype: torch.dtype):
         super().__init__()
         self.scheme, self.fp8_dtype = scheme, fp8_dtype
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_quantized(*quantize(x, self.scheme, self.fp8_dtype), x.dtype)
+    def forward(self, x: torch.Tensor, tp: TensorParallel | None = None) -> torch.Tensor:
+        if tp is None:
+            return self.forward_quantized(*quantize(x, self.scheme, self.fp8_dtype), x.dtype)
+        xq = dequantize(*quantize(x, self.scheme, self.fp8_dtype), self.scheme, x.dtype)
+        cols = tp.shard(x.shape[-1])
+        return xq[..., cols] @ self.weight[:, cols].t()
 
     def forward_quantized(
         self, q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype

@@ -45,6 +45,7 @@ from .config import DSV4Config
 from .layers import (
     HyperConnection,
     QuantLinear,
+    TensorParallel,
     dequantize,
     init_,
     quantize,
@@ -76,9 +77,9 @@ def softmax_with_sink(scores: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: DSV4Config, layer: int) -> None:
+    def __init__(self, cfg: DSV4Config, layer: int, tp: TensorParallel | None = None) -> None:
         super().__init__()
-        self.cfg, self.ratio = cfg, cfg.compress_ratios[layer]
+        self.cfg, self.ratio, self.tp = cfg, cfg.compress_ratios[layer], tp
         d, h, hd = cfg.hidden_size, cfg.n_heads, cfg.head_dim
         lin = cfg.linear_quant
         self.wqkv_a = QuantLinear(d, cfg.q_lora_rank + hd, lin, cfg.fp8_dtype)
@@ -149,7 +150,7 @@ class Attention(nn.Module):
         o = self._rope(pos, o, inverse=True)
         g = cfg.o_groups
         o = torch.einsum("tgk,gok->tgo", o.view(t, g, -1), self.wo_a).flatten(1)
-        return self.wo_b(o)
+        return self.wo_b(o, self.tp)  # with tp: this rank's partial sum
 
     def _prefill_attention(
         self, x: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, step: Step
@@ -197,9 +198,9 @@ class Attention(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: DSV4Config) -> None:
+    def __init__(self, cfg: DSV4Config, tp: TensorParallel | None = None) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.tp = cfg, tp
         e, d, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_inter_size
         self.gate = nn.Parameter(torch.empty(e, d), requires_grad=False)
         self.score_bias = nn.Parameter(torch.empty(e), requires_grad=False)
@@ -222,22 +223,28 @@ class MoE(nn.Module):
         combine = torch.zeros_like(scores).scatter(1, top, weights)  # [T, E]
         xq = dequantize(*quantize(x, cfg.act_quant, cfg.fp8_dtype), cfg.act_quant, x.dtype)
         act = self._swiglu(torch.einsum("td,efd->tef", xq, self.w13))  # [T, E, I] bf16
+        shared_act = self._swiglu(xq @ self.shared_w13.t())  # [T, I]
+        w2, shared_w2 = self.w2, self.shared_w2
+        if self.tp is not None:  # down projections row-parallel: this rank's slice of I
+            cols = self.tp.shard(cfg.moe_inter_size)
+            act, shared_act = act[..., cols], shared_act[..., cols]
+            w2, shared_w2 = w2[..., cols], shared_w2[:, cols]
         # expert outputs in bf16 (what grouped-GEMM kernels return), combined in fp32; no fp32
         # copy of w2 (E·D·I·4 bytes, 512 MiB per layer at flash dims with 16 experts)
-        out = torch.einsum("tei,edi->ted", act, self.w2)  # [T, E, D]
+        out = torch.einsum("tei,edi->ted", act, w2)  # [T, E, D]
         routed = torch.einsum("te,ted->td", combine, out.float())
-        shared = self._swiglu(xq @ self.shared_w13.t()) @ self.shared_w2.t()
+        shared = shared_act @ shared_w2.t()
         return (routed + shared.float()).to(x.dtype)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: DSV4Config, layer: int) -> None:
+    def __init__(self, cfg: DSV4Config, layer: int, tp: TensorParallel | None = None) -> None:
         super().__init__()
-        self.cfg, self.layer = cfg, layer
+        self.cfg, self.layer, self.tp = cfg, layer, tp
         self.attn_norm_weight = nn.Parameter(torch.empty(cfg.hidden_size), requires_grad=False)
         self.ffn_norm_weight = nn.Parameter(torch.empty(cfg.hidden_size), requires_grad=False)
-        self.attn = Attention(cfg, layer)
-        self.moe = MoE(cfg)
+        self.attn = Attention(cfg, layer, tp)
+        self.moe = MoE(cfg, tp)
         if cfg.residual == "mhc":
             args = (cfg.hidden_size, cfg.hc_mult, cfg.hc_sinkhorn_iters, cfg.hc_eps)
             self.hc_attn, self.hc_ffn = HyperConnection(*args), HyperConnection(*args)
@@ -248,26 +255,33 @@ class Block(nn.Module):
         eps = self.cfg.rms_eps
         if self.cfg.residual == "mhc":  # h: the 4 residual streams [T, 4, D]
             x, post, comb = self.hc_attn.pre(h)
-            a = self.attn(ops.rms_norm(x, self.attn_norm_weight, eps), step, decode)
+            a = self._reduce(self.attn(ops.rms_norm(x, self.attn_norm_weight, eps), step, decode))
             h = self.hc_attn.post(a, h, post, comb)
             x, post, comb = self.hc_ffn.pre(h)
-            m = self.moe(ops.rms_norm(x, self.ffn_norm_weight, eps))
+            m = self._reduce(self.moe(ops.rms_norm(x, self.ffn_norm_weight, eps)))
             return self.hc_ffn.post(m, h, post, comb), None
         if residual is None:  # first layer of the residual stream
             x, residual = ops.rms_norm(h, self.attn_norm_weight, eps), h
         else:
             x, residual = ops.fused_add_rms_norm(h, residual, self.attn_norm_weight, eps)
-        a = self.attn(x, step, decode)
+        a = self._reduce(self.attn(x, step, decode))
         x, residual = ops.fused_add_rms_norm(a, residual, self.ffn_norm_weight, eps)
-        return self.moe(x), residual
+        return self._reduce(self.moe(x)), residual
+
+    def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """Tensor parallel: the sum of the ranks' partial outputs (else the output itself)."""
+        return partial if self.tp is None else self.tp.all_reduce(partial)
 
 
 class DSV4Model(nn.Module):
-    def __init__(self, cfg: DSV4Config, seed: int = 0) -> None:
+    """``tp``: tensor parallel over ranks (row-parallel wo_b and expert down projections, an
+    all-reduce after attention and after the MoE; see :class:`TensorParallel`)."""
+
+    def __init__(self, cfg: DSV4Config, seed: int = 0, tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i, tp) for i in range(cfg.n_layers))
         self.final_norm_weight = nn.Parameter(torch.empty(cfg.hidden_size), requires_grad=False)
         self.lm_head = nn.Parameter(
             torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False

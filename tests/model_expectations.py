@@ -51,3 +51,15 @@ def expected_leftover_ops(cfg: dm.DSV4Config) -> dict[str, int]:
         "mxfp8_quant": 0,
         "dequant_cache": 0,
     }
+
+
+def expected_tp_matches(cfg: dm.DSV4Config, decode: bool) -> Counter[str]:
+    """Tensor parallel (``residual="add"``): an all-reduce sits before every fused_add_rms_norm,
+    so each add_rms_quant match becomes an ar_add_rms_quant one, and the final norm (no quant)
+    folds its all-reduce in as ``ar_add_rms``."""
+    out: Counter[str] = Counter()
+    for label, n in expected_matches(cfg, decode).items():
+        family, rest = label.split("/", 1)
+        out["ar_add_rms_quant/" + rest if family == "add_rms_quant" else label] += n
+    out["ar_add_rms_quant/ar_add_rms/bf16"] += 1
+    return out

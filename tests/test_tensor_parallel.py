@@ -216,6 +216,7 @@ SCENARIOS = {
     "scheme_off_and_subgroup": scenario_scheme_off_and_subgroup,
     "opcheck": scenario_opcheck,
 }
+ALL_SCENARIOS = dict(SCENARIOS)  # filled in below with the model scenario
 
 
 def _worker(rank: int, port: int, names: list[str]) -> None:
@@ -224,7 +225,7 @@ def _worker(rank: int, port: int, names: list[str]) -> None:
     torch.set_num_threads(1)
     try:
         for name in names:
-            SCENARIOS[name](rank, dist.group.WORLD.group_name)
+            ALL_SCENARIOS[name](rank, dist.group.WORLD.group_name)
     finally:
         dist.destroy_process_group()
 
@@ -238,3 +239,44 @@ def _free_port() -> int:
 def test_tensor_parallel_two_ranks() -> None:
     """All scenarios in one spawn (process start and imports dominate otherwise)."""
     mp.spawn(_worker, args=(_free_port(), list(SCENARIOS)), nprocs=WORLD)
+
+
+# --- the reference DeepSeek-V4 with TP=2 ----------------------------------------------------------
+def scenario_model(rank: int, group_name: str) -> None:
+    """Prefill + decode of the tiny model, row-parallel wo_b and expert down projections: the
+    matches follow from the config, logits and every cache byte equal the model compiled
+    without the pass, and every rank computes the same logits."""
+    import dsv4_model as dm
+    from fusion_passes.testing import fresh_inductor
+    from tests.model_expectations import expected_tp_matches
+
+    cfg = dm.tiny(residual="add")
+    tp = dm.TensorParallel(group_name, rank, WORLD)
+
+    def run(fusion_pass: FusionPass | None) -> dm.RunResult:
+        model, caches = dm.build(cfg, batch=2, max_len=40, tp=tp)
+        prompts, decode_ids = dm.token_ids(cfg, 2, 20, 2)
+        options = {"post_grad_custom_post_pass": fusion_pass} if fusion_pass else {}
+        with fresh_inductor():
+            fn = torch.compile(model, options=options, fullgraph=True)
+            return dm.run(caches, fn, fn, prompts, decode_ids)
+
+    p = FusionPass()
+    fused, plain = run(p), run(None)
+    assert [g.matches for g in p.graphs] == [
+        dict(expected_tp_matches(cfg, decode=False)),
+        dict(expected_tp_matches(cfg, decode=True)),
+    ]
+    assert all(g.ops_after.get("fused_add_rms_norm", 0) == 0 for g in p.graphs)
+    assert not [m for g in p.graphs for m in g.near_misses if m.family == NAME]
+    for name in ("prefill_logits", "decode_logits", "caches"):
+        assert_bitwise_equal(getattr(fused, name), getattr(plain, name), name)
+    _same_on_every_rank(fused.prefill_logits + fused.decode_logits)
+
+
+ALL_SCENARIOS["model"] = scenario_model
+
+
+@pytest.mark.slow
+def test_tensor_parallel_model() -> None:
+    mp.spawn(_worker, args=(_free_port(), ["model"]), nprocs=WORLD)

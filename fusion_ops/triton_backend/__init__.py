@@ -267,6 +267,7 @@ def _all_reduce_norm_quant(
         scales,
         numerics,
         _num_warps(block_k, m),
+        _pdl_supported(x.get_device()),
     )
     if done is None:
         return None

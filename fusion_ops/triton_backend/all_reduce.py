@@ -114,6 +114,7 @@ def one_shot(
     s: torch.Tensor | None,
     numerics: Any,
     num_warps: int,
+    pdl: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
     """Run the fused kernel when x fits the workspace; returns (y or None, residual_out), or
     None when the caller must take the all-reduce + fused-op path."""
@@ -168,7 +169,9 @@ def one_shot(
             ("WEIGHT_AFTER_ROUNDING", numerics.weight_after_rounding),
             ("UNROUNDED_SUM", numerics.norm_unrounded_sum),
             ("ALIGNED", (kdim * x.element_size()) % 16 == 0),
+            ("USE_PDL", pdl),
             ("num_warps", num_warps),
+            ("launch_pdl", pdl),
         ),
     )
     return y, res_out

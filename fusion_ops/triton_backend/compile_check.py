@@ -171,6 +171,7 @@ def _all_reduce_cases() -> Iterator[Case]:
                 "WEIGHT_AFTER_ROUNDING": False,
                 "UNROUNDED_SUM": False,
                 "ALIGNED": True,
+                "USE_PDL": False,
             },
             {"num_warps": 8},
             hip_only_fnuz=q_ty == _FP8["e4m3fnuz"],

@@ -218,6 +218,7 @@ def all_reduce_norm_quant_kernel(
     WEIGHT_AFTER_ROUNDING: tl.constexpr,
     UNROUNDED_SUM: tl.constexpr,
     ALIGNED: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """Σ over the ranks of x, then norm_quant_kernel's row work, in one launch (push model).
 
@@ -239,6 +240,8 @@ def all_reduce_norm_quant_kernel(
     cols = tl.arange(0, BLOCK_K)
     mask = cols < K
     dtype = x_ptr.dtype.element_ty
+    if USE_PDL:  # see _pdl_start: the previous call has finished before anything is touched
+        _pdl_start()
     call = tl.load(state_ptr)
     region = (call & 1) * WORLD
     for row in range(pid, M, n_programs):
