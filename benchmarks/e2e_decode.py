@@ -2,6 +2,7 @@
 torch.compile with FusionPass(), on one GPU.
 
     python benchmarks/e2e_decode.py --preset flash --layers 4 --batch 1 8 64 --cached 300
+    python benchmarks/e2e_decode.py --tp 2 ...     # tensor parallel on 2 GPUs (rank 0 reports)
 
 Per variant: step latency (CUDA events, median of repeated identical steps: a decode step at a
 fixed position rewrites the same cache slots) launched from Python and replayed as one CUDA graph
@@ -16,7 +17,10 @@ for that (the real count is 256/384).
 from __future__ import annotations
 
 import argparse
+import builtins
 import json
+import os
+import socket
 import statistics
 from collections import Counter
 from typing import Any
@@ -97,7 +101,43 @@ def main() -> None:
         action="store_true",
         help="add a variant compiled with FusionPass(inductor_launch=True)",
     )
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor parallel over this many GPUs (one process each, NCCL, multicast off); "
+        "rank 0 prints and writes the JSON",
+    )
     args = p.parse_args()
+    if args.tp > 1:
+        os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        torch.multiprocessing.spawn(_tp_worker, args=(port, args), nprocs=args.tp)
+    else:
+        run(args)
+
+
+def _tp_worker(rank: int, port: int, args: argparse.Namespace) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(rank)
+    dist.init_process_group(
+        "nccl", rank=rank, world_size=args.tp, device_id=torch.device("cuda", rank)
+    )
+    try:
+        run(args, dm.TensorParallel(dist.group.WORLD.group_name, rank, args.tp))
+    finally:
+        dist.destroy_process_group()
+
+
+def run(args: argparse.Namespace, tp: dm.TensorParallel | None = None) -> None:
+    """The benchmark on this process's GPU (with ``tp``: this rank's part; rank 0 reports)."""
+    rank0 = tp is None or tp.rank == 0
+    print = builtins.print if rank0 else (lambda *a, **k: None)  # noqa: A001
     torch._dynamo.config.recompile_limit = 64
     cfg = dm.PRESETS[args.preset](
         args.layers, n_routed_experts=args.experts, residual=args.residual
@@ -105,11 +145,12 @@ def main() -> None:
     kinds = ", ".join(cfg.layer_kind(i) for i in range(cfg.n_layers))
     print(
         f"{cfg.name}: hidden {cfg.hidden_size}, {cfg.n_heads} heads, layers ({kinds}), "
-        f"{cfg.n_routed_experts} experts (dense), residual={cfg.residual}, cached={args.cached}",
+        f"{cfg.n_routed_experts} experts (dense), residual={cfg.residual}, cached={args.cached}"
+        + (f", tensor parallel {tp.world}" if tp else ""),
         flush=True,
     )
     max_len = args.cached + 16
-    model, caches = dm.build(cfg, max(args.batch), max_len, DEV)
+    model, caches = dm.build(cfg, max(args.batch), max_len, DEV, tp=tp)
     prompts, _ = dm.token_ids(cfg, max(args.batch), args.cached, 1)
     with torch.no_grad():
         for seq in range(max(args.batch)):  # fill the caches once (eager prefill)
@@ -197,11 +238,12 @@ def main() -> None:
     graphs = len(fusion_pass.graphs)
     print(f"graphs compiled with the pass: {graphs} (one per batch size)", flush=True)
     print("matches:", json.dumps(fusion_pass.match_table), flush=True)
-    if args.json:
+    if args.json and rank0:
         with open(args.json, "w") as fh:
             json.dump(
                 {
                     "config": cfg.name,
+                    "tp": tp.world if tp else 1,
                     "rows": rows,
                     "matches": fusion_pass.match_table,
                     "graphs_compiled": graphs,
