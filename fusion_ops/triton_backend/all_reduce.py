@@ -169,7 +169,6 @@ def one_shot(
             ("WEIGHT_AFTER_ROUNDING", numerics.weight_after_rounding),
             ("UNROUNDED_SUM", numerics.norm_unrounded_sum),
             ("ALIGNED", (kdim * x.element_size()) % 16 == 0),
-            ("ONE_ROW", m <= grid[0]),
             ("USE_PDL", pdl),
             ("num_warps", num_warps),
             ("launch_pdl", pdl),

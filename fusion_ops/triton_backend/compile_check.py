@@ -171,7 +171,6 @@ def _all_reduce_cases() -> Iterator[Case]:
                 "WEIGHT_AFTER_ROUNDING": False,
                 "UNROUNDED_SUM": False,
                 "ALIGNED": True,
-                "ONE_ROW": scheme != k.SCHEME_NONE,  # both paths, across the schemes
                 "USE_PDL": False,
             },
             {"num_warps": 8},

@@ -112,7 +112,7 @@ def norm_quant_kernel(
     _norm_quant_row(
         row, x_ptr, r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr, x_stride, r_stride, K,
         eps, fp8_max, min_scale, HAS_RES, DO_NORM, WRITE_Y, SCHEME, GROUP, UE8M0, BLOCK_K,
-        WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM, 0, 0, False,
+        WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM,
     )  # fmt: skip
 
 
@@ -141,15 +141,8 @@ def _norm_quant_row(
     BLOCK_K: tl.constexpr,
     WEIGHT_AFTER_ROUNDING: tl.constexpr,
     UNROUNDED_SUM: tl.constexpr,
-    r_pre,
-    w_pre,
-    PRELOADED: tl.constexpr,
 ):
-    """norm_quant_kernel's work on one row (also the tail of all_reduce_norm_quant_kernel).
-
-    ``PRELOADED``: ``r_pre`` / ``w_pre`` are the row's residual and the weight, loaded earlier by
-    the caller (while it waited for peers). They enter only elementwise math (the sum of squares
-    comes from its own load), so the bytes are the same either way."""
+    """norm_quant_kernel's work on one row (also the tail of all_reduce_norm_quant_kernel)."""
     cols = tl.arange(0, BLOCK_K)
     mask = cols < K
     # fp32 whatever the launcher typed the floats as (Triton's JIT: fp32; Inductor: fp64)
@@ -160,10 +153,7 @@ def _norm_quant_row(
     out_dtype = x.dtype
     xf = x.to(tl.float32)
     if HAS_RES:
-        if PRELOADED:
-            r = r_pre
-        else:
-            r = tl.load(r_ptr + row * r_stride + cols, mask=mask, other=0.0)
+        r = tl.load(r_ptr + row * r_stride + cols, mask=mask, other=0.0)
         total = xf + r.to(tl.float32)
         x = total.to(out_dtype)  # residual_out, rounded
         tl.store(res_ptr + row * K + cols, x, mask=mask)
@@ -174,10 +164,7 @@ def _norm_quant_row(
         )
         mean = tl.math.div_rn(ss, tl.cast(K, tl.float32))
         inv = tl.math.div_rn(1.0, tl.sqrt_rn(mean + eps))
-        if PRELOADED:
-            w = w_pre
-        else:
-            w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
         if WEIGHT_AFTER_ROUNDING:  # (n.to(w.dtype) * w).to(x.dtype)
             n = (xf * inv).to(w.dtype).to(tl.float32)
             y = (n * w.to(tl.float32)).to(w.dtype).to(out_dtype)
@@ -231,7 +218,6 @@ def all_reduce_norm_quant_kernel(
     WEIGHT_AFTER_ROUNDING: tl.constexpr,
     UNROUNDED_SUM: tl.constexpr,
     ALIGNED: tl.constexpr,
-    ONE_ROW: tl.constexpr,
     USE_PDL: tl.constexpr = False,
 ):
     """Σ over the ranks of x, then norm_quant_kernel's row work, in one launch (push model).
@@ -269,12 +255,6 @@ def all_reduce_norm_quant_kernel(
     for dst in tl.static_range(WORLD):
         flags = tl.load(flag_ptrs + dst).to(tl.pointer_type(tl.int32))
         tl.atomic_xchg(flags + pid * WORLD + rank, call + 1, sem="release", scope="sys")
-    if ONE_ROW:  # load what does not depend on the peers while they arrive
-        r_pre = tl.load(r_ptr + pid.to(tl.int64) * r_stride + cols, mask=mask, other=0.0)
-        w_pre = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    else:
-        r_pre = 0
-        w_pre = 0
     own_flags = tl.load(flag_ptrs + rank).to(tl.pointer_type(tl.int32))
     for src in tl.static_range(WORLD):
         flag = own_flags + pid * WORLD + src
@@ -293,7 +273,7 @@ def all_reduce_norm_quant_kernel(
         _norm_quant_row(
             row.to(tl.int64), red_ptr, r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr, K, r_stride,
             K, eps, fp8_max, min_scale, HAS_RES, DO_NORM, WRITE_Y, SCHEME, GROUP, UE8M0, BLOCK_K,
-            WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM, r_pre, w_pre, ONE_ROW,
+            WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM,
         )  # fmt: skip
     # the last program to finish advances the call counter (every program has read it)
     tl.debug_barrier()
