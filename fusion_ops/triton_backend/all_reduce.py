@@ -2,9 +2,9 @@
 with add + RMSNorm + quant in one kernel (:func:`.kernels.all_reduce_norm_quant_kernel`).
 
 Per (process group, device) one symmetric-memory workspace is allocated on first use (a
-collective call: every rank reaches it in the same op call) and kept: 2 × world slots of
-``ONE_SHOT_MAX_BYTES`` (every rank pushes its rows into its slot on every rank; two parities, see
-the kernel), the kernel's flag words and this rank's call counter. Calls whose x is larger than
+collective call: every rank reaches it in the same op call) and kept: 3 × world slots of
+``ONE_SHOT_MAX_BYTES`` (every rank stores its rows into its slot on every rank; three sets in
+rotation, see the kernel) and this rank's call counters. Calls whose x is larger than
 that (or where symmetric memory is unavailable, or FP8 FNUZ on NVIDIA) take the definition's
 path instead: the functional all-reduce (NCCL) then the fused add-norm-quant kernel. The switch
 is by bytes, measured on 2×H200 (benchmarks/all_reduce.py, RESULTS.md);
@@ -40,10 +40,9 @@ _launch = Launcher(k.all_reduce_norm_quant_kernel)
 @dataclass
 class Workspace:
     handle: Any  # torch's _SymmetricMemory
-    buffer: torch.Tensor  # uint8 [2 · world · slot_bytes + flag bytes + 8], symmetric
+    buffer: torch.Tensor  # uint8 [3 · world · slot_bytes + 20], symmetric
     buf_ptrs: torch.Tensor  # int64 [world]: every rank's slots
-    flag_ptrs: torch.Tensor  # int64 [world]: every rank's flag words
-    state: torch.Tensor  # int32 [2]: calls so far, programs finished in this call (local)
+    state: torch.Tensor  # int32 [5]: calls so far, programs finished, rows used per set (local)
     slot_bytes: int
     rank: int
     world: int
@@ -76,25 +75,15 @@ def _make_workspace(group_name: str, device: torch.device) -> Workspace | None:
         import torch.distributed._symmetric_memory as symm_mem
     except ImportError:
         return None
-    data_bytes = 2 * world * slot_bytes
-    flag_bytes = MAX_PROGRAMS * world * 4  # programs × source ranks, int32
-    buffer = symm_mem.empty(data_bytes + flag_bytes + 8, dtype=torch.uint8, device=device)
+    data_bytes = 3 * world * slot_bytes
+    buffer = symm_mem.empty(data_bytes + 20, dtype=torch.uint8, device=device)
+    buffer[:data_bytes].fill_(0xFF)  # every element "empty" (all bits set)
     buffer[data_bytes:].zero_()
     handle = symm_mem.rendezvous(buffer, group_name)
-    handle.barrier()  # every rank's flags are zero before any rank signals
-    ptrs = list(handle.buffer_ptrs)
-    as_tensor = functools.partial(torch.tensor, dtype=torch.int64, device=device)
-    state = buffer[data_bytes + flag_bytes :].view(torch.int32)
-    return Workspace(
-        handle,
-        buffer,
-        as_tensor(ptrs),
-        as_tensor([p + data_bytes for p in ptrs]),
-        state,
-        slot_bytes,
-        rank,
-        world,
-    )
+    handle.barrier()  # every rank's slots are empty before any rank stores into them
+    ptrs = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=device)
+    state = buffer[data_bytes:].view(torch.int32)
+    return Workspace(handle, buffer, ptrs, state, slot_bytes, rank, world)
 
 
 @functools.cache
@@ -138,7 +127,6 @@ def one_shot(
         (
             x2,
             ws.buf_ptrs,
-            ws.flag_ptrs,
             ws.state,
             reduced,
             r2,
@@ -159,6 +147,7 @@ def one_shot(
         ),
         (
             ("WORLD", ws.world),
+            ("BITS", 8 * x.element_size()),
             ("HAS_RES", True),
             ("DO_NORM", True),
             ("WRITE_Y", write_y),

@@ -140,7 +140,6 @@ def _all_reduce_cases() -> Iterator[Case]:
             {
                 "x_ptr": "*bf16",
                 "buf_ptrs": "*i64",
-                "flag_ptrs": "*i64",
                 "state_ptr": "*i32",
                 "red_ptr": "*bf16",
                 "r_ptr": "*bf16",
@@ -161,6 +160,7 @@ def _all_reduce_cases() -> Iterator[Case]:
             },
             {
                 "WORLD": 2,
+                "BITS": 16,
                 "HAS_RES": True,
                 "DO_NORM": True,
                 "WRITE_Y": scheme == k.SCHEME_NONE,

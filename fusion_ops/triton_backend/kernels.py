@@ -189,7 +189,6 @@ def _norm_quant_row(
 def all_reduce_norm_quant_kernel(
     x_ptr,
     buf_ptrs,
-    flag_ptrs,
     state_ptr,
     red_ptr,
     r_ptr,
@@ -208,6 +207,7 @@ def all_reduce_norm_quant_kernel(
     rank,
     slot_elems,
     WORLD: tl.constexpr,
+    BITS: tl.constexpr,
     HAS_RES: tl.constexpr,
     DO_NORM: tl.constexpr,
     WRITE_Y: tl.constexpr,
@@ -220,20 +220,23 @@ def all_reduce_norm_quant_kernel(
     ALIGNED: tl.constexpr,
     USE_PDL: tl.constexpr = False,
 ):
-    """Σ over the ranks of x, then norm_quant_kernel's row work, in one launch (push model).
+    """Σ over the ranks of x, then norm_quant_kernel's row work, in one launch.
 
-    Every rank's symmetric buffer holds ``[2 parities][WORLD sources][slot_elems]`` rows of K;
-    ``buf_ptrs`` / ``flag_ptrs`` are the int64 addresses of every rank's buffer and flag words
-    (peer memory mapped into this process), ``state_ptr`` this rank's call counter and
-    finished-program counter. The same grid on every rank: program p owns rows p, p + G, ….
+    Every rank's symmetric buffer holds ``[3 sets][WORLD sources][slot_elems]`` elements (rows
+    of K), every element not yet written holding the *empty* pattern (all bits set: a NaN);
+    ``buf_ptrs`` are the int64 addresses of every rank's buffer (peer memory mapped here),
+    ``state_ptr`` this rank's int32 [call counter, finished programs, rows used per set × 3].
+    The same grid on every rank: program p owns rows p, p + G, ….
 
-    Call c uses parity c & 1. Program p writes its rows of x into slot ``rank`` of every rank's
-    buffer (remote stores, no round trip), then sets its flag word on every rank to c + 1
-    (release), waits until each rank's flag word for it here reaches c + 1 (acquire, local
-    polling), sums its rows over the slots in rank order in fp32, rounds once to x's dtype
-    (into ``red_ptr``) and runs the row work on the sum. Why one barrier is enough: a rank
-    writes parity c & 1 again in call c + 2, which starts after its call c + 1 finished, which
-    waited for every peer's call c + 1 flag, set after that peer's call c had finished reading.
+    Call c uses set c % 3. Program p stores its rows of x into source slot ``rank`` of that set
+    on every rank (plain stores into peer memory; an x element that happens to be the empty
+    pattern is stored as another NaN: NaN payloads are not part of the contract), then reads
+    its rows of every source slot here until no element is empty (the data is its own flag:
+    no barrier, no round trip), sums them in rank order in fp32, rounds once to x's dtype (into
+    ``red_ptr``) and runs the row work on the sum. It then empties the rows the previous call
+    used in set (c + 2) % 3, which this rank finished reading then, and which a peer writes
+    next in call c + 2: after its call c + 1, which needed this rank's call c + 1 data, stored
+    after this call ended.
     """
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
@@ -243,31 +246,22 @@ def all_reduce_norm_quant_kernel(
     if USE_PDL:  # see _pdl_start: the previous call has finished before anything is touched
         _pdl_start()
     call = tl.load(state_ptr)
-    region = (call & 1) * WORLD
+    cur = call % 3
     for row in range(pid, M, n_programs):
         x = tl.load(x_ptr + row.to(tl.int64) * x_stride + cols, mask=mask)
+        bits = _bits(x, BITS)
+        x = tl.where(bits == -1, bits & (2 ** (BITS - 1) - 1), bits).to(dtype, bitcast=True)
         for dst in tl.static_range(WORLD):
             base = tl.load(buf_ptrs + dst).to(tl.pointer_type(dtype))
-            tl.store(
-                _slot_row(base, region + rank, slot_elems, row, K, cols, ALIGNED), x, mask=mask
-            )
-    tl.debug_barrier()  # every thread's stores happen before the release
-    for dst in tl.static_range(WORLD):
-        flags = tl.load(flag_ptrs + dst).to(tl.pointer_type(tl.int32))
-        tl.atomic_xchg(flags + pid * WORLD + rank, call + 1, sem="release", scope="sys")
-    own_flags = tl.load(flag_ptrs + rank).to(tl.pointer_type(tl.int32))
-    for src in tl.static_range(WORLD):
-        flag = own_flags + pid * WORLD + src
-        while tl.atomic_add(flag, 0, sem="acquire", scope="sys") - (call + 1) < 0:
-            pass
-    tl.debug_barrier()
+            ptrs = _slot_row(base, cur * WORLD + rank, slot_elems, row, K, cols, ALIGNED)
+            tl.store(ptrs, x, mask=mask)
     own = tl.load(buf_ptrs + rank).to(tl.pointer_type(dtype))
     for row in range(pid, M, n_programs):
-        total = tl.load(_slot_row(own, region, slot_elems, row, K, cols, ALIGNED), mask=mask)
+        total = _await_row(own, cur * WORLD, slot_elems, row, K, cols, mask, ALIGNED, BITS)
         total = total.to(tl.float32)
         for src in tl.static_range(1, WORLD):
-            ptrs = _slot_row(own, region + src, slot_elems, row, K, cols, ALIGNED)
-            total = total + tl.load(ptrs, mask=mask).to(tl.float32)
+            part = _await_row(own, cur * WORLD + src, slot_elems, row, K, cols, mask, ALIGNED, BITS)
+            total = total + part.to(tl.float32)
         tl.store(red_ptr + row.to(tl.int64) * K + cols, total.to(dtype), mask=mask)
         tl.debug_barrier()  # the row is read back by other threads of this program
         _norm_quant_row(
@@ -275,12 +269,47 @@ def all_reduce_norm_quant_kernel(
             K, eps, fp8_max, min_scale, HAS_RES, DO_NORM, WRITE_Y, SCHEME, GROUP, UE8M0, BLOCK_K,
             WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM,
         )  # fmt: skip
+    old = (call + 2) % 3
+    empty = _bits(tl.zeros([BLOCK_K], dtype), BITS) - 1  # all bits set
+    empty = empty.to(dtype, bitcast=True)
+    for row in range(pid, tl.load(state_ptr + 2 + old), n_programs):
+        for src in tl.static_range(WORLD):
+            tl.store(
+                _slot_row(own, old * WORLD + src, slot_elems, row, K, cols, ALIGNED),
+                empty,
+                mask=mask,
+            )
+    if pid == 0:
+        tl.store(state_ptr + 2 + cur, M)
     # the last program to finish advances the call counter (every program has read it)
     tl.debug_barrier()
     finished = tl.atomic_add(state_ptr + 1, 1, sem="acq_rel", scope="gpu")
     if finished == n_programs - 1:
         tl.store(state_ptr + 1, 0)
         tl.store(state_ptr, call + 1)
+
+
+@triton.jit
+def _bits(v, BITS: tl.constexpr):
+    """v's bits as a signed int of its width (16 or 32)."""
+    if BITS == 16:
+        out = v.to(tl.int16, bitcast=True)
+    else:
+        out = v.to(tl.int32, bitcast=True)
+    return out
+
+
+@triton.jit
+def _await_row(
+    base, slot, slot_elems, row, K, cols, mask, ALIGNED: tl.constexpr, BITS: tl.constexpr
+):
+    """Row ``row`` of slot ``slot`` once every element has been written (none empty); volatile
+    loads: never served from a stale cache line."""
+    ptrs = _slot_row(base, slot, slot_elems, row, K, cols, ALIGNED)
+    v = tl.load(ptrs, mask=mask, other=0.0, volatile=True)
+    while tl.max((_bits(v, BITS) == -1).to(tl.int32), axis=0) > 0:
+        v = tl.load(ptrs, mask=mask, other=0.0, volatile=True)
+    return v
 
 
 @triton.jit

@@ -109,6 +109,10 @@ def scenario_definition(rank: int, group: str) -> None:
     x, r, w = _inputs(rank, 3, 7168)
     x[0, :64] = -0.0  # a sum of two -0.0 stays -0.0 (a kernel starting from +0.0 would not)
     _check("fp8_group", x, r, w, group, "signed zeros")
+    # the kernel's "empty" pattern (all bits set, a NaN) as an input value, on one rank and on
+    # both: it must neither hang nor change a byte
+    x.view(torch.int16)[1, 7 : 7 + 8 * (rank + 1)] = -1
+    _check("mxfp4", x, r, w, group, "inputs holding the empty pattern")
     _check("mxfp4", x, r, w, group, "flags: +normed, vLLM IR numerics", (True, True, True))
     x3, r3, w3 = (t.view(1, 3, -1) if t.dim() == 2 else t for t in (x, r, w))
     _check("mxfp8", x3, r3, w3, group, "3-d x")
