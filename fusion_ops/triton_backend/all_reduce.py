@@ -42,7 +42,7 @@ class Workspace:
     handle: Any  # torch's _SymmetricMemory
     buffer: torch.Tensor  # uint8 [3 · world · slot_bytes + 20], symmetric
     buf_ptrs: torch.Tensor  # int64 [world]: every rank's slots
-    state: torch.Tensor  # int32 [5]: calls so far, programs finished, rows used per set (local)
+    state: torch.Tensor  # int32 [5]: calls, programs finished, bytes used per set (local)
     slot_bytes: int
     rank: int
     world: int

@@ -225,7 +225,8 @@ def all_reduce_norm_quant_kernel(
     Every rank's symmetric buffer holds ``[3 sets][WORLD sources][slot_elems]`` elements (rows
     of K), every element not yet written holding the *empty* pattern (all bits set: a NaN);
     ``buf_ptrs`` are the int64 addresses of every rank's buffer (peer memory mapped here),
-    ``state_ptr`` this rank's int32 [call counter, finished programs, rows used per set × 3].
+    ``state_ptr`` this rank's int32 [call counter, finished programs, bytes used per slot of
+    each set × 3].
     The same grid on every rank: program p owns rows p, p + G, ….
 
     Call c uses set c % 3. Program p stores its rows of x into source slot ``rank`` of that set
@@ -233,10 +234,10 @@ def all_reduce_norm_quant_kernel(
     pattern is stored as another NaN: NaN payloads are not part of the contract), then reads
     its rows of every source slot here until no element is empty (the data is its own flag:
     no barrier, no round trip), sums them in rank order in fp32, rounds once to x's dtype (into
-    ``red_ptr``) and runs the row work on the sum. It then empties the rows the previous call
-    used in set (c + 2) % 3, which this rank finished reading then, and which a peer writes
-    next in call c + 2: after its call c + 1, which needed this rank's call c + 1 data, stored
-    after this call ended.
+    ``red_ptr``) and runs the row work on the sum. It then empties the bytes the previous call
+    used in set (c + 2) % 3 (whatever its K and dtype were), which this rank finished reading
+    then, and which a peer writes next in call c + 2: after its call c + 1, which needed this
+    rank's call c + 1 data, stored after this call ended.
     """
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
@@ -269,18 +270,18 @@ def all_reduce_norm_quant_kernel(
             K, eps, fp8_max, min_scale, HAS_RES, DO_NORM, WRITE_Y, SCHEME, GROUP, UE8M0, BLOCK_K,
             WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM,
         )  # fmt: skip
+    # empty what the previous call used in set (c + 2) % 3: its bytes, whatever its K and dtype
+    # were, as int32 words of all bits set
     old = (call + 2) % 3
-    empty = _bits(tl.zeros([BLOCK_K], dtype), BITS) - 1  # all bits set
-    empty = empty.to(dtype, bitcast=True)
-    for row in range(pid, tl.load(state_ptr + 2 + old), n_programs):
+    words = tl.load(buf_ptrs + rank).to(tl.pointer_type(tl.int32))
+    slot_words = slot_elems * (BITS // 8) // 4
+    used_words = (tl.load(state_ptr + 2 + old) + 3) // 4
+    for off in range(pid * BLOCK_K, used_words, n_programs * BLOCK_K):
         for src in tl.static_range(WORLD):
-            tl.store(
-                _slot_row(own, old * WORLD + src, slot_elems, row, K, cols, ALIGNED),
-                empty,
-                mask=mask,
-            )
+            ptrs = words + (old * WORLD + src).to(tl.int64) * slot_words + off + cols
+            tl.store(ptrs, tl.full([BLOCK_K], -1, tl.int32), mask=off + cols < used_words)
     if pid == 0:
-        tl.store(state_ptr + 2 + cur, M)
+        tl.store(state_ptr + 2 + cur, M * K * (BITS // 8))  # bytes this call uses per slot
     # the last program to finish advances the call counter (every program has read it)
     tl.debug_barrier()
     finished = tl.atomic_add(state_ptr + 1, 1, sem="acq_rel", scope="gpu")

@@ -119,10 +119,15 @@ def scenario_definition(rank: int, group: str) -> None:
 
 
 def scenario_back_to_back(rank: int, group: str) -> None:
-    """Changing sizes call after call (the flags and buffer rows are reused each time)."""
+    """Changing sizes, widths and dtypes call after call (the slots are reused each time: every
+    call must find them emptied of whatever the call before wrote)."""
     for i, tokens in enumerate((1, 300, 5, 128, 129, 1, 64, 2, 250, 3) * 3):
         x, r, w = _inputs(rank, tokens, 7168, seed=i)
         _check("mxfp4", x, r, w, group, f"call {i} ({tokens} tokens)")
+    shapes = [(7, 7168, torch.bfloat16), (3, 1000, torch.float32), (200, 256, torch.float16)]
+    for i, (tokens, hidden, dtype) in enumerate(shapes * 4 + shapes[::-1] * 3):
+        x, r, w = _inputs(rank, tokens, hidden, dtype, seed=100 + i)
+        _check(None, x, r, w, group, f"call {i} ({tokens}x{hidden} {dtype})")
 
 
 def scenario_cuda_graph(rank: int, group: str) -> None:
