@@ -334,11 +334,14 @@ def test_dumps_summary_and_graphs(tmp_path: Path) -> None:
         "rms_quant",
         "rope_cache",
         "dequant_fp8",
+        "ar_add_rms_quant",
     ]
     patterns_py = (d / "patterns.py").read_text()
     assert "# rms_quant/mxfp4" in patterns_py and "# rope_cache/gptj_dsv4_fp8_v2" in patterns_py
     sections = re.findall(
-        r"^# (?:add_rms_quant|rms_quant|rope_cache|dequant_fp8)/", patterns_py, flags=re.MULTILINE
+        r"^# (?:add_rms_quant|rms_quant|rope_cache|dequant_fp8|ar_add_rms_quant)/",
+        patterns_py,
+        flags=re.MULTILINE,
     )
     assert len(sections) == p.pattern_count == expected_pattern_count(p.schemes)
 
@@ -348,12 +351,13 @@ def expected_pattern_count(schemes: list[str]) -> int:
     variant per MX scheme, 2 (ue8m0) x 2 (FP8 dtype) per FP8 scheme; rms_quant per norm source
     x (plain, +normed); add_rms_quant per norm source and plain ``x + r`` x (normed kept or not)
     x (residual kept or not); rope_cache (neox or not) x 2 cache layouts x (v1, v2);
-    dequant_fp8 2 cache layouts x 2 FP8 dtypes."""
+    dequant_fp8 2 cache layouts x 2 FP8 dtypes; ar_add_rms_quant one graph pattern (the
+    all-reduce, folded into whichever add-norm op reads it)."""
     variants = sum(1 if s in ("mxfp4", "mxfp8") else 4 for s in schemes)
     norm_sources = 2 if qv.vllm_ir_available() else 1
     rms = norm_sources * 2 * variants
     add = (norm_sources + 1) * 2 * 2 * variants
-    return rms + add + 2 * 2 * 2 + 2 * 2
+    return rms + add + 2 * 2 * 2 + 2 * 2 + 1
 
 
 def test_dump_dir_from_environment(tmp_path: Path, monkeypatch) -> None:
