@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,11 +77,19 @@ def _make_workspace(group_name: str, device: torch.device) -> Workspace | None:
     except ImportError:
         return None
     data_bytes = 3 * world * slot_bytes
-    buffer = symm_mem.empty(data_bytes + 20, dtype=torch.uint8, device=device)
-    buffer[:data_bytes].fill_(0xFF)  # every element "empty" (all bits set)
-    buffer[data_bytes:].zero_()
-    handle = symm_mem.rendezvous(buffer, group_name)
-    handle.barrier()  # every rank's slots are empty before any rank stores into them
+    try:
+        buffer = symm_mem.empty(data_bytes + 20, dtype=torch.uint8, device=device)
+        buffer[:data_bytes].fill_(0xFF)  # every element "empty" (all bits set)
+        buffer[data_bytes:].zero_()
+        handle = symm_mem.rendezvous(buffer, group_name)
+        handle.barrier()  # every rank's slots are empty before any rank stores into them
+    except RuntimeError as err:  # no symmetric memory here (same answer on every rank)
+        warnings.warn(
+            f"fusion_ops: no symmetric memory for group {group_name!r} on {device} ({err}); "
+            "the all_reduce_* ops use the functional all-reduce + fused kernel",
+            stacklevel=2,
+        )
+        return None
     ptrs = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=device)
     state = buffer[data_bytes:].view(torch.int32)
     return Workspace(handle, buffer, ptrs, state, slot_bytes, rank, world)
