@@ -16,7 +16,9 @@ definition (:mod:`fusion_ops.reference.collective`). The sum may sit in the ``re
 (``x + residual`` is commutative in fp32). With ``add_rms_quant`` disabled only the no-quant
 form fires.
 
-Must not fire: a reduction other than sum; the reduced value with any other user (e.g. the
+Views between the all-reduce and the norm are moved onto the all-reduce's input first
+(:func:`prepare`: exact, a sum over ranks is elementwise). Must not fire: a reduction other
+than sum; the reduced value with any other user (e.g. the
 in-place ``dist.all_reduce(x)`` form copies it back into x) or read twice by the norm; a quant
 scheme that is not enabled.
 """
@@ -31,6 +33,7 @@ import torch._inductor.pattern_matcher as pm
 
 from fusion_ops import SCHEMES
 
+from . import canonical
 from . import quant_variants as qv
 from .base import GraphPatternSpec, NearMiss, dtype_name, op_name, users_by_op, val
 
@@ -101,7 +104,38 @@ def pattern_specs(schemes: Sequence[str]) -> list[GraphPatternSpec]:
 
 
 def prepare(graph: torch.fx.Graph, schemes: Sequence[str]) -> int:
-    return 0
+    """``norm(views(wait(all_reduce(x))))`` → ``norm(wait(all_reduce(views(x))))``: a sum over
+    ranks is elementwise, so it commutes with any view (e.g. an all-reduce of ``[B, T, H]``
+    normed as ``[-1, H]``). Done where the chain (each view used once) reaches an add-norm op or
+    an add (the plain ``x + r`` source); the number rewritten."""
+    done = 0
+    for reduce in [n for n in graph.nodes if n.target is _c10d.all_reduce.default]:
+        wait = next(iter(reduce.users)) if len(reduce.users) == 1 else None
+        if wait is None or wait.target is not _c10d.wait_tensor.default:
+            continue
+        views, node = [], wait
+        while len(node.users) == 1 and canonical.is_view(next(iter(node.users))):
+            node = next(iter(node.users))
+            views.append(node)
+        if not views or not any(_reads_reduced(u) for u in node.users):
+            continue
+        with graph.inserting_before(views[-1]):  # every size argument is defined by then
+            x = canonical.replay_views(graph, views, reduce.args[0])
+            moved = canonical.call(graph, reduce.target, (x, *reduce.args[1:]), reduce.kwargs)
+            waited = canonical.call(graph, wait.target, (moved,))
+        views[-1].replace_all_uses_with(waited)
+        canonical.erase_if_unused([reduce, wait, *views])
+        done += 1
+    return done
+
+
+def _reads_reduced(node: torch.fx.Node) -> bool:
+    """An add-norm op (ours, vLLM IR's) or an add: what the fold can start from."""
+    return (
+        qv.is_norm(node, add=True)
+        or op_name(node) in _ALL_ADD_OPS
+        or node.target is torch.ops.aten.add.Tensor
+    )
 
 
 def label(node: torch.fx.Node) -> str | None:
@@ -122,7 +156,8 @@ def near_misses(graph: torch.fx.Graph, schemes: Sequence[str]) -> list[NearMiss]
         if not waits:
             continue
         wait = waits[0]
-        norms = [u for u in wait.users if qv.is_norm(u, add=True) or op_name(u) in _ALL_ADD_OPS]
+        is_norm = lambda u: qv.is_norm(u, add=True) or op_name(u) in _ALL_ADD_OPS  # noqa: E731
+        norms = canonical.consumers_through_views(wait, is_norm)
         if not norms:
             continue
         out.append(NearMiss(NAME, node.name, "all_reduce", _why(node, wait, norms[0], schemes)))
@@ -136,6 +171,11 @@ def _why(reduce: torch.fx.Node, wait: torch.fx.Node, norm: torch.fx.Node, scheme
     reduce_op = reduce.args[1]
     if reduce_op != "sum":
         return f"reduce op {reduce_op!r}: only 'sum' is fused"
+    if norm not in wait.users:
+        return (
+            "views between the all-reduce and the norm have other users "
+            f"({', '.join(users_by_op(wait))}); the fused op does not return the reduced value"
+        )
     if len(reduce.users) != 1 or len(wait.users) != 1:
         return (
             f"the reduced value has {len(wait.users)} users ({', '.join(users_by_op(wait))}); "

@@ -210,11 +210,58 @@ def scenario_opcheck(rank: int, group_name: str) -> None:
         ops.all_reduce_fused_add_rms_norm(x, residual, norm_w, EPS, "no_such_group")
 
 
+class RowParallelBlock(torch.nn.Module):
+    """A block written without the patterns in mind: [B, T, H] fp16 activations, eps 1e-5, the
+    all-reduce of the 3-d partial read through a reshape, the residual as the norm's first
+    operand or added in plain torch before our rms_norm; ``leak`` also returns the reshaped sum."""
+
+    def __init__(self, rank: int, group_name: str, form: str) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(rank)
+        self.proj = torch.nn.Parameter((torch.randn(HIDDEN, HIDDEN, generator=g) / 16).half())
+        self.norm = torch.nn.Parameter(torch.ones(HIDDEN).half() + 0.01)
+        self.group_name, self.form = group_name, form
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        partial = h @ self.proj.t()  # [B, T, H]
+        flat = funcol.all_reduce(partial, "sum", self.group_name).reshape(-1, HIDDEN)
+        if self.form == "plain_add":
+            summed = residual + flat
+            normed, res_out = ops.rms_norm(summed, self.norm, 1e-5), summed
+        else:
+            normed, res_out = ops.fused_add_rms_norm(residual, flat, self.norm, 1e-5)
+        q, s = ops.fp8_per_token_quant(normed, True, FN)
+        return (q, s, res_out, *([flat] if self.form == "leak" else []))
+
+
+def scenario_user_module(rank: int, group_name: str) -> None:
+    g = torch.Generator().manual_seed(20 + rank)
+    h = torch.randn(2, 3, HIDDEN, generator=g).half()
+    residual = torch.randn(6, HIDDEN, generator=torch.Generator().manual_seed(5)).half()
+    label = f"{NAME}/fp8_per_token_ue8m0_e4m3fn/fp16"
+    for form in ("residual_first", "plain_add", "leak"):
+        torch._dynamo.reset()
+        block = RowParallelBlock(rank, group_name, form).requires_grad_(False)
+        p = FusionPass()
+        out = run_compiled(block, h, residual, fusion_pass=p)
+        misses = [m.reason for m in p.graphs[-1].near_misses if m.family == NAME]
+        if form == "leak":  # the reshaped sum is an output: the all-reduce stays
+            assert label not in p.match_table, form
+            assert len(misses) == 1 and misses[0].startswith("the reduced value has 2 users"), (
+                misses
+            )
+        else:
+            assert p.match_table.get(label) == 1 and misses == [], (form, p.match_table)
+        assert_bitwise_equal(out, run_compiled(block, h, residual, fusion_pass=None), form)
+        assert_bitwise_equal(out, block(h, residual), form)
+
+
 SCENARIOS = {
     "stack": scenario_stack,
     "must_not_fire": scenario_must_not_fire,
     "scheme_off_and_subgroup": scenario_scheme_off_and_subgroup,
     "opcheck": scenario_opcheck,
+    "user_module": scenario_user_module,
 }
 ALL_SCENARIOS = dict(SCENARIOS)  # filled in below with the model scenario
 
