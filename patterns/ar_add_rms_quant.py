@@ -54,6 +54,9 @@ def _add_norm_ops(schemes: Sequence[str]) -> set[str]:
     return {"fused_add_rms_norm", *(SCHEMES[s].add_rms_op for s in schemes)}
 
 
+_ALL_ADD_OPS = _add_norm_ops(tuple(SCHEMES))
+
+
 def _reduced_pattern() -> pm.PatternExpr:
     reduce = pm.CallFunction(
         _c10d.all_reduce.default, pm.KeywordArg("x"), "sum", pm.KeywordArg("group_name"), _users=1
@@ -91,10 +94,7 @@ def pattern_specs(schemes: Sequence[str]) -> list[GraphPatternSpec]:
         fused = getattr(ops, AR_PREFIX + op_name(norm)).default
         with graph.inserting_before(norm):
             new = graph.call_function(fused, (*args[:4], group_name, *args[4:]))
-        new.meta.update(norm.meta)
-        new.meta["eager_input_vals"] = torch.fx.node.map_aggregate(
-            (new.args, new.kwargs), lambda a: val(a) if isinstance(a, torch.fx.Node) else None
-        )
+        new.meta.update(norm.meta)  # eager_input_vals: rebuilt by FusionPass for new nodes
         norm.replace_all_uses_with(new)
         reduce = wait.args[0]
         for node in (norm, wait, reduce):
@@ -113,11 +113,8 @@ def prepare(graph: torch.fx.Graph, schemes: Sequence[str]) -> int:
         wait = next(iter(reduce.users)) if len(reduce.users) == 1 else None
         if wait is None or wait.target is not _c10d.wait_tensor.default:
             continue
-        views, node = [], wait
-        while len(node.users) == 1 and canonical.is_view(next(iter(node.users))):
-            node = next(iter(node.users))
-            views.append(node)
-        if not views or not any(_reads_reduced(u) for u in node.users):
+        views = canonical.single_use_views(wait)
+        if not views or not any(_reads_reduced(u) for u in views[-1].users):
             continue
         with graph.inserting_before(views[-1]):  # every size argument is defined by then
             x = canonical.replay_views(graph, views, reduce.args[0])
@@ -162,9 +159,6 @@ def near_misses(graph: torch.fx.Graph, schemes: Sequence[str]) -> list[NearMiss]
             continue
         out.append(NearMiss(NAME, node.name, "all_reduce", _why(node, wait, norms[0], schemes)))
     return out
-
-
-_ALL_ADD_OPS = _add_norm_ops(tuple(SCHEMES))
 
 
 def _why(reduce: torch.fx.Node, wait: torch.fx.Node, norm: torch.fx.Node, schemes: Any) -> str:

@@ -143,10 +143,7 @@ def hoist_views_above(producer: torch.fx.Node, input_index: int) -> bool:
     has its input's shape and whose only user is the chain (each view used once), where the
     chain's result has the producer's first and last dim (rope: tokens, head dim): views keep
     row-major order, so each head vector stays whole and with its token. True when rewritten."""
-    views, node = [], producer
-    while len(node.users) == 1 and is_view(next(iter(node.users))):
-        node = next(iter(node.users))
-        views.append(node)
+    views = single_use_views(producer)
     if not views or len(views[-1].users) == 0:
         return False
     start, end = val(producer), val(views[-1])
@@ -163,6 +160,16 @@ def hoist_views_above(producer: torch.fx.Node, input_index: int) -> bool:
     views[-1].replace_all_uses_with(moved)
     erase_if_unused([producer, *views])
     return True
+
+
+def single_use_views(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The chain of views hanging off ``node`` where each link is the only user of the one
+    before (``views[-1]`` may have several users)."""
+    views = []
+    while len(node.users) == 1 and is_view(next(iter(node.users))):
+        node = next(iter(node.users))
+        views.append(node)
+    return views
 
 
 def consumers_through_views(

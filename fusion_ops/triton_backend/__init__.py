@@ -19,6 +19,7 @@ import triton
 from .. import formats
 from ..backends import register_impl
 from ..reference import cache as ref_cache
+from ..reference.collective import all_reduce_sum
 from ..reference.norm import NormNumerics, split_fused_params
 from ..schemes import SCHEMES
 from . import all_reduce
@@ -230,7 +231,7 @@ def _register_scheme(name: str) -> None:
                     residual_out,
                     normed,
                 )
-        return add_rms(all_reduce.reduced(x, group), r, w, eps, *p)
+        return add_rms(all_reduce_sum(x, group), r, w, eps, *p)
 
     register_impl(s.quant_op, "triton")(quant)
     register_impl(s.rms_op, "triton")(rms)
@@ -280,7 +281,7 @@ def all_reduce_fused_add_rms_norm(x, residual, weight, eps, group_name):  # type
     done = _all_reduce_norm_quant(x, residual, weight, eps, group_name, None, (), _DEFAULT_NUMERICS)
     if done is not None:
         return done
-    return fused_add_rms_norm(all_reduce.reduced(x, group_name), residual, weight, eps)
+    return fused_add_rms_norm(all_reduce_sum(x, group_name), residual, weight, eps)
 
 
 for _name in SCHEMES:

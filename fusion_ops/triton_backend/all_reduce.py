@@ -11,8 +11,9 @@ is by bytes, measured on 2×H200 (benchmarks/all_reduce.py, RESULTS.md);
 ``FUSION_OPS_AR_ONE_SHOT_BYTES`` overrides it (the workspace's slot size when it is made, the
 switch at every call; 0 turns the one-shot path off).
 
-NVLink multicast is never used (peer loads only): the kernel reads each peer's rows through the
-peer mappings symmetric memory sets up, so it runs with ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1``.
+NVLink multicast is never used (plain stores into peer memory only): the kernel writes its rows
+through the peer mappings symmetric memory sets up, so it runs with
+``TORCH_SYMM_MEM_DISABLE_MULTICAST=1``.
 The first call per group must not happen inside CUDA-graph capture (warm up first, as for NCCL).
 """
 
@@ -27,7 +28,6 @@ from typing import Any
 import torch
 import torch.distributed.distributed_c10d as c10d
 
-from ..reference.collective import all_reduce_sum
 from . import kernels as k
 from .launch import Launcher, next_power_of_2
 
@@ -173,8 +173,3 @@ def one_shot(
         ),
     )
     return y, res_out
-
-
-def reduced(x: torch.Tensor, group_name: str) -> torch.Tensor:
-    """The definition's first step (NCCL on CUDA): the fallback above the one-shot size."""
-    return all_reduce_sum(x, group_name)
