@@ -23,6 +23,17 @@ Fused ops (what the passes substitute; same numbers as the standalone sequence):
     rope_mla_cache_write(positions, q, kv, cos_sin_cache, kv_cache!, slot_mapping, rope_dim,
                          is_neox, layout) -> (q_rotated, kv_rotated)
     dequant_cache_fp8(kv_cache, block_ids, layout, fp8_dtype) -> fp8 [n·block_size, head_dim]
+    rms_norm_rope_mla_cache_write(positions, x, weight, eps, cos_sin_cache, kv_cache!,
+                                  slot_mapping, rope_dim, is_neox, layout, out_dtype=None)
+        -> kv_rotated      (a kv-only chain: rms_norm → [cast to out_dtype] → rope → write)
+
+Two norms of the same rows in one op (q_kv_norm: the q-lora and kv norms of one split
+projection; the first may be quantized, flags as ``rms_norm_<scheme>_quant``'s)::
+
+    q_kv_rms_norm(q, q_weight, q_eps, kv, kv_weight, kv_eps) -> (q_normed, kv_normed)
+    q_kv_rms_norm_<scheme>_quant(q, q_weight, q_eps, kv, kv_weight, kv_eps, *scheme_params,
+                                 return_normed=False, weight_after_rounding=False)
+        -> (q_codes, q_scales, q_normed_or_empty, kv_normed)
 
 Tensor-parallel fused ops (the sum of x over the ranks of ``group_name`` first, as the
 functional ``all_reduce(x, "sum", group_name)`` + ``wait_tensor`` would give it; then the op
@@ -120,19 +131,23 @@ def _define(
 
 
 # --- norms --------------------------------------------------------------------------------------
-def _check_norm(op: str, x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
-    checks.check_min_dim(op, "x", x, 1)
-    checks.check_dtype(op, "x", x, checks.FLOAT_DTYPES)
-    checks.check_dtype(op, "weight", weight, checks.FLOAT_DTYPES)
-    checks.check_dim(op, "weight", weight, 1)
+def _check_norm(
+    op: str, x: torch.Tensor, weight: torch.Tensor, eps: float, prefix: str = ""
+) -> None:
+    """``prefix``: the argument names' prefix (``q_`` → 'q', 'q_weight', 'q_eps')."""
+    xa, wa, ea = (prefix.rstrip("_") or "x"), f"{prefix}weight", f"{prefix}eps"
+    checks.check_min_dim(op, xa, x, 1)
+    checks.check_dtype(op, xa, x, checks.FLOAT_DTYPES)
+    checks.check_dtype(op, wa, weight, checks.FLOAT_DTYPES)
+    checks.check_dim(op, wa, weight, 1)
     checks.check(
         op,
-        "weight",
+        wa,
         weight.shape[0] == x.shape[-1],
-        lambda: f"has {weight.shape[0]} elements; expected x's last dim {x.shape[-1]}",
+        lambda: f"has {weight.shape[0]} elements; expected {xa}'s last dim {x.shape[-1]}",
     )
-    checks.check(op, "eps", eps >= 0, lambda: f"got {eps}; expected >= 0")
-    checks.check_same_device(op, x=x, weight=weight)
+    checks.check(op, ea, eps >= 0, lambda: f"got {eps}; expected >= 0")
+    checks.check_same_device(op, **{xa: x, wa: weight})
 
 
 def _check_add_norm(
@@ -233,6 +248,46 @@ _define(
 )
 
 
+# --- two norms of the same rows in one launch (q_kv_norm) ---------------------------------------
+def _check_q_kv(op, q, q_weight, q_eps, kv, kv_weight, kv_eps) -> None:  # type: ignore[no-untyped-def]
+    _check_norm(op, q, q_weight, q_eps, prefix="q_")
+    _check_norm(op, kv, kv_weight, kv_eps, prefix="kv_")
+    checks.check(
+        op,
+        "kv",
+        kv.shape[:-1] == q.shape[:-1],
+        lambda: (
+            f"has shape {tuple(kv.shape)}; expected the leading dims of 'q' {tuple(q.shape[:-1])}"
+            " (one row per row of q)"
+        ),
+    )
+    checks.check_same_device(op, q=q, kv=kv)
+
+
+def _quick_q_kv(q, q_weight, q_eps, kv, kv_weight, kv_eps) -> bool:  # type: ignore[no-untyped-def]
+    """Every check of _check_q_kv passes."""
+    return (
+        _quick_norm(q, q_weight, q_eps)
+        and _quick_norm(kv, kv_weight, kv_eps)
+        and kv.shape[:-1] == q.shape[:-1]
+        and kv.device == q.device
+    )
+
+
+_define(
+    "q_kv_rms_norm",
+    "(Tensor q, Tensor q_weight, float q_eps, Tensor kv, Tensor kv_weight, float kv_eps)"
+    " -> (Tensor, Tensor)",
+    lambda q, qw, qe, kv, kvw, kve: _check_q_kv("q_kv_rms_norm", q, qw, qe, kv, kvw, kve),
+    lambda q, qw, qe, kv, kvw, kve: (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        torch.empty_like(kv, memory_format=torch.contiguous_format),
+    ),
+    ref_norm.q_kv_rms_norm,
+    quick=_quick_q_kv,
+)
+
+
 # --- quant family: standalone + fused, generated per scheme -------------------------------------
 def _normed_or_empty(y: torch.Tensor, return_normed: bool) -> torch.Tensor:
     return y if return_normed else y.new_empty((0,))
@@ -327,6 +382,28 @@ def _define_scheme(s: QuantScheme) -> None:
         fake_add_rms,
         add_rms_ref,
         quick=lambda x, r, w, eps, *p: _quick_add_norm(x, r, w, eps) and s.quick(x, p[:-3]),
+    )
+
+    def q_kv_ref(q, qw, q_eps, kv, kvw, kv_eps, *p):  # type: ignore[no-untyped-def]
+        return (*rms_ref(q, qw, q_eps, *p), ref_norm.rms_norm(kv, kvw, kv_eps))
+
+    def check_q_kv(q, qw, q_eps, kv, kvw, kv_eps, *p):  # type: ignore[no-untyped-def]
+        _check_q_kv(s.q_kv_rms_op, q, qw, q_eps, kv, kvw, kv_eps)
+        s.check(s.q_kv_rms_op, q, split_fused_params(p, add=False)[0])
+
+    _define(
+        s.q_kv_rms_op,
+        f"(Tensor q, Tensor q_weight, float q_eps, Tensor kv, Tensor kv_weight, float kv_eps"
+        f"{s.params_schema}, {_NORM_FLAGS}) -> (Tensor, Tensor, Tensor, Tensor)",
+        check_q_kv,
+        lambda q, qw, q_eps, kv, kvw, kv_eps, *p: (
+            *fake_rms(q, qw, q_eps, *p),
+            torch.empty_like(kv, memory_format=torch.contiguous_format),
+        ),
+        q_kv_ref,
+        quick=lambda q, qw, q_eps, kv, kvw, kv_eps, *p: (
+            _quick_q_kv(q, qw, q_eps, kv, kvw, kv_eps) and s.quick(q, p[:-2])
+        ),
     )
     _define(
         s.ar_add_rms_op,
@@ -435,26 +512,48 @@ def _check_cache(op: str, kv_cache: torch.Tensor, layout: str) -> None:
     )
 
 
+def _written(kv: torch.Tensor, kv_dtype: torch.dtype | None) -> str:
+    if kv_dtype is None:
+        return f"has dtype {str(kv.dtype).removeprefix('torch.')}"
+    return f"is written as {str(kv_dtype).removeprefix('torch.')} (out_dtype)"
+
+
 def _check_cache_write(
-    op: str, kv: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, layout: str
+    op: str,
+    kv: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    layout: str,
+    kv_dtype: torch.dtype | None = None,
+    kv_arg: str = "kv",
 ) -> None:
+    """``kv_dtype``: the dtype of what is written when it is not kv's own (an op that casts)."""
     _check_cache(op, kv_cache, layout)
-    checks.check_dim(op, "kv", kv, 2)
+    checks.check_dim(op, kv_arg, kv, 2)
+    dtype = kv.dtype if kv_dtype is None else kv_dtype
     if layout == "dsv4_fp8":
-        checks.check_dtype(op, "kv", kv, (torch.bfloat16,))
+        if dtype != torch.bfloat16:
+            raise TypeError(
+                f"fusion_ops.{op}: argument '{kv_arg}' {_written(kv, kv_dtype)}; layout "
+                "'dsv4_fp8' expects bfloat16 rows"
+            )
         checks.check(
             op,
-            "kv",
+            kv_arg,
             kv.shape[1] == DSV4_HEAD_DIM,
             lambda: (
                 f"has shape {tuple(kv.shape)}; layout 'dsv4_fp8' expects [tokens, {DSV4_HEAD_DIM}]"
             ),
         )
     else:
-        checks.check_same_dtype(op, "kv", kv, "kv_cache", kv_cache)
+        if dtype != kv_cache.dtype:
+            raise TypeError(
+                f"fusion_ops.{op}: argument '{kv_arg}' {_written(kv, kv_dtype)}; expected the "
+                f"dtype of 'kv_cache' ({str(kv_cache.dtype).removeprefix('torch.')})"
+            )
         checks.check(
             op,
-            "kv",
+            kv_arg,
             kv.shape[1] == kv_cache.shape[2],
             lambda: (
                 f"has shape {tuple(kv.shape)}; expected [tokens, {kv_cache.shape[2]}] "
@@ -467,10 +566,11 @@ def _check_cache_write(
         "slot_mapping",
         slot_mapping.shape[0] == kv.shape[0],
         lambda: (
-            f"has {slot_mapping.shape[0]} entries; expected one per token of 'kv' ({kv.shape[0]})"
+            f"has {slot_mapping.shape[0]} entries; expected one per token of '{kv_arg}' "
+            f"({kv.shape[0]})"
         ),
     )
-    checks.check_same_device(op, kv=kv, kv_cache=kv_cache, slot_mapping=slot_mapping)
+    checks.check_same_device(op, **{kv_arg: kv}, kv_cache=kv_cache, slot_mapping=slot_mapping)
     checks.check_index_range(
         op,
         "slot_mapping",
@@ -540,6 +640,51 @@ _define(
     _check_rope_cache,
     lambda positions, q, kv, *_: (_rope_fake(positions, q), _rope_fake(positions, kv)),
     ref_cache.rope_mla_cache_write,
+    device_arg=1,
+)
+
+
+def _check_norm_rope_cache(
+    positions: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    cos_sin_cache: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    rope_dim: int,
+    is_neox: bool,
+    layout: str,
+    out_dtype: torch.dtype | None = None,
+) -> None:
+    op = "rms_norm_rope_mla_cache_write"
+    _check_norm(op, x, weight, eps)
+    if out_dtype is not None:
+        checks.check(
+            op,
+            "out_dtype",
+            out_dtype in checks.FLOAT_DTYPES,
+            lambda: f"is {out_dtype}; expected one of {checks.FLOAT_DTYPES} or None (x's dtype)",
+        )
+    _check_rope(op, positions, x, cos_sin_cache, rope_dim)
+    _check_cache_write(
+        op, x, kv_cache, slot_mapping, layout, kv_dtype=out_dtype or x.dtype, kv_arg="x"
+    )
+
+
+def _norm_rope_cache_fake(positions, x, *args):  # type: ignore[no-untyped-def]
+    out_dtype = args[-1]
+    return torch.empty_like(x, dtype=out_dtype or x.dtype, memory_format=torch.contiguous_format)
+
+
+_define(
+    "rms_norm_rope_mla_cache_write",
+    "(Tensor positions, Tensor x, Tensor weight, float eps, Tensor cos_sin_cache, "
+    "Tensor(a!) kv_cache, Tensor slot_mapping, int rope_dim, bool is_neox, str layout, "
+    "ScalarType? out_dtype=None) -> Tensor",
+    _check_norm_rope_cache,
+    _norm_rope_cache_fake,
+    ref_cache.rms_norm_rope_mla_cache_write,
     device_arg=1,
 )
 

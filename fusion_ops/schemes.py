@@ -46,6 +46,11 @@ class QuantScheme:
         return f"add_rms_norm_{self.name}_quant"
 
     @property
+    def q_kv_rms_op(self) -> str:
+        """Two norms of the same rows, the first one quantized (fusion_ops.library)."""
+        return f"q_kv_rms_norm_{self.name}_quant"
+
+    @property
     def ar_add_rms_op(self) -> str:
         """The tensor-parallel form: all-reduce of x first (fusion_ops.library)."""
         return f"all_reduce_add_rms_norm_{self.name}_quant"

@@ -51,7 +51,8 @@ class FusionPass(CustomGraphPass):
 
     Args:
         fusions: families to apply (default all): ``rms_quant``, ``add_rms_quant``,
-            ``rope_cache``, ``dequant_fp8``, ``ar_add_rms_quant`` (tensor parallel).
+            ``rope_cache``, ``dequant_fp8``, ``q_kv_norm`` (two norms of one split projection),
+            ``ar_add_rms_quant`` (tensor parallel).
         schemes: quant schemes the norm+quant families fuse (default all):
             ``mxfp4``, ``mxfp8``, ``fp8_per_token``, ``fp8_group``.
         dump_dir: write graph dumps there (default: ``$FUSION_PASSES_DUMP_DIR``, else none).
@@ -141,6 +142,10 @@ class FusionPass(CustomGraphPass):
 
         for matcher in self._matchers.values():
             matcher.apply(graph)
+        for family in self.fusions:  # graph rewrites (horizontal fusions) after every matcher
+            rewrite = getattr(FAMILIES[family], "rewrite", None)
+            if rewrite is not None:
+                rewrite(graph, self.schemes)
         new_nodes = [n for n in graph.nodes if n not in existing]
         _rebuild_eager_input_vals(new_nodes)
         # multi-output replacements are inserted at their first output; restore def-before-use

@@ -1,18 +1,37 @@
 """Fusion families: one module each (pattern, replacement, example inputs, must-not-fire rules).
 
 ``FAMILIES`` is the single registry, in the order the pass applies them (``ar_add_rms_quant``
-last: it folds an all-reduce into the add-norm ops the others leave or create).
+last: it folds an all-reduce into the add-norm ops the others leave or create). A family may
+also define ``rewrite(graph, schemes)``: a graph rewrite run after every family's matcher
+(``q_kv_norm``, a horizontal fusion of what the matchers leave or create).
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from . import add_rms_quant, ar_add_rms_quant, dequant_fp8, rms_quant, rope_cache
+from . import (
+    add_rms_quant,
+    ar_add_rms_quant,
+    dequant_fp8,
+    norm_rope_cache,
+    q_kv_norm,
+    rms_quant,
+    rope_cache,
+)
 from .base import GraphPatternSpec, NearMiss, PatternSpec, op_name
 
 FAMILIES: dict[str, ModuleType] = {
-    m.NAME: m for m in (add_rms_quant, rms_quant, rope_cache, dequant_fp8, ar_add_rms_quant)
+    m.NAME: m
+    for m in (
+        add_rms_quant,
+        rms_quant,
+        rope_cache,
+        norm_rope_cache,
+        dequant_fp8,
+        q_kv_norm,
+        ar_add_rms_quant,
+    )
 }
 
 __all__ = ["FAMILIES", "GraphPatternSpec", "NearMiss", "PatternSpec", "op_name"]

@@ -27,7 +27,10 @@ def expected_matches(
         normed = "+normed" if ratio > 1 else ""
         family = "add_rms_quant" if cfg.residual == "add" and i > 0 else "rms_quant"
         out[f"{family}/{lin}{normed}/bf16"] += 1
-        out[f"rms_quant/{lin}/bf16"] += 1  # q_norm → wq_b
+        # q_norm → wq_b quant, fused with the kv norm (the other part of wq_a|wkv): one op
+        out[f"q_kv_norm/{lin}/bf16"] += 1
+        if ratio > 1:  # compressor: norm (fp32 pooled groups) → bf16 → rope → compressed cache
+            out[f"norm_rope_cache/gptj_dsv4_fp8_to_bf16_{functionalization}/fp32"] += 1
         # ffn_norm → expert activation quant; the router gate reads the normed x (+normed)
         family = "add_rms_quant" if cfg.residual == "add" else "rms_quant"
         out[f"{family}/{act}+normed/bf16"] += 1
@@ -40,13 +43,12 @@ def expected_matches(
 
 def expected_leftover_ops(cfg: dm.DSV4Config) -> dict[str, int]:
     """Standalone ops that are not part of a fused sequence and so must remain."""
-    compressed = sum(r > 1 for r in cfg.compress_ratios)
     n = cfg.n_layers
     return {
-        "rms_norm": n + compressed + (cfg.residual == "mhc"),  # kv_norm, compressor, final norm
+        "rms_norm": int(cfg.residual == "mhc"),  # final norm (feeds lm_head, no quant)
         "fused_add_rms_norm": int(cfg.residual == "add"),  # final norm (feeds lm_head, no quant)
-        "rope": n + compressed,  # inverse rope on the output, compressed-key rope
-        "mla_cache_write": compressed,  # kv-only writes of compressed entries
+        "rope": n,  # inverse rope on the attention output
+        "mla_cache_write": 0,
         "fp8_group_quant": n,  # wo_b input (no norm before it)
         "mxfp8_quant": 0,
         "dequant_cache": 0,

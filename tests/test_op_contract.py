@@ -66,6 +66,20 @@ def sample_args(name: str) -> tuple[Any, ...]:
             "dsv4_fp8",
         ),
     }
+    fixed["q_kv_rms_norm"] = (x, w, EPS, r[:, :128], w[:128], 1e-5)
+    fixed["rms_norm_rope_mla_cache_write"] = (
+        ri["positions"],
+        ri["kv"].float(),
+        torch.randn(512),
+        EPS,
+        ri["cos_sin_cache"],
+        ri["kv_cache"],
+        ri["slot_mapping"],
+        64,
+        False,
+        "dsv4_fp8",
+        torch.bfloat16,
+    )
     if name in fixed:
         return fixed[name]
     for s in SCHEMES.values():
@@ -76,6 +90,8 @@ def sample_args(name: str) -> tuple[Any, ...]:
             return (x, w, EPS, *p)
         if name == s.add_rms_op:
             return (x, r, w, EPS, *p)
+        if name == s.q_kv_rms_op:
+            return (x, w, EPS, r[:, :128], w[:128], 1e-5, *p)
     raise AssertionError(f"no sample arguments for op {name}: add them to sample_args")
 
 
@@ -95,9 +111,12 @@ def test_namespace_holds_every_documented_op() -> None:
         "dequant_cache",
         "rope_mla_cache_write",
         "dequant_cache_fp8",
+        "q_kv_rms_norm",
+        "rms_norm_rope_mla_cache_write",
     }
     for s in ("mxfp4", "mxfp8", "fp8_per_token", "fp8_group"):
         expected |= {f"{s}_quant", f"rms_norm_{s}_quant", f"add_rms_norm_{s}_quant"}
+        expected.add(f"q_kv_rms_norm_{s}_quant")
         expected.add(f"all_reduce_add_rms_norm_{s}_quant")
     expected.add("all_reduce_fused_add_rms_norm")
     assert set(OP_SCHEMAS) == expected
@@ -208,6 +227,50 @@ def test_fused_rope_cache_write_equals_standalone(is_neox: bool, layout: str) ->
         layout,
     )
     assert_bitwise((fq, fkv, b["kv_cache"]), (q_rot, kv_rot, a["kv_cache"]))
+
+
+@pytest.mark.parametrize("scheme", [None, *sorted(SCHEMES)])
+@pytest.mark.parametrize("shape", [(1, 256, 128), (7, 1024, 512), (2, 3, 512, 256)])
+def test_q_kv_norm_equals_two_norms(scheme: str | None, shape: tuple) -> None:
+    """q_kv_rms_norm[_<scheme>_quant] == rms_norm(q) [→ quant], rms_norm(kv), bit for bit, with
+    q and kv parts of one projection (strided views) and their own eps."""
+    *lead, kq, kkv = shape
+    g = torch.Generator().manual_seed(kq + kkv)
+    proj = (torch.randn(*lead, kq + kkv, generator=g) * 3).to(torch.bfloat16)
+    q, kv = proj.split([kq, kkv], dim=-1)
+    wq, wkv = torch.randn(kq, generator=g).bfloat16(), torch.randn(kkv, generator=g).bfloat16()
+    yq, ykv = ops.rms_norm(q, wq, 1e-6), ops.rms_norm(kv, wkv, 1e-5)
+    if scheme is None:
+        assert_bitwise(ops.q_kv_rms_norm(q, wq, 1e-6, kv, wkv, 1e-5), (yq, ykv))
+        return
+    s, p = SCHEMES[scheme], scheme_params(scheme)
+    fused = getattr(ops, s.q_kv_rms_op)(q, wq, 1e-6, kv, wkv, 1e-5, *p)
+    assert_bitwise((*fused[:2], fused[3]), (*getattr(ops, s.quant_op)(yq, *p), ykv))
+    assert fused[2].numel() == 0
+    kept = getattr(ops, s.q_kv_rms_op)(q, wq, 1e-6, kv, wkv, 1e-5, *p, True)
+    assert_bitwise(kept[2], yq)
+
+
+@pytest.mark.parametrize("layout", ["dsv4_fp8", "bf16"])
+@pytest.mark.parametrize("out_dtype", [None, torch.bfloat16])
+def test_norm_rope_cache_write_equals_standalone(layout: str, out_dtype) -> None:  # noqa: ANN001
+    """rms_norm_rope_mla_cache_write == rms_norm → cast → rope → mla_cache_write, cache bytes
+    included (slots not given are left alone)."""
+    a, b = rope_inputs(), rope_inputs()
+    x = (torch.randn(5, 512) * 2).to(torch.float32 if out_dtype else torch.bfloat16)
+    w = torch.randn(512).to(x.dtype)
+    if layout == "bf16":
+        a["kv_cache"] = torch.randn(4, 4, 512).to(torch.bfloat16)
+        b["kv_cache"] = a["kv_cache"].clone()
+    y = ops.rms_norm(x, w, EPS)
+    y = y.to(out_dtype) if out_dtype else y
+    kv_rot = ops.rope(a["positions"], y, a["cos_sin_cache"], 64, True)
+    ops.mla_cache_write(kv_rot, a["kv_cache"], a["slot_mapping"], layout)
+    fused = ops.rms_norm_rope_mla_cache_write(
+        b["positions"], x, w, EPS, b["cos_sin_cache"], b["kv_cache"], b["slot_mapping"], 64,
+        True, layout, out_dtype,
+    )  # fmt: skip
+    assert_bitwise((fused, b["kv_cache"]), (kv_rot, a["kv_cache"]))
 
 
 @pytest.mark.parametrize("fp8_dtype", [FN, FNUZ])
@@ -357,6 +420,46 @@ BAD_INPUTS: list[tuple[str, Callable[[], Any], type, str]] = [
         ),
         ValueError,
         "each block must be contiguous",
+    ),
+    (
+        "q_kv rows",
+        lambda: ops.q_kv_rms_norm(x256, w256, EPS, torch.randn(3, 128), torch.randn(128), EPS),
+        ValueError,
+        "fusion_ops.q_kv_rms_norm: argument 'kv': has shape (3, 128); expected the leading dims "
+        "of 'q' (4,)",
+    ),
+    (
+        "q_kv weight",
+        lambda: ops.q_kv_rms_norm_mxfp4_quant(
+            x256, torch.randn(128), EPS, torch.randn(4, 128), torch.randn(128), EPS
+        ),
+        ValueError,
+        "fusion_ops.q_kv_rms_norm_mxfp4_quant: argument 'q_weight': has 128 elements; expected "
+        "q's last dim 256",
+    ),
+    (
+        "q_kv eps",
+        lambda: ops.q_kv_rms_norm(x256, w256, EPS, torch.randn(4, 128), torch.randn(128), -1.0),
+        ValueError,
+        "fusion_ops.q_kv_rms_norm: argument 'kv_eps': got -1.0; expected >= 0",
+    ),
+    (
+        "norm rope cache out_dtype",
+        lambda: ops.rms_norm_rope_mla_cache_write(
+            ri["positions"],
+            ri["kv"].float(),
+            torch.randn(512),
+            EPS,
+            ri["cos_sin_cache"],
+            ri["kv_cache"],
+            ri["slot_mapping"],
+            64,
+            False,
+            "dsv4_fp8",
+        ),  # fmt: skip
+        TypeError,
+        "fusion_ops.rms_norm_rope_mla_cache_write: argument 'x' is written as float32 "
+        "(out_dtype); layout 'dsv4_fp8' expects bfloat16 rows",
     ),
     (
         "block id",

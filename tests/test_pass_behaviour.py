@@ -333,13 +333,15 @@ def test_dumps_summary_and_graphs(tmp_path: Path) -> None:
         "add_rms_quant",
         "rms_quant",
         "rope_cache",
+        "norm_rope_cache",
         "dequant_fp8",
+        "q_kv_norm",
         "ar_add_rms_quant",
     ]
     patterns_py = (d / "patterns.py").read_text()
     assert "# rms_quant/mxfp4" in patterns_py and "# rope_cache/gptj_dsv4_fp8_v2" in patterns_py
     sections = re.findall(
-        r"^# (?:add_rms_quant|rms_quant|rope_cache|dequant_fp8|ar_add_rms_quant)/",
+        r"^# (?:add_rms_quant|rms_quant|rope_cache|norm_rope_cache|dequant_fp8|ar_add_rms_quant)/",
         patterns_py,
         flags=re.MULTILINE,
     )
@@ -351,13 +353,16 @@ def expected_pattern_count(schemes: list[str]) -> int:
     variant per MX scheme, 2 (ue8m0) x 2 (FP8 dtype) per FP8 scheme; rms_quant per norm source
     x (plain, +normed); add_rms_quant per norm source and plain ``x + r`` x (normed kept or not)
     x (residual kept or not); rope_cache (neox or not) x 2 cache layouts x (v1, v2);
-    dequant_fp8 2 cache layouts x 2 FP8 dtypes; ar_add_rms_quant one graph pattern (the
-    all-reduce, folded into whichever add-norm op reads it)."""
+    norm_rope_cache (neox or not) x (v1, v2) x casts (none, bf16, and fp16 for the bf16
+    layout only: dsv4_fp8 stores bf16 rows); dequant_fp8 2 cache layouts x 2 FP8 dtypes;
+    q_kv_norm none (a graph rewrite); ar_add_rms_quant one graph pattern (the all-reduce,
+    folded into whichever add-norm op reads it)."""
     variants = sum(1 if s in ("mxfp4", "mxfp8") else 4 for s in schemes)
     norm_sources = 2 if qv.vllm_ir_available() else 1
     rms = norm_sources * 2 * variants
     add = (norm_sources + 1) * 2 * 2 * variants
-    return rms + add + 2 * 2 * 2 + 2 * 2 + 1
+    norm_rope_cache = 2 * 2 * (2 + 3)
+    return rms + add + 2 * 2 * 2 + norm_rope_cache + 2 * 2 + 1
 
 
 def test_dump_dir_from_environment(tmp_path: Path, monkeypatch) -> None:

@@ -23,6 +23,7 @@ from ..formats import (
     E8M0_NAN,
     fp8_max,
 )
+from .norm import rms_norm
 from .numerics import ceil_log2_ratio, pow2
 from .rope import rope
 
@@ -110,6 +111,29 @@ def rope_mla_cache_write(
     kv_rot = rope(positions, kv, cos_sin_cache, rope_dim, is_neox)
     mla_cache_write(kv_rot, kv_cache, slot_mapping, layout)
     return q_rot, kv_rot
+
+
+def rms_norm_rope_mla_cache_write(
+    positions: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    cos_sin_cache: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    rope_dim: int,
+    is_neox: bool,
+    layout: str,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The kv-only chain's reference: rms_norm, cast to ``out_dtype`` (None: keep x's dtype),
+    rope, write the rotated rows; returns them."""
+    y = rms_norm(x, weight, eps)
+    if out_dtype is not None:
+        y = y.to(out_dtype)
+    kv_rot = rope(positions, y, cos_sin_cache, rope_dim, is_neox)
+    mla_cache_write(kv_rot, kv_cache, slot_mapping, layout)
+    return kv_rot
 
 
 def dequant_cache(kv_cache: torch.Tensor, block_ids: torch.Tensor, layout: str) -> torch.Tensor:

@@ -60,3 +60,15 @@ def fused_add_rms_norm(
     residual_out = total.to(x.dtype)
     normed_input = total if norm_unrounded_sum else residual_out.float()
     return _normalize(normed_input, weight, eps, x.dtype, weight_after_rounding), residual_out
+
+
+def q_kv_rms_norm(
+    q: torch.Tensor,
+    q_weight: torch.Tensor,
+    q_eps: float,
+    kv: torch.Tensor,
+    kv_weight: torch.Tensor,
+    kv_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two independent RMSNorms (the q_kv_norm fused op's definition): each is :func:`rms_norm`."""
+    return rms_norm(q, q_weight, q_eps), rms_norm(kv, kv_weight, kv_eps)

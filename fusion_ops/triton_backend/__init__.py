@@ -38,9 +38,11 @@ PDL_ENV = "FUSION_OPS_PDL"
 
 # every kernel launches through its cached compiled binary (see .launch)
 _norm_quant_launch = Launcher(k.norm_quant_kernel)
+_q_kv_launch = Launcher(k.q_kv_norm_quant_kernel)
 _rope_launch = Launcher(k.rope_kernel)
 _cache_write_launch = Launcher(k.cache_write_kernel)
 _rope_cache_launch = Launcher(k.rope_cache_kernel)
+_norm_rope_cache_launch = Launcher(k.norm_rope_cache_kernel)
 _dequant_dsv4_launch = Launcher(k.dequant_dsv4_kernel)
 _gather_rows_launch = Launcher(k.gather_rows_kernel)
 
@@ -173,6 +175,90 @@ def _norm_quant(
     return y, res_out, q, s
 
 
+def _q_kv_norm(
+    q: torch.Tensor,
+    q_weight: torch.Tensor,
+    q_eps: float,
+    kv: torch.Tensor,
+    kv_weight: torch.Tensor,
+    kv_eps: float,
+    scheme: str | None,
+    params: tuple[Any, ...],
+    numerics: NormNumerics = _DEFAULT_NUMERICS,
+) -> tuple[torch.Tensor | None, ...]:
+    """Both norms in one launch; returns (q_normed or None, codes, scales, kv_normed), None for
+    what it did not make (q_normed is made without a scheme or with ``return_normed``).
+
+    One launch has one warp count, and the warp count sets a row's sum order: when the two
+    standalone launches would use different counts (rows of very different widths), the two
+    norms run as those two launches, so the result never depends on the pairing."""
+    k_q, k_kv = q.shape[-1], kv.shape[-1]
+    q2, kv2 = _rows(q), _rows(kv)
+    m = q2.shape[0]
+    block_q, block_kv = next_power_of_2(k_q), next_power_of_2(k_kv)
+    warps = _num_warps(block_q, m)
+    write_y = scheme is None or numerics.return_normed
+    if warps != _num_warps(block_kv, m):
+        y, _, codes, scales = _norm_quant(
+            q, None, q_weight, q_eps, scheme, params, write_y, numerics
+        )
+        return y, codes, scales, _norm_quant(kv, None, kv_weight, kv_eps, None, (), True)[0]
+    y = torch.empty((m, k_q), dtype=q.dtype, device=q.device) if write_y else None
+    kv_out = torch.empty((m, k_kv), dtype=kv.dtype, device=kv.device)
+    codes = scales = None
+    if scheme is not None:
+        codes, scales = SCHEMES[scheme].fake(q2, params)
+    if m:
+        pdl = _pdl_supported(q.get_device())
+        consts = scheme_constants(scheme, params, block_q)
+        _q_kv_launch(
+            (m, 2),
+            (
+                q2,
+                q_weight,
+                y if y is not None else q2,
+                codes if codes is not None else q2,
+                scales if scales is not None else q2,
+                kv2,
+                kv_weight,
+                kv_out,
+                q2.stride(0),
+                kv2.stride(0),
+                k_q,
+                k_kv,
+                q_eps,
+                kv_eps,
+                consts["fp8_max"],
+                consts["min_scale"],
+            ),
+            (
+                ("WRITE_Y", write_y),
+                ("SCHEME", consts["SCHEME"]),
+                ("GROUP", consts["GROUP"]),
+                ("UE8M0", consts["UE8M0"]),
+                ("BLOCK_Q", block_q),
+                ("BLOCK_KV", block_kv),
+                ("USE_PDL", pdl),
+                ("WEIGHT_AFTER_ROUNDING", numerics.weight_after_rounding),
+                ("num_warps", warps),
+                ("launch_pdl", pdl),
+            ),
+        )
+    lead = q.shape[:-1]
+    if len(lead) != 1:
+        y, codes, scales, kv_out = (
+            t.view(*lead, *t.shape[1:]) if t is not None else None
+            for t in (y, codes, scales, kv_out)
+        )
+    return y, codes, scales, kv_out
+
+
+@register_impl("q_kv_rms_norm", "triton")
+def q_kv_rms_norm(q, q_weight, q_eps, kv, kv_weight, kv_eps):  # type: ignore[no-untyped-def]
+    y, _, _, kv_out = _q_kv_norm(q, q_weight, q_eps, kv, kv_weight, kv_eps, None, ())
+    return y, kv_out
+
+
 def _fnuz_on_nvidia(params: tuple[Any, ...]) -> bool:
     return not IS_HIP and bool(params) and params[-1] == FNUZ
 
@@ -233,7 +319,15 @@ def _register_scheme(name: str) -> None:
                 )
         return add_rms(all_reduce_sum(x, group), r, w, eps, *p)
 
+    def q_kv(q, qw, q_eps, kv, kvw, kv_eps, *p):  # type: ignore[no-untyped-def]
+        params, f = split_fused_params(p, add=False)
+        if _fnuz_on_nvidia(params):
+            return (*rms(q, qw, q_eps, *p), rms_norm(kv, kvw, kv_eps))
+        y, codes, scales, kv_out = _q_kv_norm(q, qw, q_eps, kv, kvw, kv_eps, name, params, f)
+        return codes, scales, y if f.return_normed else q.new_empty((0,)), kv_out
+
     register_impl(s.quant_op, "triton")(quant)
+    register_impl(s.q_kv_rms_op, "triton")(q_kv)
     register_impl(s.rms_op, "triton")(rms)
     register_impl(s.add_rms_op, "triton")(add_rms)
     register_impl(s.ar_add_rms_op, "triton")(ar_add_rms)
@@ -390,6 +484,57 @@ def rope_mla_cache_write(
             ),
         )
     return q_out.view(q.shape), kv_out
+
+
+@register_impl("rms_norm_rope_mla_cache_write", "triton")
+def rms_norm_rope_mla_cache_write(
+    positions,
+    x,
+    weight,
+    eps,
+    cos_sin_cache,
+    kv_cache,
+    slot_mapping,
+    rope_dim,
+    is_neox,
+    layout,
+    out_dtype=None,
+):  # type: ignore[no-untyped-def]
+    x2 = _rows(x)
+    t, d = x2.shape
+    kv_out = torch.empty((t, d), dtype=out_dtype or x.dtype, device=x.device)
+    if t:
+        block = next_power_of_2(d)
+        pdl = _pdl_supported(x.get_device())
+        _norm_rope_cache_launch(
+            (t,),
+            (
+                positions,
+                x2,
+                weight,
+                kv_out,
+                cos_sin_cache.float().contiguous(),
+                kv_cache,
+                slot_mapping,
+                x2.stride(0),
+                eps,
+                kv_cache.stride(0),
+                kv_cache.shape[0] * kv_cache.shape[1],
+            ),
+            (
+                ("BS", kv_cache.shape[1]),
+                ("D", d),
+                ("ROPE", rope_dim),
+                ("IS_NEOX", is_neox),
+                ("DSV4", layout == "dsv4_fp8"),
+                ("BLOCK_D", block),
+                ("HIP", IS_HIP),
+                ("USE_PDL", pdl),
+                ("num_warps", _num_warps(block, t)),  # the standalone norm's: same sums
+                ("launch_pdl", pdl),
+            ),
+        )
+    return kv_out
 
 
 def _dequant(

@@ -236,6 +236,91 @@ def _rope_cache_cases() -> Iterator[Case]:
         )
 
 
+def _q_kv_cases() -> Iterator[Case]:
+    """The two-norm kernel: q plain or quantized (every scheme), bf16, PDL once."""
+    schemes = {
+        "none": (k.SCHEME_NONE, "bf16", "bf16", 1),
+        "mxfp4": (k.SCHEME_MXFP4, "u8", "u8", 1),
+        "mxfp8": (k.SCHEME_MXFP8, "fp8e4nv", "u8", 1),
+        "fp8_group128_e4m3fn": (k.SCHEME_FP8, _FP8["e4m3fn"], "fp32", 128),
+        "fp8_group128_e4m3fnuz": (k.SCHEME_FP8, _FP8["e4m3fnuz"], "fp32", 128),
+    }
+    for (label, (scheme, q_ty, s_ty, group)), pdl in itertools.product(
+        schemes.items(), (False, True)
+    ):
+        if pdl and label != "none":
+            continue
+        yield Case(
+            f"q_kv_norm_quant_kernel[{label}, bf16{', pdl' if pdl else ''}]",
+            k.q_kv_norm_quant_kernel,
+            {
+                "q_ptr": "*bf16",
+                "qw_ptr": "*bf16",
+                "y_ptr": "*bf16",
+                "codes_ptr": f"*{q_ty}",
+                "scales_ptr": f"*{s_ty}",
+                "kv_ptr": "*bf16",
+                "kvw_ptr": "*bf16",
+                "kv_out_ptr": "*bf16",
+                "q_stride": "i32",
+                "kv_stride": "i32",
+                "K_Q": "i32",
+                "K_KV": "i32",
+                "q_eps": "fp32",
+                "kv_eps": "fp32",
+                "fp8_max": "fp32",
+                "min_scale": "fp32",
+            },
+            {
+                "WRITE_Y": scheme == k.SCHEME_NONE,
+                "SCHEME": scheme,
+                "GROUP": group,
+                "UE8M0": False,
+                "BLOCK_Q": 2048,
+                "BLOCK_KV": 512,
+                "USE_PDL": pdl,
+                "WEIGHT_AFTER_ROUNDING": False,
+            },
+            {"num_warps": 4, "launch_pdl": pdl},
+            hip_only_fnuz=q_ty == _FP8["e4m3fnuz"],
+        )
+
+
+def _norm_rope_cache_cases() -> Iterator[Case]:
+    """The kv-only chain kernel: fp32 or bf16 input, both layouts, both rope styles."""
+    for (layout, x_ty), neox in itertools.product(
+        (("dsv4_fp8", "fp32"), ("dsv4_fp8", "bf16"), ("bf16", "fp32")), (False, True)
+    ):
+        dsv4 = layout == "dsv4_fp8"
+        yield Case(
+            f"norm_rope_cache_kernel[{layout}, {x_ty} -> bf16, {'neox' if neox else 'gptj'}]",
+            k.norm_rope_cache_kernel,
+            {
+                "pos_ptr": "*i64",
+                "x_ptr": f"*{x_ty}",
+                "w_ptr": f"*{x_ty}",
+                "kv_out_ptr": "*bf16",
+                "cs_ptr": "*fp32",
+                "cache_ptr": "*u8" if dsv4 else "*bf16",
+                "slot_ptr": "*i64",
+                "x_stride": "i32",
+                "eps": "fp32",
+                "block_stride": "i32",
+                "num_slots": "i32",
+            },
+            {
+                "BS": 64,
+                "D": 512,
+                "ROPE": 64,
+                "IS_NEOX": neox,
+                "DSV4": dsv4,
+                "BLOCK_D": 512,
+                "USE_PDL": False,
+            },
+            {"num_warps": 4},
+        )
+
+
 def _dequant_cases() -> Iterator[Case]:
     for out in ("bf16", "e4m3fn", "e4m3fnuz"):
         to_fp8 = out != "bf16"
@@ -274,15 +359,25 @@ def _dequant_cases() -> Iterator[Case]:
 
 def cases() -> list[Case]:
     """Every kernel of :mod:`.kernels`, once per path its launches take."""
-    return [*_norm_quant_cases(), *_all_reduce_cases(), *_rope_cache_cases(), *_dequant_cases()]
+    return [
+        *_norm_quant_cases(),
+        *_all_reduce_cases(),
+        *_q_kv_cases(),
+        *_rope_cache_cases(),
+        *_norm_rope_cache_cases(),
+        *_dequant_cases(),
+    ]
 
 
 def compile_to_isa(case: Case, target: GPUTarget, with_cubin: bool) -> dict[str, int]:
     """Run Triton's stages for ``target`` down to the assembly; returns bytes per stage."""
     backend = make_backend(target)
     signature = dict(case.types)
-    signature.update({name: "constexpr" for name in case.constexprs})
-    src = ASTSource(fn=case.kernel, signature=signature, constexprs=case.constexprs)
+    constexprs = dict(case.constexprs)
+    if "HIP" in case.kernel.arg_names:  # the kernel's vendor switch follows the target
+        constexprs["HIP"] = target.backend == "hip"
+    signature.update({name: "constexpr" for name in constexprs})
+    src = ASTSource(fn=case.kernel, signature=signature, constexprs=constexprs)
     options = dict(case.options)
     if target.backend != "cuda":
         options.pop("launch_pdl", None)  # a CUDA launch option only (kernels guard USE_PDL)

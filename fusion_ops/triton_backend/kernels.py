@@ -184,6 +184,54 @@ def _norm_quant_row(
         )
 
 
+# --- two norms of the same rows in one launch (q_kv_norm) ----------------------------------------
+@triton.jit
+def q_kv_norm_quant_kernel(
+    q_ptr,
+    qw_ptr,
+    y_ptr,
+    codes_ptr,
+    scales_ptr,
+    kv_ptr,
+    kvw_ptr,
+    kv_out_ptr,
+    q_stride,
+    kv_stride,
+    K_Q,
+    K_KV,
+    q_eps,
+    kv_eps,
+    fp8_max,
+    min_scale,
+    WRITE_Y: tl.constexpr,
+    SCHEME: tl.constexpr,
+    GROUP: tl.constexpr,
+    UE8M0: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_KV: tl.constexpr,
+    USE_PDL: tl.constexpr,
+    WEIGHT_AFTER_ROUNDING: tl.constexpr = False,
+):
+    """Program (row, 0): rms_norm of q's row [→ quant]; program (row, 1): rms_norm of kv's row.
+    Each is norm_quant_kernel's row work (same helper, same flags), so with the standalone
+    kernels' warp count both halves round exactly as two standalone launches would."""
+    row = tl.program_id(0).to(tl.int64)
+    if USE_PDL:  # see _pdl_start
+        _pdl_start()
+    if tl.program_id(1) == 0:
+        _norm_quant_row(
+            row, q_ptr, q_ptr, qw_ptr, y_ptr, y_ptr, codes_ptr, scales_ptr, q_stride, q_stride,
+            K_Q, q_eps, fp8_max, min_scale, False, True, WRITE_Y, SCHEME, GROUP, UE8M0, BLOCK_Q,
+            WEIGHT_AFTER_ROUNDING, False,
+        )  # fmt: skip
+    else:
+        _norm_quant_row(
+            row, kv_ptr, kv_ptr, kvw_ptr, kv_out_ptr, kv_out_ptr, kv_out_ptr, kv_out_ptr,
+            kv_stride, kv_stride, K_KV, kv_eps, fp8_max, min_scale, False, True, True,
+            0, 1, False, BLOCK_KV, False, False,  # SCHEME 0: none
+        )  # fmt: skip
+
+
 # --- tensor parallel: one-shot all-reduce over symmetric memory + the row work ----------------
 @triton.jit
 def all_reduce_norm_quant_kernel(
@@ -446,8 +494,11 @@ def _rope_row(
     ROPE: tl.constexpr,
     IS_NEOX: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    MUL_RN: tl.constexpr = False,
+    HIP: tl.constexpr = False,
 ):
-    """dst[0:D] = src[0:D] with the last ROPE dims rotated at position ``pos``."""
+    """dst[0:D] = src[0:D] with the last ROPE dims rotated at position ``pos``. ``MUL_RN``: each
+    product rounded on its own (:func:`_mul_rn`), for a kernel compiled with FP fusion on."""
     HALF: tl.constexpr = ROPE // 2
     cols = tl.arange(0, BLOCK_D)
     head = cols < D - ROPE
@@ -462,8 +513,29 @@ def _rope_row(
     a = tl.load(src + ia).to(tl.float32)
     b = tl.load(src + ib).to(tl.float32)
     out_ty = dst.dtype.element_ty
-    tl.store(dst + ia, (a * cos - b * sin).to(out_ty))
-    tl.store(dst + ib, (b * cos + a * sin).to(out_ty))
+    if MUL_RN:
+        a_cos, b_sin = _mul_rn(a, cos, HIP), _mul_rn(b, sin, HIP)
+        b_cos, a_sin = _mul_rn(b, cos, HIP), _mul_rn(a, sin, HIP)
+        tl.store(dst + ia, (a_cos - b_sin).to(out_ty))
+        tl.store(dst + ib, (b_cos + a_sin).to(out_ty))
+    else:
+        tl.store(dst + ia, (a * cos - b * sin).to(out_ty))
+        tl.store(dst + ib, (b * cos + a * sin).to(out_ty))
+
+
+@triton.jit
+def _mul_rn(a, b, HIP: tl.constexpr):
+    """a·b rounded to fp32 as its own instruction, which the compiler cannot contract with a
+    following add into an FMA (what ``enable_fp_fusion=False`` gives a whole kernel): inline
+    assembly is opaque to LLVM and ptxas (``mul.rn`` on NVIDIA, ``v_mul_f32`` on AMD)."""
+    if HIP:
+        return tl.inline_asm_elementwise(
+            "v_mul_f32 $0, $1, $2", "=v,v,v", [a, b], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return tl.inline_asm_elementwise(
+            "mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1
+        )
 
 
 @triton.jit
@@ -610,6 +682,49 @@ def rope_cache_kernel(
         tl.debug_barrier()  # the rotated row is re-read by other threads of this program
         slot = tl.load(slot_ptr + t).to(tl.int64)
         _write_slot(cache_ptr, row, slot, block_stride, num_slots, BS, D, DSV4, BLOCK_D)
+
+
+@triton.jit
+def norm_rope_cache_kernel(
+    pos_ptr,
+    x_ptr,
+    w_ptr,
+    kv_out_ptr,
+    cs_ptr,
+    cache_ptr,
+    slot_ptr,
+    x_stride,
+    eps,
+    block_stride,
+    num_slots,
+    BS: tl.constexpr,
+    D: tl.constexpr,
+    ROPE: tl.constexpr,
+    IS_NEOX: tl.constexpr,
+    DSV4: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HIP: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    """One token per program: rms_norm (norm_quant_kernel's row work, stored to the output row
+    in its dtype: the cast), rope in place, then the cache write of the row. Compiled with FP
+    fusion on like the norm kernel (same sum of squares); the rope's products are rounded one
+    by one (_mul_rn) like the rope kernel's, compiled without it."""
+    t = tl.program_id(0).to(tl.int64)
+    if USE_PDL:  # see _pdl_start
+        _pdl_start()
+    _norm_quant_row(
+        t, x_ptr, x_ptr, w_ptr, kv_out_ptr, kv_out_ptr, kv_out_ptr, kv_out_ptr, x_stride,
+        x_stride, D, eps, 0.0, 0.0, False, True, True, 0, 1, False, BLOCK_D, False,
+        False,
+    )  # fmt: skip
+    tl.debug_barrier()  # the normed row is re-read by other threads of this program
+    row = kv_out_ptr + t * D
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    _rope_row(row, row, cs_ptr, pos, D, ROPE, IS_NEOX, BLOCK_D, True, HIP)
+    tl.debug_barrier()
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    _write_slot(cache_ptr, row, slot, block_stride, num_slots, BS, D, DSV4, BLOCK_D)
 
 
 @triton.jit

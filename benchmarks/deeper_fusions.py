@@ -1,0 +1,187 @@
+"""Kernel benchmarks of the deeper DSV4 fusions on one GPU, in one run.
+
+    python benchmarks/deeper_fusions.py [--json out.json]
+        [--vllm-source <vllm>/models/common/ops/fused_qk_rmsnorm.py]
+
+* ``q_kv_norm``: our one-launch q-lora ∥ kv norm (``q_kv_rms_norm``, and with the q FP8 1x128
+  quant) vs our two standalone launches vs Inductor's fusion of the same math, and vs vLLM
+  0.32's own Triton kernel ``fused_q_kv_rmsnorm`` (its source file, loaded without vLLM: the
+  ``@triton.jit`` kernel is taken out of the file and launched as vLLM's launcher does, with
+  and without PDL). Inputs are the two parts of one [T, q_lora + 512] bf16 projection.
+* ``norm_rope_cache``: the compressor chain (fp32 rows → norm → bf16 → rope → dsv4_fp8 cache)
+  in one launch vs the four standalone ops vs Inductor's fusion of the reference code.
+
+Timing: CUDA-graph replay (triton.testing.do_bench_cudagraph: back-to-back calls in one graph),
+median µs per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import json
+import platform
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).parent))
+from kernels import bench, inductor  # noqa: E402
+
+import fusion_ops  # noqa: E402
+from fusion_ops.reference import cache as ref_cache  # noqa: E402
+from fusion_ops.reference import norm as ref_norm  # noqa: E402
+
+ops = torch.ops.fusion_ops
+DEV = "cuda"
+EPS = 1e-6
+FN = torch.float8_e4m3fn
+
+
+def load_vllm_kernel(path: str) -> Any:
+    """The ``kernel`` staticmethod of vLLM's ``FusedQKVRMSNormKernel`` as a Triton JITFunction
+    (the file imports vLLM internals, so only the kernel's own source is taken)."""
+    source = Path(path).read_text()
+    tree = ast.parse(source)
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        if cls.name != "FusedQKVRMSNormKernel":
+            continue
+        fn = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "kernel")
+        fn.decorator_list = []
+        body = textwrap.dedent(ast.get_source_segment(source, fn) or "")
+        text = f"import triton\nimport triton.language as tl\n\n\n@triton.jit\n{body}\n"
+        out = Path(tempfile.mkdtemp()) / "vllm_fused_qk_rmsnorm_kernel.py"
+        out.write_text(text)
+        spec = importlib.util.spec_from_file_location(out.stem, out)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.kernel
+    raise RuntimeError(f"{path}: no FusedQKVRMSNormKernel.kernel")
+
+
+def vllm_q_kv(kernel: Any, qr, kv, q_w, kv_w, eps: float, pdl: bool):  # type: ignore[no-untyped-def]
+    """vLLM's __call__ launch of the kernel (same grid, meta-parameters and warps)."""
+    q_out, kv_out = torch.empty_like(qr), torch.empty_like(kv)
+    block = triton.next_power_of_2(max(qr.shape[1], kv.shape[1]))
+    kernel[(qr.shape[0], 2)](
+        qr, q_out, q_w, qr.stride(0), q_out.stride(0), kv, kv_out, kv_w, kv.stride(0),
+        kv_out.stride(0), eps, Q_SIZE=qr.shape[1], KV_SIZE=kv.shape[1], BLOCK_SIZE=block,
+        launch_pdl=pdl, num_warps=8 if block >= 2048 else 4,
+    )  # fmt: skip
+    return q_out, kv_out
+
+
+def bench_q_kv(tokens_list: list[int], q_loras: list[int], vllm: Any | None) -> list[dict]:
+    rows = []
+    head = f"{'q_kv_norm':24s} {'tokens':>7s} {'ours':>7s} {'2 launches':>10s} {'Inductor':>9s}"
+    head += f" {'+fp8 q':>7s} {'2 launches':>10s} {'vLLM':>7s} {'vLLM+PDL':>9s} {'equal %':>8s}"
+    print(head)
+    plain = inductor(lambda q, wq, kv, wkv: ref_norm.q_kv_rms_norm(q, wq, EPS, kv, wkv, EPS))
+    for q_lora in q_loras:
+        for t in tokens_list:
+            proj = torch.randn(t, q_lora + 512, device=DEV).to(torch.bfloat16)
+            q, kv = proj.split([q_lora, 512], dim=-1)
+            wq = (1 + 0.1 * torch.randn(q_lora, device=DEV)).to(torch.bfloat16)
+            wkv = (1 + 0.1 * torch.randn(512, device=DEV)).to(torch.bfloat16)
+            r: dict[str, Any] = {"q_lora": q_lora, "tokens": t}
+            r["ours_us"] = bench(lambda: ops.q_kv_rms_norm(q, wq, EPS, kv, wkv, EPS))
+            r["two_launches_us"] = bench(
+                lambda: (ops.rms_norm(q, wq, EPS), ops.rms_norm(kv, wkv, EPS))
+            )
+            r["inductor_us"] = bench(lambda: plain(q, wq, kv, wkv))
+            p = (128, False, FN)
+            r["ours_fp8_us"] = bench(
+                lambda: ops.q_kv_rms_norm_fp8_group_quant(q, wq, EPS, kv, wkv, EPS, *p)
+            )
+            r["two_launches_fp8_us"] = bench(
+                lambda: (ops.rms_norm_fp8_group_quant(q, wq, EPS, *p), ops.rms_norm(kv, wkv, EPS))
+            )
+            r["vllm_us"] = r["vllm_pdl_us"] = r["equal_pct"] = None
+            if vllm is not None:
+                r["vllm_us"] = bench(lambda: vllm_q_kv(vllm, q, kv, wq, wkv, EPS, False))
+                pdl = torch.cuda.get_device_capability()[0] >= 9
+                if pdl:
+                    r["vllm_pdl_us"] = bench(lambda: vllm_q_kv(vllm, q, kv, wq, wkv, EPS, True))
+                ours = ops.q_kv_rms_norm(q, wq, EPS, kv, wkv, EPS)
+                theirs = vllm_q_kv(vllm, q, kv, wq, wkv, EPS, False)
+                same = sum(int((a == b).sum()) for a, b in zip(ours, theirs, strict=True))
+                r["equal_pct"] = 100 * same / (ours[0].numel() + ours[1].numel())
+                ulp = max(
+                    int((a.view(torch.int16).int() - b.view(torch.int16).int()).abs().max())
+                    for a, b in zip(ours, theirs, strict=True)
+                )
+                r["max_ulp_diff"] = ulp
+            rows.append(r)
+            cells = [r[k] for k in ("ours_us", "two_launches_us", "inductor_us", "ours_fp8_us")]
+            cells += [r[k] for k in ("two_launches_fp8_us", "vllm_us", "vllm_pdl_us")]
+            text = " ".join(f"{c:9.2f}" if c is not None else f"{'-':>9s}" for c in cells)
+            eq = f"{r['equal_pct']:8.4f}" if r["equal_pct"] is not None else "-"
+            print(f"{'q_lora ' + str(q_lora) + ' + kv 512':24s} {t:7d} {text} {eq}", flush=True)
+    return rows
+
+
+def bench_norm_rope_cache(tokens_list: list[int]) -> list[dict]:
+    rows = []
+    print(f"{'norm_rope_cache (fp32→bf16, dsv4_fp8)':40s} {'tokens':>7s} {'fused':>7s}"
+          f" {'4 ops':>7s} {'Inductor':>9s}")  # fmt: skip
+    compiled = inductor(ref_cache.rms_norm_rope_mla_cache_write)
+    for t in tokens_list:
+        x = torch.randn(t, 512, device=DEV)
+        w = 1 + 0.1 * torch.randn(512, device=DEV)
+        cs = torch.randn(max(t, 64) * 4, 64, device=DEV)
+        pos = torch.arange(t, device=DEV) * 4
+        blocks = max(t // 64 + 1, 2)
+        cache = fusion_ops.alloc_mla_cache(blocks, 64, device=DEV)
+        slots = torch.arange(t, device=DEV)
+        args = (pos, x, w, EPS, cs, cache, slots, 64, False, "dsv4_fp8", torch.bfloat16)
+
+        def standalone() -> None:
+            y = ops.rms_norm(x, w, EPS).to(torch.bfloat16)
+            ops.mla_cache_write(ops.rope(pos, y, cs, 64, False), cache, slots, "dsv4_fp8")
+
+        r = {
+            "tokens": t,
+            "fused_us": bench(lambda: ops.rms_norm_rope_mla_cache_write(*args)),
+            "standalone_us": bench(standalone),
+            "inductor_us": bench(lambda: compiled(*args)),
+        }
+        rows.append(r)
+        cells = " ".join(
+            f"{r[k]:7.2f}" if r[k] is not None else f"{'-':>7s}"
+            for k in ("fused_us", "standalone_us", "inductor_us")
+        )
+        print(f"{'':40s} {t:7d} {cells}", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vllm-source", default=None, help="vLLM's fused_qk_rmsnorm.py")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    torch._dynamo.config.recompile_limit = 256
+    vllm = load_vllm_kernel(args.vllm_source) if args.vllm_source else None
+    q_kv = bench_q_kv([1, 16, 128, 1024, 8192], [1024, 1536], vllm)
+    chain = bench_norm_rope_cache([1, 16, 128, 1024])
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "vllm_source": args.vllm_source,
+    }
+    print(json.dumps(meta))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"meta": meta, "q_kv_norm": q_kv, "norm_rope_cache": chain}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
