@@ -55,7 +55,9 @@ def test_all_families_on_cuda(v2: bool) -> None:
         "add_rms_quant": 1,
         "rms_quant": 1,
         "rope_cache": 1,
+        "norm_rope_cache": 0,  # no kv-only chain, no pair of norms of one projection here
         "dequant_fp8": 1,
+        "q_kv_norm": 0,
         "ar_add_rms_quant": 0,  # no all-reduce in this graph
     }
     assert_fully_replaced(
