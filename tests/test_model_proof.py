@@ -46,7 +46,14 @@ def test_match_counts_follow_from_the_config(runs) -> None:
     assert decode.matches == dict(expected_matches(cfg, decode=True))
     families = {label.split("/")[0] for label in p.match_table}
     if cfg.residual == "add":
-        assert families == {"rms_quant", "add_rms_quant", "rope_cache", "dequant_fp8"}
+        assert families == {
+            "rms_quant",
+            "add_rms_quant",
+            "rope_cache",
+            "dequant_fp8",
+            "q_kv_norm",
+            "norm_rope_cache",
+        }
 
 
 def test_standalone_ops_of_fused_sequences_are_gone(runs) -> None:
@@ -56,11 +63,11 @@ def test_standalone_ops_of_fused_sequences_are_gone(runs) -> None:
         after = record.ops_after
         for op, n in leftover.items():
             assert after.get(op, 0) == n, (record.index, op, after)
-        # every leftover anchor is explained: norms feed no quant op, the writes are kv-only
+        # every leftover anchor is explained: the final norm feeds no quant op (the kv and
+        # compressor norms and the kv-only writes are fused by q_kv_norm / norm_rope_cache)
         reasons = Counter(m.reason.split(":")[0].split(" (")[0] for m in record.near_misses)
         assert reasons == {
             "no quant op consumes it": leftover["rms_norm"] + leftover["fused_add_rms_norm"],
-            "kv-only cache write": leftover["mla_cache_write"],
         }
 
 

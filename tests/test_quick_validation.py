@@ -62,9 +62,9 @@ def passes(validate, args: tuple) -> bool:  # type: ignore[no-untyped-def]
 
 
 def test_every_norm_and_quant_op_has_a_quick_check() -> None:
-    expected = {"rms_norm", "fused_add_rms_norm"}
+    expected = {"rms_norm", "fused_add_rms_norm", "q_kv_rms_norm"}
     for s in SCHEMES.values():
-        expected |= {s.quant_op, s.rms_op, s.add_rms_op}
+        expected |= {s.quant_op, s.rms_op, s.add_rms_op, s.q_kv_rms_op}
     assert set(QUICK_CHECKS) == expected
 
 
@@ -73,10 +73,21 @@ def test_every_norm_and_quant_op_has_a_quick_check() -> None:
 def test_quick_is_true_only_where_validation_passes(data: st.DataObject) -> None:
     name = data.draw(st.sampled_from(sorted(QUICK_CHECKS)))
     scheme = next(
-        (s for s in SCHEMES.values() if name in (s.quant_op, s.rms_op, s.add_rms_op)), None
+        (
+            s
+            for s in SCHEMES.values()
+            if name in (s.quant_op, s.rms_op, s.add_rms_op, s.q_kv_rms_op)
+        ),
+        None,
     )
     if name in ("rms_norm", "fused_add_rms_norm"):
         args = data.draw(norm_args(with_residual=name == "fused_add_rms_norm"))
+    elif name == "q_kv_rms_norm" or name == scheme.q_kv_rms_op:
+        # two norms' arguments (their leading dims equal or not), then the q quant's
+        args = (*data.draw(norm_args(False)), *data.draw(norm_args(False)))
+        if scheme is not None:
+            flags = data.draw(st.tuples(st.booleans(), st.booleans()))
+            args = (*args, *data.draw(scheme_params(scheme.name)), *flags)
     elif name == scheme.quant_op:
         x = data.draw(tensor(data.draw(st.sampled_from([0, 16, 32, 40, 64, 128, 256]))))
         args = (x, *data.draw(scheme_params(scheme.name)))
@@ -98,7 +109,12 @@ def valid_args(name: str) -> tuple:
         return (x, w, 1e-6)
     if name == "fused_add_rms_norm":
         return (x, r, w, 1e-6)
+    kv, w_kv = torch.zeros(2, 128), torch.ones(128)
+    if name == "q_kv_rms_norm":
+        return (x, w, 1e-6, kv, w_kv, 1e-5)
     for s in SCHEMES.values():
+        if name == s.q_kv_rms_op:
+            return (x, w, 1e-6, kv, w_kv, 1e-5, *params[s.name], True, False)
         if name == s.quant_op:
             return (x, *params[s.name])
         if name == s.rms_op:

@@ -315,6 +315,7 @@ def _norm_rope_cache_cases() -> Iterator[Case]:
                 "IS_NEOX": neox,
                 "DSV4": dsv4,
                 "BLOCK_D": 512,
+                "HIP": False,  # set per target by compile_to_isa
                 "USE_PDL": False,
             },
             {"num_warps": 4},
