@@ -81,6 +81,18 @@ class Family(Protocol):
 
 
 # --- fx helpers shared by the families -----------------------------------------------------------
+def functional_call(op: Any, v2: bool, kwargs: dict[str, Any], mutated: str = "kv_cache") -> Any:
+    """``op`` in the functional form torch.compile gives a mutating op, for patterns: ``kwargs``
+    in schema order (the order is part of a match, pitfall P2). v1:
+    ``auto_functionalized(op, **kwargs)``; v2: the mutated argument left out, then
+    ``_<mutated>_base_index=0, _all_bases=[it]``."""
+    if not v2:
+        return auto_functionalized(op, **kwargs)
+    rest = {k: v for k, v in kwargs.items() if k != mutated}
+    bases = {f"_{mutated}_base_index": 0, "_all_bases": [kwargs[mutated]]}
+    return auto_functionalized_v2(op, **rest, **bases)
+
+
 def op_name(node: torch.fx.Node) -> str | None:
     """``fusion_ops`` op name called by ``node``, directly or through auto_functionalized(_v2)."""
     if node.op != "call_function":

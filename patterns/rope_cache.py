@@ -19,12 +19,22 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto_functionalized_v2
+from torch._higher_order_ops.auto_functionalize import auto_functionalized_v2
 
 from fusion_ops import CACHE_LAYOUTS
 
 from . import canonical
-from .base import HOPS, NearMiss, PatternSpec, dtype_name, find_calls, op_args, op_name, val
+from .base import (
+    HOPS,
+    NearMiss,
+    PatternSpec,
+    dtype_name,
+    find_calls,
+    functional_call,
+    op_args,
+    op_name,
+    val,
+)
 
 NAME = "rope_cache"
 STANDALONE_OPS = ("rope", "mla_cache_write")
@@ -47,19 +57,8 @@ def _spec(is_neox: bool, layout: str, v2: bool) -> PatternSpec:
     ) -> Any:
         q_rot = ops.rope.default(positions, q, cos_sin_cache, rope_dim, is_neox)
         kv_rot = ops.rope.default(positions, kv, cos_sin_cache, rope_dim, is_neox)
-        if v2:
-            out = auto_functionalized_v2(
-                write,
-                kv=kv_rot,
-                slot_mapping=slot_mapping,
-                layout=layout,
-                _kv_cache_base_index=0,
-                _all_bases=[kv_cache],
-            )
-        else:
-            out = auto_functionalized(
-                write, kv=kv_rot, kv_cache=kv_cache, slot_mapping=slot_mapping, layout=layout
-            )
+        kwargs = dict(kv=kv_rot, kv_cache=kv_cache, slot_mapping=slot_mapping, layout=layout)
+        out = functional_call(write, v2, kwargs)
         return out[1], q_rot, kv_rot
 
     def replace(
@@ -71,28 +70,10 @@ def _spec(is_neox: bool, layout: str, v2: bool) -> PatternSpec:
         slot_mapping: Any,
         rope_dim: int,
     ) -> Any:
-        common = dict(positions=positions, q=q, kv=kv, cos_sin_cache=cos_sin_cache)
-        if v2:
-            out = auto_functionalized_v2(
-                fused,
-                **common,
-                slot_mapping=slot_mapping,
-                rope_dim=rope_dim,
-                is_neox=is_neox,
-                layout=layout,
-                _kv_cache_base_index=0,
-                _all_bases=[kv_cache],
-            )
-        else:
-            out = auto_functionalized(
-                fused,
-                **common,
-                kv_cache=kv_cache,
-                slot_mapping=slot_mapping,
-                rope_dim=rope_dim,
-                is_neox=is_neox,
-                layout=layout,
-            )
+        kwargs = dict(positions=positions, q=q, kv=kv, cos_sin_cache=cos_sin_cache)
+        kwargs.update(kv_cache=kv_cache, slot_mapping=slot_mapping, rope_dim=rope_dim)
+        kwargs.update(is_neox=is_neox, layout=layout)
+        out = functional_call(fused, v2, kwargs)
         return out[2], out[0], out[1]  # new cache, q_rot, kv_rot
 
     def example_inputs() -> list[torch.Tensor]:

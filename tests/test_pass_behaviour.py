@@ -353,15 +353,15 @@ def expected_pattern_count(schemes: list[str]) -> int:
     variant per MX scheme, 2 (ue8m0) x 2 (FP8 dtype) per FP8 scheme; rms_quant per norm source
     x (plain, +normed); add_rms_quant per norm source and plain ``x + r`` x (normed kept or not)
     x (residual kept or not); rope_cache (neox or not) x 2 cache layouts x (v1, v2);
-    norm_rope_cache (neox or not) x (v1, v2) x casts (none, bf16, and fp16 for the bf16
-    layout only: dsv4_fp8 stores bf16 rows); dequant_fp8 2 cache layouts x 2 FP8 dtypes;
+    norm_rope_cache (neox or not) x 2 cache layouts x (v1, v2) x (cast to what the cache stores,
+    or none); dequant_fp8 2 cache layouts x 2 FP8 dtypes;
     q_kv_norm none (a graph rewrite); ar_add_rms_quant one graph pattern (the all-reduce,
     folded into whichever add-norm op reads it)."""
     variants = sum(1 if s in ("mxfp4", "mxfp8") else 4 for s in schemes)
     norm_sources = 2 if qv.vllm_ir_available() else 1
     rms = norm_sources * 2 * variants
     add = (norm_sources + 1) * 2 * 2 * variants
-    norm_rope_cache = 2 * 2 * (2 + 3)
+    norm_rope_cache = 2 * 2 * 2 * 2
     return rms + add + 2 * 2 * 2 + norm_rope_cache + 2 * 2 + 1
 
 

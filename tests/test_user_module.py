@@ -3,10 +3,13 @@ fp16, eps 1e-5, an unrelated op between the norm and its quant, a reshape betwee
 and one reshape that splits rows (which no row-wise fusion may see through).
 
 Compiled with and without FusionPass(): same bits. All three pairs fuse; the norm whose quant
-reads a row-splitting view stays, and its near miss says why.
+reads a row-splitting view stays, and its near miss says why. Then an MLA head written the same
+way for the deeper families (q_kv_norm, norm_rope_cache; fp16 cache, sliced parts).
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -58,3 +61,60 @@ def test_user_module_fuses_what_it_can_and_explains_the_rest() -> None:
     assert record.ops_after["rms_norm"] == 1  # the one behind the row-splitting reshape
     reasons = [m.reason for m in record.near_misses if m.op == "rms_norm"]
     assert len(reasons) == 1 and "changes the rows" in reasons[0], reasons
+
+
+class UserMLAHead(nn.Module):
+    """An MLA attention head as a user would write it: one fp16 linear for q-lora | kv on a
+    [batch, tokens, hidden] input, the parts taken by slicing, eps 1e-5, the kv norm written
+    before the q norm, the q quant (MXFP8) behind a token-flattening reshape; a compressor that
+    norms fp32 rows, casts them to fp16, ropes (NeoX) and writes a bf16-layout fp16 cache."""
+
+    def __init__(self, hidden: int = 64, q_lora: int = 256, kv: int = 512, eps: float = 1e-5):
+        super().__init__()
+        self.q_lora, self.eps = q_lora, eps
+        self.wa = nn.Linear(hidden, q_lora + kv, bias=False, dtype=torch.float16)
+        self.q_norm = nn.Parameter(1 + 0.1 * torch.randn(q_lora, dtype=torch.float16))
+        self.kv_norm = nn.Parameter(1 + 0.1 * torch.randn(kv, dtype=torch.float16))
+        self.comp_norm = nn.Parameter(1 + 0.1 * torch.randn(kv))
+        self.register_buffer("cos_sin", torch.randn(64, 64))
+        self.register_buffer("cache", torch.zeros(4, 4, kv, dtype=torch.float16))
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, view: bool):
+        proj = self.wa(x)  # [B, T, q_lora + kv]
+        kv = ops.rms_norm(proj[..., self.q_lora :], self.kv_norm, self.eps)
+        q = ops.rms_norm(proj[..., : self.q_lora], self.q_norm, self.eps)
+        q_codes, q_scales = ops.mxfp8_quant(q.reshape(-1, self.q_lora))
+        pooled = kv.float().flatten(0, 1)  # [B·T, kv] fp32
+        entry = ops.rms_norm(pooled, self.comp_norm, self.eps).to(torch.float16)
+        if view:  # views between the cast and the rope and the write: not seen through
+            entry = entry.unsqueeze(1)
+        entry = ops.rope(positions, entry, self.cos_sin, 64, True)
+        ops.mla_cache_write(entry.reshape(-1, entry.shape[-1]), self.cache, slots, "bf16")
+        return q_codes, q_scales, kv, entry
+
+
+def test_user_mla_head_fuses_both_deeper_families() -> None:
+    """q_kv_norm and norm_rope_cache fire on the module above; with a view between the cast and
+    the rope the compressor chain stays, and its near miss names the view. Same bits (outputs and
+    cache) with and without the pass, and as eager."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, dtype=torch.float16)
+    positions, slots = torch.tensor([0, 5, 9, 17, 30, 63]), torch.tensor([3, -1, 0, 15, 8, 9])
+    for view in (False, True):
+        head = UserMLAHead().eval()
+        plain, eager = copy.deepcopy(head), copy.deepcopy(head)
+        with torch.no_grad():
+            want = run_compiled(plain, x, positions, slots, view, fusion_pass=None)
+            fusion = FusionPass(keep_graphs=True)
+            got = run_compiled(head, x, positions, slots, view, fusion_pass=fusion)
+            assert_bitwise_equal(got, want)
+            assert_bitwise_equal(head.cache, plain.cache, "cache")
+            assert_bitwise_equal(got, eager(x, positions, slots, view))
+            assert_bitwise_equal(head.cache, eager.cache, "cache vs eager")
+        expected = {"q_kv_norm/mxfp8/fp16": 1}
+        if not view:
+            expected["norm_rope_cache/neox_bf16_to_fp16_v2/fp32"] = 1
+        assert fusion.match_table == expected
+        reasons = [m.reason for g in fusion.graphs for m in g.near_misses]
+        if view:
+            assert any(r.startswith("a view sits in the chain (") for r in reasons), reasons
