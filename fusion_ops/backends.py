@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -31,7 +32,11 @@ ENV_VAR = "FUSION_OPS_BACKEND"
 
 _IMPLS: dict[str, dict[str, Callable[..., Any]]] = {}
 _FORCED: str | None = None
-_LAST_USED: dict[str, str] = {}
+# op -> (backend, CLOCK_MONOTONIC ns) of its last run through run_op
+_LAST_USED: dict[str, tuple[str, int]] = {}
+# fusion_ops.native when its C++ CPU kernels are loaded: they run the reference backend without
+# run_op, so they are told of forced backends and asked when they last ran
+_NATIVE: Any = None
 _IMPORTABLE: dict[str, bool] = {}
 # (op, device type, forced backend) -> (backend, implementation): what is registered and
 # importable does not change between calls, so the search runs once per key (cleared when a
@@ -60,6 +65,15 @@ def set_backend(name: str | None) -> None:
         )
     global _FORCED
     _FORCED = name
+    if _NATIVE is not None:
+        _NATIVE.set_python_forced(name not in (None, "reference"))
+
+
+def use_native_kernels(native: Any) -> None:
+    """Called once by :mod:`fusion_ops.library` when the C++ CPU kernels are loaded."""
+    global _NATIVE
+    _NATIVE = native
+    native.set_python_forced(_FORCED not in (None, "reference"))
 
 
 @contextlib.contextmanager
@@ -74,6 +88,7 @@ def use_backend(name: str | None) -> Iterator[None]:
 
 
 _environ_get = os.environ.get
+_monotonic_ns = time.monotonic_ns
 
 
 def forced_backend() -> str | None:
@@ -166,7 +181,7 @@ def run_op(op_name: str, device_type: str, args: tuple[Any, ...]) -> Any:
     """Run ``op_name`` on ``args`` (validated, defaults filled in) with the backend selected for
     ``device_type``: the hot path of every op call (an env read and a dict lookup)."""
     backend, impl = _selected(op_name, device_type, forced_backend())
-    _LAST_USED[op_name] = backend
+    _LAST_USED[op_name] = (backend, _monotonic_ns())
     return impl(*args)
 
 
@@ -181,7 +196,12 @@ def implementation(op_name: str, backend: str) -> Callable[..., Any]:
 
 def last_backend(op_name: str) -> str | None:
     """The backend that ran ``op_name`` most recently in this process (``None`` if never run)."""
-    return _LAST_USED.get(op_name)
+    backend, ran_ns = _LAST_USED.get(op_name, (None, 0))
+    if _NATIVE is not None and op_name in _NATIVE.NATIVE_OPS:
+        native_ns = _NATIVE.last_run_ns(op_name)
+        if native_ns > ran_ns:  # the C++ CPU kernel ran it last: the reference math
+            return "reference"
+    return backend
 
 
 def implementations(op_name: str) -> tuple[str, ...]:

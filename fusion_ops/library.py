@@ -52,8 +52,8 @@ from typing import Any
 
 import torch
 
-from . import checks
-from .backends import register_impl, run_op
+from . import checks, native
+from .backends import register_impl, run_op, use_native_kernels
 from .formats import CACHE_LAYOUTS, DSV4_HEAD_DIM, DSV4_SLOT_BYTES
 from .reference import cache as ref_cache
 from .reference import collective as ref_collective
@@ -64,6 +64,10 @@ from .schemes import SCHEMES, QuantScheme
 
 NAMESPACE = "fusion_ops"
 _LIB = torch.library.Library(NAMESPACE, "DEF")
+#: True when the C++ CPU kernels of native.NATIVE_OPS are loaded (fusion_ops.native)
+NATIVE_CPU_KERNELS = native.load()
+if NATIVE_CPU_KERNELS:
+    use_native_kernels(native)
 
 #: name -> schema, every op defined by this module (tests iterate over it)
 OP_SCHEMAS: dict[str, str] = {}
@@ -86,9 +90,11 @@ def _define(
 
     The real kernel is registered for the ``CPU`` and ``CUDA`` dispatch keys (the device type
     comes from the key: no per-call device lookup) and for ``CompositeExplicitAutograd`` (any
-    other device). ``quick(*args)`` is an optional one-expression test that every check of
-    ``validate`` passes; when it says False, ``validate`` runs and raises with the full message.
-    The fake always runs ``validate`` (trace time is not the hot path).
+    other device); the ops of ``native.NATIVE_OPS`` have a C++ ``CPU`` kernel instead, which
+    calls this one for what it does not take itself. ``quick(*args)`` is an optional
+    one-expression test that every check of ``validate`` passes; when it says False,
+    ``validate`` runs and raises with the full message. The fake always runs ``validate``
+    (trace time is not the hot path).
     """
     OP_SCHEMAS[name] = schema
     if quick is not None:
@@ -125,7 +131,13 @@ def _define(
         return fake(*args)
 
     _LIB.impl(name, kernel_for(None), "CompositeExplicitAutograd")
-    _LIB.impl(name, kernel_for("cpu"), "CPU")
+    if NATIVE_CPU_KERNELS and name in native.NATIVE_OPS:
+        # the C++ CPU kernel (registered by fusion_ops.native) hands bad input and forced
+        # backends to this Python kernel, under a hidden name
+        _LIB.define(f"_python_{name}{schema}")
+        _LIB.impl(f"_python_{name}", kernel_for("cpu"), "CPU")
+    else:
+        _LIB.impl(name, kernel_for("cpu"), "CPU")
     _LIB.impl(name, kernel_for("cuda"), "CUDA")
     torch.library.register_fake(f"{NAMESPACE}::{name}", fake_impl, lib=_LIB)
 
