@@ -12,6 +12,8 @@ Rows, for ``rms_norm → MXFP4`` of one token (``[1, 256]`` on the CPU, ``[1, 71
   kernel launched by Inductor itself;
 * ``Inductor, same math``: the reference backend's plain-torch norm and MXFP4 quant under
   ``torch.compile`` (Inductor's own kernel(s));
+* ``dynamic tokens: …`` (NVIDIA): the three compiled rows again on two tokens with the token
+  dim marked dynamic, as vLLM compiles (the graph serves every count >= 2);
 * ``x + x``: one eager aten op, the floor of any eager call;
 * CPU only: ``ops.rms_norm`` next to the same math in plain torch (the reference function),
   the wrapper overhead of the op layer, and a bare ``torch.library.Library`` op whose CPU kernel
@@ -137,6 +139,8 @@ def measure(device: str, calls: int, rounds: int) -> dict[str, Any]:
         fns["ops.rms_norm"] = lambda: ops.rms_norm(x, w, EPS)
         fns["rms_norm, plain torch"] = lambda: ref_norm.rms_norm(x, w, EPS)
         fns["bare Library op, kernel = plain fn"] = lambda: _bare_rms_norm(x, w, EPS)
+    if device == "cuda" and torch.version.hip is None:
+        fns.update(dynamic_token_rows(x, w))
     us = per_call_us(fns, sync, calls, rounds)
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name()
@@ -163,6 +167,33 @@ def measure(device: str, calls: int, rounds: int) -> dict[str, Any]:
             us["bare Library op, kernel = plain fn"] - us["rms_norm, plain torch"]
         )
     return result
+
+
+def dynamic_token_rows(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], Any]]:
+    """The compiled rows again with the token dim dynamic (as vLLM compiles; 2 tokens: Dynamo
+    specializes a size-1 dim)."""
+    x2 = x.expand(2, -1).contiguous()
+    rows: dict[str, Callable[[], Any]] = {}
+    for name, fn, fusion in (
+        ("dynamic tokens: compiled + FusionPass", standalone, FusionPass(fusions=["rms_quant"])),
+        (
+            "dynamic tokens: compiled + FusionPass(inductor_launch=True)",
+            standalone,
+            FusionPass(fusions=["rms_quant"], inductor_launch=True),
+        ),
+        ("dynamic tokens: Inductor, same math", plain_norm_mxfp4, None),
+    ):
+        options = {"post_grad_custom_post_pass": fusion} if fusion is not None else {}
+        compiled = torch.compile(fn, fullgraph=True, dynamic=False, options=options)
+        torch._dynamo.mark_dynamic(x2, 0)
+        compiled(x2, w)
+        if fusion is not None and (
+            fusion.matched_count != 1
+            or fusion.graphs[0].inductor_launched != int(fusion.inductor_launch)
+        ):
+            raise RuntimeError(f"{name}: not fused/lowered as expected: {fusion.match_table}")
+        rows[name] = lambda compiled=compiled: compiled(x2, w)
+    return rows
 
 
 def main() -> None:
@@ -193,8 +224,13 @@ def main() -> None:
         r = report[device] = measure(device, args.calls, args.rounds)
         print(f"\n{device}: {r['device']}, shape {r['shape']}, backend {r['backend']}")
         for name, v in r["us_per_call"].items():
-            print(f"  {name:38s} {v:8.1f} µs")
+            print(f"  {name:60s} {v:8.1f} µs")
         print(f"  compiled+pass / Inductor: {r['compiled_over_inductor']:.2f}x")
+        u = r["us_per_call"]
+        if "dynamic tokens: Inductor, same math" in u:
+            for row in ("compiled + FusionPass", "compiled + FusionPass(inductor_launch=True)"):
+                ratio = u[f"dynamic tokens: {row}"] / u["dynamic tokens: Inductor, same math"]
+                print(f"  dynamic tokens: {row} / Inductor: {ratio:.2f}x")
         if "inductor_launch_over_inductor" in r:
             ratio = r["inductor_launch_over_inductor"]
             print(f"  compiled+pass(inductor_launch) / Inductor: {ratio:.2f}x")

@@ -11,9 +11,12 @@ launches it like one of its own kernels. Same kernel, same constexprs, same warp
 op — ``pytest -m gpu`` compares the two bit for bit.
 
 Only where the rewrite cannot change results or the backend: NVIDIA (the Triton backend; ROCm's
-AITER backend keeps its op), static shapes (the warps depend on the row count), a row-contiguous
-``x``, a forced backend other than ``triton`` absent at compile time, no FNUZ FP8 output (NVIDIA
-runs those on the reference backend). No PDL: Inductor's launcher has no ``launch_pdl``.
+AITER backend keeps its op), a static row width, a row count the op's warp rule gives one value
+for (the op gives a lone row twice the warps, so a dynamic row count must be known ≥ 2 — as
+Dynamo's 0/1 specialization guarantees for a backed size; an unbacked or size-oblivious count
+that may be 1 keeps the op), a row-contiguous ``x``, a forced backend other than ``triton``
+absent at compile time, no FNUZ FP8 output (NVIDIA runs those on the reference backend). No PDL:
+Inductor's launcher has no ``launch_pdl``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import operator
 from typing import Any
 
 import torch
+from torch._prims_common import is_contiguous_or_false
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 import fusion_ops
 from fusion_ops import SCHEMES
@@ -61,20 +66,66 @@ def _lowerable(node: torch.fx.Node) -> tuple[Any, bool, list[Any]] | None:
         return None
     if fusion_ops.backends.forced_backend() not in (None, "triton"):
         return None
-    if not all(isinstance(d, int) for d in x.shape) or not x.is_contiguous():
+    if not isinstance(x.shape[-1], int) or not _contiguous(x):
         return None
-    if has_res and not val(args[1]).is_contiguous():
+    if has_res and not _contiguous(val(args[1])):
+        return None
+    rows = _rows(x)
+    if not (isinstance(rows, int) or statically_known_true(rows >= 2)):  # the warps must be known
         return None
     if any(p is torch.float8_e4m3fnuz for p in args):
         return None
     return scheme, has_res, args
 
 
-def _empty_node(graph: torch.fx.Graph, v: torch.Tensor, fake_mode: Any) -> torch.fx.Node:
-    """An ``aten.empty`` node shaped like the fake value ``v`` (with its own fake value)."""
+def _contiguous(t: torch.Tensor) -> bool:
+    """Row-major contiguous for every value of its symbolic sizes (no guard is added)."""
+    return bool(is_contiguous_or_false(t))
+
+
+def _rows(x: torch.Tensor) -> Any:
+    """The row count of x [..., K] (an int or a SymInt)."""
+    return functools.reduce(operator.mul, x.shape[:-1], 1)
+
+
+def _size_node(graph: torch.fx.Graph, d: Any, x: torch.fx.Node) -> Any:
+    """``d`` as a graph argument: an int, ``sym_size(x, i)``, or the product of x's leading dims
+    (the row count) — the only symbolic sizes these ops' outputs have."""
+    if isinstance(d, int):
+        return d
+    lead = val(x).shape[:-1]
+    for i, size in enumerate(lead):
+        if not isinstance(size, int) and statically_known_true(size == d):
+            return _sym_size(graph, x, i)
+    if not statically_known_true(_rows(val(x)) == d):
+        raise NotImplementedError(f"output size {d}: not one of x's leading dims or their product")
+    node: Any = None
+    for i, size in enumerate(lead):
+        term = size if isinstance(size, int) else _sym_size(graph, x, i)
+        node = term if node is None else _mul_node(graph, node, term)
+    return node
+
+
+def _sym_size(graph: torch.fx.Graph, x: torch.fx.Node, dim: int) -> torch.fx.Node:
+    n = graph.call_function(torch.ops.aten.sym_size.int, (x, dim))
+    n.meta["val"] = val(x).shape[dim]
+    return n
+
+
+def _mul_node(graph: torch.fx.Graph, a: Any, b: Any) -> torch.fx.Node:
+    n = graph.call_function(operator.mul, (a, b))
+    n.meta["val"] = val(a) * val(b)
+    return n
+
+
+def _empty_node(
+    graph: torch.fx.Graph, v: torch.Tensor, fake_mode: Any, x: torch.fx.Node
+) -> torch.fx.Node:
+    """An ``aten.empty`` node shaped like the fake value ``v`` (with its own fake value);
+    symbolic sizes are read from x's leading dims."""
     e = graph.call_function(
         torch.ops.aten.empty.memory_format,
-        (list(v.shape),),
+        ([_size_node(graph, d, x) for d in v.shape],),
         {"dtype": v.dtype, "device": v.device, "pin_memory": False},
     )
     with fake_mode:
@@ -105,8 +156,8 @@ def lower_fused_norm_quant(graph: torch.fx.Graph) -> int:
         return_normed = bool(numerics.return_normed)
         xv = val(x)
         kdim = xv.shape[-1]
-        m = xv.numel() // kdim if kdim else 0
-        if m == 0:
+        m = _rows(xv)
+        if isinstance(m, int) and (m == 0 or kdim == 0):
             continue
         block_k = next_power_of_2(kdim)
         fake_mode = xv.fake_mode
@@ -117,13 +168,13 @@ def lower_fused_norm_quant(graph: torch.fx.Graph) -> int:
 
         with graph.inserting_before(node):
             outs = {
-                "q_ptr": _empty_node(graph, q_val, fake_mode),
-                "s_ptr": _empty_node(graph, s_val, fake_mode),
+                "q_ptr": _empty_node(graph, q_val, fake_mode, x),
+                "s_ptr": _empty_node(graph, s_val, fake_mode, x),
             }
             if has_res:
-                outs["res_ptr"] = _empty_node(graph, res_val, fake_mode)
+                outs["res_ptr"] = _empty_node(graph, res_val, fake_mode, x)
             if return_normed:
-                outs["y_ptr"] = _empty_node(graph, y_val, fake_mode)
+                outs["y_ptr"] = _empty_node(graph, y_val, fake_mode, x)
             tensors = {
                 "x_ptr": x,
                 "r_ptr": r if has_res else x,  # read only when HAS_RES
@@ -147,14 +198,16 @@ def lower_fused_norm_quant(graph: torch.fx.Graph) -> int:
                 "WEIGHT_AFTER_ROUNDING": bool(numerics.weight_after_rounding),
                 "UNROUNDED_SUM": bool(numerics.norm_unrounded_sum),
             }
-            kernel = _kernel_with_warps(_num_warps(block_k, m))
+            # a symbolic row count is known >= 2 here (_lowerable): the warps of many rows
+            kernel = _kernel_with_warps(_num_warps(block_k, m if isinstance(m, int) else 2))
+            grid_rows = m if isinstance(m, int) else _size_node(graph, m, x)
             hop = graph.call_function(
                 triton_kernel_wrapper_functional,
                 (),
                 {
                     "kernel_idx": kernel_side_table.add_kernel(kernel),
                     "constant_args_idx": kernel_side_table.add_constant_args(constants),
-                    "grid": [(m, 1, 1)],
+                    "grid": [(grid_rows, 1, 1)],
                     "tma_descriptor_metadata": {},
                     "kwargs": tensors,
                     "tensors_to_clone": list(outs),
@@ -175,7 +228,7 @@ def lower_fused_norm_quant(graph: torch.fx.Graph) -> int:
                 if name in results:
                     user.replace_all_uses_with(results[name])
                 elif user.users:  # the empty normed placeholder, used: keep an empty tensor
-                    user.replace_all_uses_with(_empty_node(graph, val(user), fake_mode))
+                    user.replace_all_uses_with(_empty_node(graph, val(user), fake_mode, x))
                 graph.erase_node(user)
         graph.erase_node(node)
         lowered += 1

@@ -57,3 +57,52 @@ def test_fnuz_keeps_the_op() -> None:
 
     gm = traced(fnuz)
     assert lower_fused_norm_quant(gm.graph) == 0  # the FNUZ dtype came as a keyword
+
+
+def traced_dynamic(fn, specialize_one: bool):  # type: ignore[no-untyped-def]
+    """fn traced on fake CUDA tensors with a symbolic row count s0: with Dynamo's 0/1
+    specialization (s0 >= 2, a backed size) or without it (s0 >= 0: may be 1)."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    shape_env = ShapeEnv(specialize_zero_one=specialize_one)
+    rows = shape_env.create_symintnode(
+        shape_env.create_symbol(4, ConstantSource("rows"), dynamic_dim=DimDynamic.DYNAMIC), hint=4
+    )
+    with FakeTensorMode(shape_env=shape_env):
+        x = torch.empty(rows, 256, dtype=torch.bfloat16, device="cuda")
+        r = torch.empty(rows, 256, dtype=torch.bfloat16, device="cuda")
+        w = torch.empty(256, dtype=torch.bfloat16, device="cuda")
+        return make_fx(fn)(x, r, w), rows
+
+
+def test_a_dynamic_row_count_known_above_one_is_lowered() -> None:
+    def fn(x, r, w):  # type: ignore[no-untyped-def]
+        q, s, res, _ = ops.add_rms_norm_mxfp4_quant(x, r, w, 1e-6, return_normed=False)
+        return q, s, res
+
+    gm, rows = traced_dynamic(fn, specialize_one=True)
+    assert lower_fused_norm_quant(gm.graph) == 1
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    (hop,) = [n for n in gm.graph.nodes if n.target is HOP]
+    (grid_rows, one, one_) = hop.kwargs["grid"][0]
+    assert (one, one_) == (1, 1)
+    assert grid_rows.target is torch.ops.aten.sym_size.int and grid_rows.args[1] == 0
+    assert grid_rows.meta["val"] is rows or grid_rows.meta["val"].node.expr == rows.node.expr
+    for name in hop.kwargs["tensors_to_clone"]:  # outputs sized by the same symbol
+        empty = hop.kwargs["kwargs"][name]
+        assert (
+            empty.args[0][0] is grid_rows or empty.args[0][0].target is torch.ops.aten.sym_size.int
+        )
+
+
+def test_a_dynamic_row_count_that_may_be_one_keeps_the_op() -> None:
+    """A lone row gets other warps from the op: a row count that may be 1 cannot be lowered."""
+
+    def fn(x, r, w):  # type: ignore[no-untyped-def]
+        return ops.rms_norm_mxfp4_quant(x, w, 1e-6)[:2]
+
+    gm, _ = traced_dynamic(fn, specialize_one=False)
+    assert lower_fused_norm_quant(gm.graph) == 0
+    assert [n for n in gm.graph.nodes if op_name(n) == "rms_norm_mxfp4_quant"]

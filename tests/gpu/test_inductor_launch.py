@@ -64,16 +64,37 @@ def test_inductor_launch_equals_the_fused_op(scheme, add, keep_normed, tokens) -
     assert "norm_quant_kernel" in codes["inductor"]
 
 
-def test_dynamic_shapes_keep_the_op() -> None:
-    x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
-    w = torch.ones(256, device="cuda", dtype=torch.bfloat16)
+@pytest.mark.parametrize("add", [False, True])
+def test_a_dynamic_token_count_is_lowered(add: bool) -> None:
+    """Token dim dynamic (as vLLM compiles): one graph serves every count >= 2, launched by
+    Inductor, bytes equal to the fused op's; one token recompiles (Dynamo's 1-specialization)
+    and is lowered with the lone row's warps."""
+    fn = model(QUANTS["mxfp4"], add, keep_normed=False)
+    w = (1 + 0.1 * torch.randn(1024, device="cuda")).to(torch.bfloat16)
     fusion = FusionPass(inductor_launch=True)
+    compiles = 0
+
+    def counting_backend(gm, inputs):  # type: ignore[no-untyped-def]
+        nonlocal compiles
+        compiles += 1
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, inputs, config_patches={"post_grad_custom_post_pass": fusion})
+
     with fresh_inductor():
-        compiled = torch.compile(
-            lambda x, w: ops.mxfp4_quant(ops.rms_norm(x, w, 1e-6)),
-            dynamic=True,
-            options={"post_grad_custom_post_pass": fusion},
-        )
-        out = compiled(x, w)
-    assert fusion.matched_count == 1 and fusion.graphs[0].inductor_launched == 0
-    assert_bitwise_equal(out, ops.rms_norm_mxfp4_quant(x, w, 1e-6)[:2])
+        compiled = torch.compile(fn, fullgraph=True, dynamic=False, backend=counting_backend)
+        for tokens in (8, 33, 100, 1):
+            x = torch.randn(tokens, 1024, device="cuda").to(torch.bfloat16)
+            r = torch.randn_like(x)
+            if tokens > 1:  # a size-1 dim cannot be marked dynamic: Dynamo specializes it
+                torch._dynamo.mark_dynamic(x, 0)
+                torch._dynamo.mark_dynamic(r, 0)
+            out = compiled(x, r, w)
+            if add:
+                want = ops.add_rms_norm_mxfp4_quant(x, r, w, 1e-6)
+                want = (want[0], want[1], want[2])
+            else:
+                want = (*ops.rms_norm_mxfp4_quant(x, w, 1e-5)[:2], r)
+            assert_bitwise_equal(out, want)
+    assert compiles == 2  # counts >= 2, then the lone row
+    assert [g.inductor_launched for g in fusion.graphs] == [1, 1]
