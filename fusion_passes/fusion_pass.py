@@ -58,9 +58,9 @@ class FusionPass(CustomGraphPass):
         dump_dir: write graph dumps there (default: ``$FUSION_PASSES_DUMP_DIR``, else none).
         keep_graphs: keep each graph's readable code before/after in ``graphs`` (tests).
         inductor_launch: on NVIDIA (static or dynamic-but-≥2 token counts), hand each fused
-            norm+quant op's Triton kernel
-            to Inductor (it launches it like its own kernels, without the op call's host cost;
-            :mod:`fusion_passes.inductor_launch`). Accounting counts them as the fused ops.
+            norm+quant op's Triton kernel to Inductor (it launches it like its own kernels,
+            without the op call's host cost; :mod:`fusion_passes.inductor_launch`). Accounting
+            counts them as the fused ops.
     """
 
     def __init__(
