@@ -34,8 +34,8 @@ _IMPLS: dict[str, dict[str, Callable[..., Any]]] = {}
 _FORCED: str | None = None
 # op -> (backend, CLOCK_MONOTONIC ns) of its last run through run_op
 _LAST_USED: dict[str, tuple[str, int]] = {}
-# fusion_ops.native when its C++ CPU kernels are loaded: they run the reference backend without
-# run_op, so they are told of forced backends and asked when they last ran
+# fusion_ops.native when its C++ kernels are loaded: they run backends without run_op, so they
+# are told of forced backends and asked when they last ran
 _NATIVE: Any = None
 _IMPORTABLE: dict[str, bool] = {}
 # (op, device type, forced backend) -> (backend, implementation): what is registered and
@@ -66,14 +66,14 @@ def set_backend(name: str | None) -> None:
     global _FORCED
     _FORCED = name
     if _NATIVE is not None:
-        _NATIVE.set_python_forced(name not in (None, "reference"))
+        _NATIVE.set_forced(name)
 
 
 def use_native_kernels(native: Any) -> None:
     """Called once by :mod:`fusion_ops.library` when the C++ CPU kernels are loaded."""
     global _NATIVE
     _NATIVE = native
-    native.set_python_forced(_FORCED not in (None, "reference"))
+    native.set_forced(_FORCED)
 
 
 @contextlib.contextmanager
@@ -197,10 +197,10 @@ def implementation(op_name: str, backend: str) -> Callable[..., Any]:
 def last_backend(op_name: str) -> str | None:
     """The backend that ran ``op_name`` most recently in this process (``None`` if never run)."""
     backend, ran_ns = _LAST_USED.get(op_name, (None, 0))
-    if _NATIVE is not None and op_name in _NATIVE.NATIVE_OPS:
-        native_ns = _NATIVE.last_run_ns(op_name)
-        if native_ns > ran_ns:  # the C++ CPU kernel ran it last: the reference math
-            return "reference"
+    if _NATIVE is not None:
+        native_ns, native_backend = _NATIVE.last_run(op_name)
+        if native_ns > ran_ns:  # a C++ kernel ran it last
+            return native_backend
     return backend
 
 

@@ -68,6 +68,12 @@ _LIB = torch.library.Library(NAMESPACE, "DEF")
 NATIVE_CPU_KERNELS = native.load()
 if NATIVE_CPU_KERNELS:
     use_native_kernels(native)
+# ops whose CUDA kernel replays their Triton launch from C++ (fusion_ops.native; NVIDIA): the
+# norm/quant ops, whose launches take their only float argument (eps) as it is
+_CUDA_REPLAY_OPS = frozenset(
+    {"rms_norm", "fused_add_rms_norm"}
+    | {op for s in SCHEMES.values() for op in (s.quant_op, s.rms_op, s.add_rms_op)}
+)
 
 #: name -> schema, every op defined by this module (tests iterate over it)
 OP_SCHEMAS: dict[str, str] = {}
@@ -131,14 +137,21 @@ def _define(
         return fake(*args)
 
     _LIB.impl(name, kernel_for(None), "CompositeExplicitAutograd")
-    if NATIVE_CPU_KERNELS and name in native.NATIVE_OPS:
-        # the C++ CPU kernel (registered by fusion_ops.native) hands bad input and forced
-        # backends to this Python kernel, under a hidden name
+    # a C++ kernel (fusion_ops.native) hands what it does not take itself (bad input, forced
+    # backends, a signature seen for the first time) to this Python kernel, under a hidden name
+    native_cpu = NATIVE_CPU_KERNELS and name in native.NATIVE_OPS
+    native_cuda = NATIVE_CPU_KERNELS and name in _CUDA_REPLAY_OPS and native.replays_cuda()
+    if native_cpu or native_cuda:
         _LIB.define(f"_python_{name}{schema}")
+    if native_cpu:
         _LIB.impl(f"_python_{name}", kernel_for("cpu"), "CPU")
     else:
         _LIB.impl(name, kernel_for("cpu"), "CPU")
-    _LIB.impl(name, kernel_for("cuda"), "CUDA")
+    if native_cuda:
+        _LIB.impl(f"_python_{name}", native.recording_kernel(name, kernel_for("cuda")), "CUDA")
+        native.register_cuda_replay(name)
+    else:
+        _LIB.impl(name, kernel_for("cuda"), "CUDA")
     torch.library.register_fake(f"{NAMESPACE}::{name}", fake_impl, lib=_LIB)
 
 

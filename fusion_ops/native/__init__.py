@@ -1,61 +1,298 @@
-"""C++ CPU kernels of ``rms_norm`` and ``fused_add_rms_norm`` (``norm_cpu.cpp``).
+"""fusion_ops' C++ kernels: no Python in the op call where C++ can give the same result.
 
-They run the reference math as the same ATen calls in the same order, without the Python
-interpreter in the op call: the op costs about what its ATen calls cost (the Python kernel adds
-argument filling, validation and backend selection, and ~2 µs per ATen call made from Python).
-Bad input and a forced non-reference backend go to the op's Python kernel (registered as the
-hidden op ``fusion_ops::_python_<name>``), so messages and ``FUSION_OPS_BACKEND`` /
-``use_backend`` / ``last_backend`` behave as before.
+* ``norm_cpu.cpp``: CPU kernels of ``rms_norm`` and ``fused_add_rms_norm``. They run the
+  reference math as the same ATen calls in the same order, so the op costs about what its ATen
+  calls cost (the Python kernel adds argument filling, validation, backend selection and ~2 µs
+  per ATen call made from Python).
+* ``replay_cuda.cpp`` (NVIDIA builds of torch): CUDA kernels of the norm/quant ops that replay
+  the Triton launch the op's Python kernel made for the same argument signature (dtypes,
+  devices, sizes, strides, alignment, non-float arguments): outputs allocated and the kernel
+  launched with ``cuLaunchKernelEx`` from C++. The first call of each signature runs the Python
+  kernel, recorded (:func:`offer_plan`); a signature whose Python run did more than allocate,
+  view and launch through the recorder is never replayed.
+
+Bad input and forced backends always reach the op's Python kernel (registered as the hidden op
+``fusion_ops::_python_<name>``), so messages, ``FUSION_OPS_BACKEND`` / ``use_backend`` and
+``last_backend`` behave as before. Replayed launches do not call Triton's launch hooks (proton):
+profile with ``FUSION_OPS_NATIVE=0`` there (torch's profiler sees them).
 
 The library is built on first import with torch's JIT extension builder (a C++ compiler and
-``ninja`` are needed; about 40 s on 2 cores, once) and cached in torch's extension directory
+``ninja`` are needed; about 20 s, once) and cached in torch's extension directory
 (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). ``FUSION_OPS_NATIVE=0`` skips
 it; a failed build warns and leaves the Python kernels in place.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-#: the ops with a C++ CPU kernel; the index is the op's number in norm_cpu.cpp's NativeOp
+#: ops with a C++ CPU kernel (norm_cpu.cpp)
 NATIVE_OPS = ("rms_norm", "fused_add_rms_norm")
 ENV_VAR = "FUSION_OPS_NATIVE"
-_SOURCE = Path(__file__).with_name("norm_cpu.cpp")
+#: backend name -> the code the C++ side uses (native_common.h)
+BACKEND_CODES = {None: 0, "reference": 1, "triton": 2, "aiter": 3}
+_BACKEND_NAMES = {v: k for k, v in BACKEND_CODES.items()}
+_DIR = Path(__file__).parent
+# parameter sources of a replayed launch (replay_cuda.cpp ParamKind)
+PARAM_INPUT, PARAM_OUTPUT, PARAM_I32, PARAM_I64, PARAM_F32_CONST, PARAM_F32_ARG = range(6)
+# aten ops a replayable Python run may make: allocations and views (nothing that computes)
+_ALLOCATIONS_AND_VIEWS = frozenset(
+    {
+        "aten::empty.memory_format",
+        "aten::empty_strided",
+        "aten::new_empty",
+        "aten::new_empty_strided",
+        "aten::view",
+        "aten::_unsafe_view",
+        "aten::_reshape_alias",
+        "aten::as_strided",
+        "aten::alias",
+        "aten::detach",
+    }
+)
+# the Triton versions whose launch convention replay_cuda.cpp follows (two scratch pointers
+# after the kernel's own parameters)
+_TRITON_VERSIONS = ("3.5.", "3.6.")
+
+
+def _cuda_header_dir() -> str | None:
+    """Triton ships cuda.h (for its own launchers); found without importing triton."""
+    spec = importlib.util.find_spec("triton")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "backends/nvidia/include"
+    return str(path) if (path / "cuda.h").exists() else None
 
 
 def load() -> bool:
-    """Build (once) and load the C++ CPU kernels; False when disabled or the build failed."""
+    """Build (once) and load the C++ kernels; False when disabled or the build failed."""
     if os.environ.get(ENV_VAR, "1").strip() == "0":
         return False
+    include = _cuda_header_dir()
     try:
         from torch.utils import cpp_extension
 
         cpp_extension.load(
             name="fusion_ops_native",
-            sources=[str(_SOURCE)],
-            extra_cflags=["-O2"],
+            sources=[str(_DIR / f) for f in ("common.cpp", "norm_cpu.cpp", "replay_cuda.cpp")],
+            extra_cflags=["-O2", *(["-DFUSION_OPS_HAVE_CUDA_H"] if include else [])],
+            extra_include_paths=[str(_DIR), *([include] if include else [])],
             is_python_module=False,
             verbose=False,
         )
     except Exception as e:  # no compiler, no ninja, an unsupported platform
         warnings.warn(
-            f"fusion_ops: the C++ CPU kernels of {', '.join(NATIVE_OPS)} were not built ({e}); "
-            f"their Python kernels run instead (set {ENV_VAR}=0 to skip the build)",
+            f"fusion_ops: the C++ kernels were not built ({e}); the Python kernels run instead "
+            f"(set {ENV_VAR}=0 to skip the build)",
             stacklevel=2,
         )
         return False
     return True
 
 
-def set_python_forced(forced: bool) -> None:
-    """Tell the C++ kernels that a backend other than ``reference`` is forced by the API."""
-    torch.ops.fusion_ops_native.set_python_forced(forced)
+def replays_cuda() -> bool:
+    """Whether CUDA kernels replay Triton launches in this process (NVIDIA builds of torch)."""
+    return torch.version.cuda is not None and torch.version.hip is None
 
 
-def last_run_ns(op_name: str) -> int:
-    """CLOCK_MONOTONIC ns of the C++ kernel's last run of ``op_name`` (0: never)."""
-    return torch.ops.fusion_ops_native.last_native_run_ns(NATIVE_OPS.index(op_name))
+def set_forced(backend: str | None) -> None:
+    """Tell the C++ kernels which backend the API forces (None: none)."""
+    torch.ops.fusion_ops_native.set_forced(BACKEND_CODES.get(backend, len(BACKEND_CODES)))
+
+
+def last_run(op_name: str) -> tuple[int, str | None]:
+    """(CLOCK_MONOTONIC ns, backend) of the C++ kernels' last run of ``op_name`` ((0, None):
+    never)."""
+    ns, code = torch.ops.fusion_ops_native.last_native_run(op_name)
+    return ns, _BACKEND_NAMES.get(code)
+
+
+def register_cuda_replay(op_name: str) -> None:
+    torch.ops.fusion_ops_native.register_cuda_replay(op_name)
+
+
+def plan_count(op_name: str) -> int:
+    """How many argument signatures of ``op_name`` the CUDA kernel replays (-1: not registered)."""
+    return torch.ops.fusion_ops_native.plan_count(op_name)
+
+
+class _AtenOps(TorchDispatchMode):
+    """Names of the aten ops run inside."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        name = func.name()
+        # reshape reaches a dispatch mode un-decomposed in some contexts (Inductor's compiled
+        # code): a view when it shares its input's memory, else a copy
+        if name == "aten::reshape" and _same_memory(out, args[0]):
+            name = "aten::view"
+        self.names.add(name)
+        return out
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def recording_kernel(op_name: str, kernel: Any) -> Any:
+    """The op's Python CUDA kernel; when the C++ kernel asks (the first call of a signature), it
+    records the run and offers the plan of it (:func:`offer_plan`)."""
+    from ..triton_backend import launch
+
+    def run(*args: Any) -> Any:
+        if not torch.ops.fusion_ops_native.wants_plan():
+            return kernel(*args)
+        aten = _AtenOps()
+        with launch.recording() as launches, aten:
+            out = kernel(*args)
+        offer_plan(op_name, args, out, launches, aten.names)
+        return out
+
+    return run
+
+
+#: op -> why the last signature recorded for it got no plan (debugging: "why is my call slow?")
+REFUSALS: dict[str, str] = {}
+
+
+def offer_plan(
+    op_name: str,
+    args: Sequence[Any],
+    out: Any,
+    launches: Sequence[tuple[Any, tuple[int, ...], tuple[Any, ...]] | None],
+    aten_ops: set[str],
+) -> str | None:
+    """Hand the C++ kernel the plan of one recorded Python run of ``op_name`` on ``args`` (every
+    schema argument in order), if the run can be replayed from its signature alone. Returns
+    None when a plan was offered, else why not (also kept in :data:`REFUSALS`); without a plan
+    the signature always runs the Python kernel."""
+    reason = _plan_refusal(op_name, args, out, launches, aten_ops)
+    if reason is not None:
+        REFUSALS[op_name] = reason
+    return reason
+
+
+def _plan_refusal(
+    op_name: str,
+    args: Sequence[Any],
+    out: Any,
+    launches: Sequence[tuple[Any, tuple[int, ...], tuple[Any, ...]] | None],
+    aten_ops: set[str],
+) -> str | None:
+    from .. import backends
+
+    outputs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+    if not aten_ops <= _ALLOCATIONS_AND_VIEWS:
+        return f"the Python kernel ran aten ops {sorted(aten_ops - _ALLOCATIONS_AND_VIEWS)}"
+    if backends.last_backend(op_name) != "triton":
+        return f"backend {backends.last_backend(op_name)!r} ran it"
+    if any(launch is None for launch in launches):
+        return "a launch went through Triton's JIT path (launch hooks installed)"
+    if not all(_fresh_contiguous(t) for t in outputs):
+        return "an output is not a whole fresh contiguous buffer"
+    import triton
+
+    if not triton.__version__.startswith(_TRITON_VERSIONS):
+        return f"Triton {triton.__version__}: launch convention not verified"
+    floats = [i for i, a in enumerate(args) if isinstance(a, float)]
+    if len(floats) > 1:
+        return "more than one float argument: a kernel float could not be traced back"
+    inputs = {i: a.data_ptr() for i, a in enumerate(args) if _is_data(a)}
+    if len(set(inputs.values())) != len(inputs):
+        return "aliased inputs: pointer sources ambiguous"
+    outs = {a.data_ptr(): k for k, a in enumerate(outputs) if _is_data(a)}
+    by_ptr = {p: (PARAM_INPUT, i) for i, p in inputs.items()}
+    if set(by_ptr) & set(outs):
+        return "an output shares an input's memory"
+    by_ptr.update({p: (PARAM_OUTPUT, k) for p, k in outs.items()})
+    ints: list[int] = [len(launches)]
+    consts: list[float] = []
+    for compiled, grid, values in launches:
+        encoded = _encode_launch(compiled, grid, values, by_ptr, args, floats, consts)
+        if isinstance(encoded, str):
+            return encoded
+        ints += encoded
+    torch.ops.fusion_ops_native.offer_plan(ints, consts, list(outputs), floats)
+    return None
+
+
+def _is_data(a: Any) -> bool:
+    return isinstance(a, torch.Tensor) and a.numel() > 0
+
+
+def _fresh_contiguous(t: Any) -> bool:
+    """An output the C++ kernel can allocate itself: a whole fresh contiguous buffer."""
+    if not isinstance(t, torch.Tensor):
+        return False
+    if t.numel() == 0:
+        return True
+    return (
+        t.is_contiguous()
+        and t.storage_offset() == 0
+        and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    )
+
+
+def _encode_launch(
+    compiled: Any,
+    grid: tuple[int, ...],
+    values: Sequence[Any],
+    by_ptr: dict[int, tuple[int, int]],
+    args: Sequence[Any],
+    floats: list[int],
+    consts: list[float],
+) -> list[int] | str:
+    """One launch in replay_cuda.cpp's encoding, or why it cannot be replayed."""
+    md = compiled.metadata
+    if (
+        getattr(md, "num_ctas", 1) != 1
+        or getattr(md, "global_scratch_size", 0)
+        or getattr(md, "profile_scratch_size", 0)
+        or getattr(md, "launch_cooperative_grid", False)
+    ):
+        return "a launch needs clusters, scratch memory or a cooperative grid"
+    types = list(compiled.src.signature.values())
+    params: list[int] = []
+    eps_uses = 0
+    for value, ty in zip(values, types, strict=False):
+        if ty == "constexpr":
+            continue
+        if ty.startswith("*"):
+            if not _is_data(value) or value.data_ptr() not in by_ptr:
+                return "a pointer parameter is neither an input's nor an output's memory"
+            params += by_ptr[value.data_ptr()]
+        elif ty in ("i32", "i64") and type(value) is int:
+            params += [PARAM_I32 if ty == "i32" else PARAM_I64, value]
+        elif ty == "fp32" and isinstance(value, float):
+            if floats and value == args[floats[0]]:
+                params += [PARAM_F32_ARG, floats[0]]
+                eps_uses += 1
+            else:
+                params += [PARAM_F32_CONST, len(consts)]
+                consts.append(value)
+        else:
+            return f"a parameter of type {ty} ({type(value).__name__})"
+    if eps_uses > 1:
+        return "a constant equals the float argument: which parameter is which is unknown"
+    g = (*grid, 1, 1)[:3]
+    return [
+        int(compiled.function),
+        *map(int, g),
+        int(md.num_warps),
+        int(md.shared),
+        int(bool(getattr(md, "launch_pdl", False))),
+        len(params) // 2,
+        *params,
+    ]

@@ -19,6 +19,8 @@ goes through ``JITFunction.run`` so the hook sees it.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -31,6 +33,22 @@ _get_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 _get_device = getattr(torch._C, "_cuda_getDevice", None)
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 _TWO_GIB = 2**31
+
+
+# the launches of the current recording (see recording()), None when not recording
+_recorded: list[tuple[Any, tuple[int, ...], tuple[Any, ...]] | None] | None = None
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[tuple[Any, tuple[int, ...], tuple[Any, ...]] | None]]:
+    """Collect every launch made inside: ``(CompiledKernel, grid, runtime args)``, or None for a
+    launch that went through Triton's JIT path (launch hooks installed)."""
+    global _recorded
+    previous, _recorded = _recorded, []
+    try:
+        yield _recorded
+    finally:
+        _recorded = previous
 
 
 def _launch_hooks_installed() -> bool:
@@ -75,13 +93,15 @@ class Launcher:
             raise TypeError(f"Launcher({fn.__name__}): constexpr parameters must come last")
         self.fn = fn
         self._constexpr_names = fn.arg_names[n_runtime:]
-        self._compiled: dict[tuple[Any, ...], tuple[Any, Any, Any, tuple[Any, ...]]] = {}
+        self._compiled: dict[tuple[Any, ...], tuple[Any, Any, Any, tuple[Any, ...], Any]] = {}
 
     def __call__(
         self, grid: tuple[int, ...], args: tuple[Any, ...], meta: tuple[tuple[str, Any], ...]
     ) -> None:
         if _launch_hooks_installed():  # let profilers see the launch
             self.fn[grid](*args, **dict(meta))
+            if _recorded is not None:
+                _recorded.append(None)
             return
         device = _get_device()
         key = (device, meta, *_specialization(args))
@@ -97,9 +117,14 @@ class Launcher:
                 compiled.function,
                 compiled.packed_metadata,
                 constexprs,
+                compiled,
             )
+            if _recorded is not None:
+                _recorded.append((compiled, grid, args))
             return
-        run, function, packed_metadata, constexprs = entry
+        run, function, packed_metadata, constexprs, compiled = entry
+        if _recorded is not None:
+            _recorded.append((compiled, grid, args))
         run(
             grid[0],
             grid[1] if len(grid) > 1 else 1,

@@ -1,0 +1,160 @@
+"""The C++ CUDA kernels replay the Triton launch of the op's Python kernel (fusion_ops.native):
+same bytes as the Python kernel for every replayed call, eps taken from each call, bad input
+and forced backends still in Python, CUDA-graph capture (pytest -m gpu)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import fusion_ops
+from fusion_ops import backends, native
+from fusion_ops.library import NATIVE_CPU_KERNELS
+from fusion_passes.testing import assert_bitwise_equal
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(not native.replays_cuda(), reason="NVIDIA builds of torch only"),
+    pytest.mark.skipif(not NATIVE_CPU_KERNELS, reason="the C++ kernels are not built"),
+]
+ops = torch.ops.fusion_ops
+FN = torch.float8_e4m3fn
+
+# (op, arguments after the tensors and eps): every scheme, with and without the flags
+CASES = [
+    ("rms_norm", ()),
+    ("fused_add_rms_norm", ()),
+    ("rms_norm_mxfp4_quant", (False, False)),
+    ("rms_norm_mxfp4_quant", (True, False)),
+    ("add_rms_norm_mxfp4_quant", (False, False, False)),
+    ("rms_norm_mxfp8_quant", (False, True)),
+    ("add_rms_norm_mxfp8_quant", (True, False, True)),
+    ("rms_norm_fp8_group_quant", (128, True, FN, False, False)),
+    ("add_rms_norm_fp8_group_quant", (128, False, FN, True, False, False)),
+    ("rms_norm_fp8_per_token_quant", (False, FN, False, False)),
+    ("add_rms_norm_fp8_per_token_quant", (True, FN, False, False, False)),
+    ("mxfp4_quant", ()),
+    ("fp8_group_quant", (128, True, FN)),
+]
+
+
+def call_args(op: str, rest: tuple, tokens: int, eps: float, seed: int) -> tuple:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(tokens, 1024, device="cuda", generator=g).to(torch.bfloat16)
+    r = torch.randn(tokens, 1024, device="cuda", generator=g).to(torch.bfloat16)
+    w = (1 + 0.1 * torch.randn(1024, device="cuda", generator=g)).to(torch.bfloat16)
+    if op.endswith("_quant") and not op.startswith(("rms", "add")):
+        return (x, *rest)
+    if op.startswith("add") or op == "fused_add_rms_norm":
+        return (x, r, w, eps, *rest)
+    return (x, w, eps, *rest)
+
+
+def python_kernel(op: str):  # type: ignore[no-untyped-def]
+    return getattr(ops, f"_python_{op}")
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 64])
+@pytest.mark.parametrize(("op", "rest"), CASES)
+def test_replayed_calls_equal_the_python_kernel(op: str, rest: tuple, tokens: int) -> None:
+    before = native.plan_count(op)
+    first = call_args(op, rest, tokens, 1e-6, seed=0)
+    assert_bitwise_equal(getattr(ops, op)(*first), python_kernel(op)(*first))
+    assert native.plan_count(op) == before + 1  # the first call of the signature made a plan
+    for seed, eps in ((1, 1e-5), (2, 0.25)):  # same signature: other values, other eps
+        args = call_args(op, rest, tokens, eps, seed)
+        ran_before = native.last_run(op)[0]
+        got = getattr(ops, op)(*args)
+        assert native.last_run(op)[0] > ran_before  # replayed by the C++ kernel
+        assert fusion_ops.last_backend(op) == "triton"
+        assert_bitwise_equal(got, python_kernel(op)(*args))
+    assert native.plan_count(op) == before + 1
+
+
+def test_bad_input_and_forced_backends_reach_python() -> None:
+    args = call_args("rms_norm_mxfp4_quant", (False, False), 4, 1e-6, seed=3)
+    ops.rms_norm_mxfp4_quant(*args)  # the signature has a plan
+    with pytest.raises(ValueError, match="argument 'eps': got -1.0; expected >= 0"):
+        ops.rms_norm_mxfp4_quant(args[0], args[1], -1.0, False, False)
+    with pytest.raises(ValueError, match="argument 'weight'"):
+        ops.rms_norm_mxfp4_quant(args[0], args[1][:512], 1e-6, False, False)
+    with fusion_ops.use_backend("reference"):
+        got = ops.rms_norm_mxfp4_quant(*args)
+        assert fusion_ops.last_backend("rms_norm_mxfp4_quant") == "reference"
+    assert_bitwise_equal(got[:2], python_kernel("rms_norm_mxfp4_quant")(*args)[:2])
+
+
+def test_reference_backend_signatures_are_never_replayed() -> None:
+    """FNUZ FP8 runs the reference backend on NVIDIA: its Python run computes with aten ops."""
+    args = call_args("fp8_group_quant", (128, False, torch.float8_e4m3fnuz), 8, 0.0, seed=4)
+    before = native.plan_count("fp8_group_quant")
+    for _ in range(2):
+        ran_before = native.last_run("fp8_group_quant")[0]
+        assert_bitwise_equal(ops.fp8_group_quant(*args), python_kernel("fp8_group_quant")(*args))
+        assert native.last_run("fp8_group_quant")[0] == ran_before  # not replayed
+    assert native.plan_count("fp8_group_quant") == before
+
+
+def test_launches_go_to_the_current_stream() -> None:
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        assert torch.ops.fusion_ops_native.launch_stream(0) == side.cuda_stream
+    current = torch.cuda.current_stream().cuda_stream
+    assert torch.ops.fusion_ops_native.launch_stream(0) == current
+
+
+def test_last_backend_follows_the_last_kernel() -> None:
+    args = call_args("rms_norm", (), 2, 1e-6, seed=5)
+    ops.rms_norm(*args)
+    ops.rms_norm(*args)
+    assert fusion_ops.last_backend("rms_norm") == "triton"
+    backends._LAST_USED["rms_norm"] = ("reference", time.monotonic_ns())
+    assert fusion_ops.last_backend("rms_norm") == "reference"
+
+
+def test_replay_under_cuda_graph_capture() -> None:
+    args = call_args("add_rms_norm_mxfp8_quant", (False, False, False), 16, 1e-6, seed=6)
+    ops.add_rms_norm_mxfp8_quant(*args)  # plan made outside the capture
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        ops.add_rms_norm_mxfp8_quant(*args)  # warm-up on the side stream
+        with torch.cuda.graph(graph):
+            out = ops.add_rms_norm_mxfp8_quant(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    fresh = call_args("add_rms_norm_mxfp8_quant", (False, False, False), 16, 1e-6, seed=7)
+    for a, b in zip(args[:3], fresh[:3], strict=True):  # x, residual, weight
+        a.copy_(b)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_bitwise_equal(out, python_kernel("add_rms_norm_mxfp8_quant")(*fresh))
+
+
+def test_zero_tokens() -> None:
+    args = call_args("rms_norm_mxfp4_quant", (False, False), 0, 1e-6, seed=8)
+    for _ in range(2):
+        q, s, y = ops.rms_norm_mxfp4_quant(*args)
+        assert q.shape == (0, 512) and s.shape == (0, 32)
+
+
+def test_a_signature_first_seen_in_compiled_code_is_replayed() -> None:
+    """Inductor's generated code calls the op first (where aten::reshape reaches the recorder
+    un-decomposed); the signature still gets its plan, and later eager calls replay it."""
+    from fusion_passes.testing import fresh_inductor
+
+    x = torch.randn(3, 7168, device="cuda").to(torch.bfloat16)
+    w = torch.ones(7168, device="cuda", dtype=torch.bfloat16)
+    before = native.plan_count("rms_norm_mxfp8_quant")
+    with fresh_inductor():
+        compiled = torch.compile(
+            lambda x, w: ops.rms_norm_mxfp8_quant(x, w, 1e-6)[:2], fullgraph=True, dynamic=False
+        )
+        compiled(x, w)
+    assert native.plan_count("rms_norm_mxfp8_quant") == before + 1, native.REFUSALS
+    ran_before = native.last_run("rms_norm_mxfp8_quant")[0]
+    ops.rms_norm_mxfp8_quant(x, w, 1e-6)
+    assert native.last_run("rms_norm_mxfp8_quant")[0] > ran_before
