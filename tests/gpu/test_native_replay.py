@@ -158,3 +158,15 @@ def test_a_signature_first_seen_in_compiled_code_is_replayed() -> None:
     ran_before = native.last_run("rms_norm_mxfp8_quant")[0]
     ops.rms_norm_mxfp8_quant(x, w, 1e-6)
     assert native.last_run("rms_norm_mxfp8_quant")[0] > ran_before
+
+
+def test_a_constant_equal_to_eps_gets_no_plan() -> None:
+    """eps == the kernel's fp8_max constant: which parameter is eps cannot be told from one
+    run, so the signature keeps the Python kernel (a replay could pass the wrong one)."""
+    args = call_args("rms_norm_mxfp4_quant", (False, False), 5, 448.0, seed=9)
+    before = native.plan_count("rms_norm_mxfp4_quant")
+    assert_bitwise_equal(
+        ops.rms_norm_mxfp4_quant(*args), python_kernel("rms_norm_mxfp4_quant")(*args)
+    )
+    assert native.plan_count("rms_norm_mxfp4_quant") == before
+    assert "constant equals the float argument" in native.REFUSALS["rms_norm_mxfp4_quant"]
