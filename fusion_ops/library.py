@@ -64,9 +64,9 @@ from .schemes import SCHEMES, QuantScheme
 
 NAMESPACE = "fusion_ops"
 _LIB = torch.library.Library(NAMESPACE, "DEF")
-#: True when the C++ CPU kernels of native.NATIVE_OPS are loaded (fusion_ops.native)
-NATIVE_CPU_KERNELS = native.load()
-if NATIVE_CPU_KERNELS:
+#: True when the C++ kernels of fusion_ops.native are loaded
+NATIVE_KERNELS = native.load()
+if NATIVE_KERNELS:
     use_native_kernels(native)
 # ops whose CUDA kernel replays their Triton launch from C++ (fusion_ops.native; NVIDIA): the
 # norm/quant ops, whose launches take their only float argument (eps) as it is
@@ -96,8 +96,9 @@ def _define(
 
     The real kernel is registered for the ``CPU`` and ``CUDA`` dispatch keys (the device type
     comes from the key: no per-call device lookup) and for ``CompositeExplicitAutograd`` (any
-    other device); the ops of ``native.NATIVE_OPS`` have a C++ ``CPU`` kernel instead, which
-    calls this one for what it does not take itself. ``quick(*args)`` is an optional
+    other device); ``native.NATIVE_CPU_OPS`` have a C++ ``CPU`` kernel and, on NVIDIA,
+    ``_CUDA_REPLAY_OPS`` a C++ ``CUDA`` kernel instead, which call this one (registered as
+    ``_python_<name>``) for what they do not take themselves. ``quick(*args)`` is an optional
     one-expression test that every check of ``validate`` passes; when it says False,
     ``validate`` runs and raises with the full message. The fake always runs ``validate``
     (trace time is not the hot path).
@@ -139,8 +140,8 @@ def _define(
     _LIB.impl(name, kernel_for(None), "CompositeExplicitAutograd")
     # a C++ kernel (fusion_ops.native) hands what it does not take itself (bad input, forced
     # backends, a signature seen for the first time) to this Python kernel, under a hidden name
-    native_cpu = NATIVE_CPU_KERNELS and name in native.NATIVE_OPS
-    native_cuda = NATIVE_CPU_KERNELS and name in _CUDA_REPLAY_OPS and native.replays_cuda()
+    native_cpu = NATIVE_KERNELS and name in native.NATIVE_CPU_OPS
+    native_cuda = NATIVE_KERNELS and name in _CUDA_REPLAY_OPS and native.replays_cuda()
     if native_cpu or native_cuda:
         _LIB.define(f"_python_{name}{schema}")
     if native_cpu:

@@ -70,7 +70,7 @@ def _lowerable(node: torch.fx.Node) -> tuple[Any, bool, list[Any]] | None:
         return None
     if has_res and not _contiguous(val(args[1])):
         return None
-    rows = _rows(x)
+    rows = _row_count(x)
     if not (isinstance(rows, int) or statically_known_true(rows >= 2)):  # the warps must be known
         return None
     if any(p is torch.float8_e4m3fnuz for p in args):
@@ -83,7 +83,7 @@ def _contiguous(t: torch.Tensor) -> bool:
     return bool(is_contiguous_or_false(t))
 
 
-def _rows(x: torch.Tensor) -> Any:
+def _row_count(x: torch.Tensor) -> Any:
     """The row count of x [..., K] (an int or a SymInt)."""
     return functools.reduce(operator.mul, x.shape[:-1], 1)
 
@@ -97,7 +97,7 @@ def _size_node(graph: torch.fx.Graph, d: Any, x: torch.fx.Node) -> Any:
     for i, size in enumerate(lead):
         if not isinstance(size, int) and statically_known_true(size == d):
             return _sym_size(graph, x, i)
-    if not statically_known_true(_rows(val(x)) == d):
+    if not statically_known_true(_row_count(val(x)) == d):
         raise NotImplementedError(f"output size {d}: not one of x's leading dims or their product")
     node: Any = None
     for i, size in enumerate(lead):
@@ -156,7 +156,7 @@ def lower_fused_norm_quant(graph: torch.fx.Graph) -> int:
         return_normed = bool(numerics.return_normed)
         xv = val(x)
         kdim = xv.shape[-1]
-        m = _rows(xv)
+        m = _row_count(xv)
         if isinstance(m, int) and (m == 0 or kdim == 0):
             continue
         block_k = next_power_of_2(kdim)

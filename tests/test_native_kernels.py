@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import fusion_ops
 from fusion_ops import backends, native
-from fusion_ops.library import NATIVE_CPU_KERNELS, QUICK_CHECKS
+from fusion_ops.library import NATIVE_KERNELS, QUICK_CHECKS
 from fusion_ops.reference import norm as ref_norm
 
 from .test_quick_validation import norm_args
@@ -30,13 +30,13 @@ def test_native_kernels_are_built_here() -> None:
     """The suite runs the C++ kernels (a failed build would silently test the Python ones)."""
     if os.environ.get(native.ENV_VAR, "1").strip() == "0":
         pytest.skip(f"{native.ENV_VAR}=0")
-    assert NATIVE_CPU_KERNELS
-    for name in native.NATIVE_OPS:
+    assert NATIVE_KERNELS
+    for name in native.NATIVE_CPU_OPS:
         assert hasattr(ops, f"_python_{name}")
         assert "CPU: registered at" in torch._C._dispatch_dump(f"fusion_ops::{name}")
 
 
-needs_native = pytest.mark.skipif(not NATIVE_CPU_KERNELS, reason="C++ CPU kernels not loaded")
+needs_native = pytest.mark.skipif(not NATIVE_KERNELS, reason="C++ CPU kernels not loaded")
 
 
 def outputs(result: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -77,7 +77,7 @@ def valid_norm_args(draw, with_residual: bool) -> tuple:
 @settings(max_examples=150, deadline=None, derandomize=True)
 @given(data=st.data())
 def test_native_equals_reference_bit_for_bit(data: st.DataObject) -> None:
-    name = data.draw(st.sampled_from(native.NATIVE_OPS))
+    name = data.draw(st.sampled_from(native.NATIVE_CPU_OPS))
     args = data.draw(valid_norm_args(with_residual=name == "fused_add_rms_norm"))
     got = getattr(ops, name)(*args)
     assert backends._LAST_USED.get(name, ("", 0))[1] < native.last_run(name)[0]  # C++ ran it
@@ -90,7 +90,7 @@ def test_native_equals_reference_bit_for_bit(data: st.DataObject) -> None:
 @given(data=st.data())
 def test_native_errors_are_the_python_kernels(data: st.DataObject) -> None:
     """Whatever the full validation rejects, the op rejects with the same type and message."""
-    name = data.draw(st.sampled_from(native.NATIVE_OPS))
+    name = data.draw(st.sampled_from(native.NATIVE_CPU_OPS))
     args = data.draw(norm_args(with_residual=name == "fused_add_rms_norm"))
     validate, _ = QUICK_CHECKS[name]
     try:
@@ -189,9 +189,9 @@ def test_without_native_kernels_the_python_kernels_run() -> None:
     """``FUSION_OPS_NATIVE=0``: no C++ kernel, no hidden op, same bytes and messages."""
     code = (
         "import torch, fusion_ops\n"
-        "from fusion_ops.library import NATIVE_CPU_KERNELS\n"
+        "from fusion_ops.library import NATIVE_KERNELS\n"
         "from fusion_ops.reference import norm\n"
-        "assert not NATIVE_CPU_KERNELS and not hasattr(torch.ops.fusion_ops, '_python_rms_norm')\n"
+        "assert not NATIVE_KERNELS and not hasattr(torch.ops.fusion_ops, '_python_rms_norm')\n"
         "x, w = torch.randn(3, 64).half(), torch.rand(64)\n"
         "assert torch.equal(torch.ops.fusion_ops.rms_norm(x, w, 1e-6), norm.rms_norm(x, w, 1e-6))\n"
         "try:\n"

@@ -35,7 +35,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 #: ops with a C++ CPU kernel (norm_cpu.cpp)
-NATIVE_OPS = ("rms_norm", "fused_add_rms_norm")
+NATIVE_CPU_OPS = ("rms_norm", "fused_add_rms_norm")
 ENV_VAR = "FUSION_OPS_NATIVE"
 #: backend name -> the code the C++ side uses (native_common.h)
 BACKEND_CODES = {None: 0, "reference": 1, "triton": 2, "aiter": 3}
@@ -61,6 +61,7 @@ _ALLOCATIONS_AND_VIEWS = frozenset(
 # the Triton versions whose launch convention replay_cuda.cpp follows (two scratch pointers
 # after the kernel's own parameters)
 _TRITON_VERSIONS = ("3.5.", "3.6.")
+_built_with_cuda_h = False  # set by load()
 
 
 def _cuda_header_dir() -> str | None:
@@ -76,6 +77,7 @@ def load() -> bool:
     """Build (once) and load the C++ kernels; False when disabled or the build failed."""
     if os.environ.get(ENV_VAR, "1").strip() == "0":
         return False
+    global _built_with_cuda_h
     include = _cuda_header_dir()
     try:
         from torch.utils import cpp_extension
@@ -95,12 +97,14 @@ def load() -> bool:
             stacklevel=2,
         )
         return False
+    _built_with_cuda_h = include is not None
     return True
 
 
 def replays_cuda() -> bool:
-    """Whether CUDA kernels replay Triton launches in this process (NVIDIA builds of torch)."""
-    return torch.version.cuda is not None and torch.version.hip is None
+    """Whether CUDA kernels replay Triton launches in this process: NVIDIA builds of torch, the
+    library built with cuda.h (Triton's copy)."""
+    return _built_with_cuda_h and torch.version.cuda is not None and torch.version.hip is None
 
 
 def set_forced(backend: str | None) -> None:
@@ -157,7 +161,9 @@ def recording_kernel(op_name: str, kernel: Any) -> Any:
         aten = _AtenOps()
         with launch.recording() as launches, aten:
             out = kernel(*args)
-        offer_plan(op_name, args, out, launches, aten.names)
+        refusal = offer_plan(op_name, args, out, launches, aten.names)
+        if refusal is not None:
+            REFUSALS[op_name] = refusal
         return out
 
     return run
@@ -176,28 +182,16 @@ def offer_plan(
 ) -> str | None:
     """Hand the C++ kernel the plan of one recorded Python run of ``op_name`` on ``args`` (every
     schema argument in order), if the run can be replayed from its signature alone. Returns
-    None when a plan was offered, else why not (also kept in :data:`REFUSALS`); without a plan
-    the signature always runs the Python kernel."""
-    reason = _plan_refusal(op_name, args, out, launches, aten_ops)
-    if reason is not None:
-        REFUSALS[op_name] = reason
-    return reason
-
-
-def _plan_refusal(
-    op_name: str,
-    args: Sequence[Any],
-    out: Any,
-    launches: Sequence[tuple[Any, tuple[int, ...], tuple[Any, ...]] | None],
-    aten_ops: set[str],
-) -> str | None:
+    None when a plan was offered, else why not (the caller keeps it in :data:`REFUSALS`);
+    without a plan the signature always runs the Python kernel."""
     from .. import backends
 
     outputs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
     if not aten_ops <= _ALLOCATIONS_AND_VIEWS:
         return f"the Python kernel ran aten ops {sorted(aten_ops - _ALLOCATIONS_AND_VIEWS)}"
-    if backends.last_backend(op_name) != "triton":
-        return f"backend {backends.last_backend(op_name)!r} ran it"
+    backend = backends.last_backend(op_name)
+    if backend != "triton":
+        return f"backend {backend!r} ran it"
     if any(launch is None for launch in launches):
         return "a launch went through Triton's JIT path (launch hooks installed)"
     if not all(_fresh_contiguous(t) for t in outputs):

@@ -11,14 +11,14 @@ import torch
 
 import fusion_ops
 from fusion_ops import backends, native
-from fusion_ops.library import NATIVE_CPU_KERNELS
+from fusion_ops.library import NATIVE_KERNELS
 from fusion_passes.testing import assert_bitwise_equal
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
     pytest.mark.skipif(not native.replays_cuda(), reason="NVIDIA builds of torch only"),
-    pytest.mark.skipif(not NATIVE_CPU_KERNELS, reason="the C++ kernels are not built"),
+    pytest.mark.skipif(not NATIVE_KERNELS, reason="the C++ kernels are not built"),
 ]
 ops = torch.ops.fusion_ops
 FN = torch.float8_e4m3fn
