@@ -327,3 +327,23 @@ ALL_SCENARIOS["model"] = scenario_model
 @pytest.mark.slow
 def test_tensor_parallel_model() -> None:
     mp.spawn(_worker, args=(_free_port(), ["model"]), nprocs=WORLD)
+
+
+def test_rows_split_only_where_every_program_stays_resident() -> None:
+    """The one-shot kernel's split (programs per row): all programs resident at once (they wait
+    on the peers), parts of whole quant groups, the most programs that allows."""
+    from fusion_ops.triton_backend.all_reduce import MAX_SPLIT, MIN_PART, parts_per_row
+
+    def fits(rows: int, block: int, group: int, split: int) -> bool:
+        return rows * split <= 128 and block // split >= max(MIN_PART, group)
+
+    for rows in range(1, 300):
+        for block, group in ((8192, 1), (8192, 128), (1024, 128), (256, 1), (8192, 8192)):
+            split = parts_per_row(rows, block, group, 128)
+            assert split in (1, 2, 4, 8)
+            assert split == 1 or fits(rows, block, group, split)
+            assert split == MAX_SPLIT or not fits(rows, block, group, 2 * split)
+    assert parts_per_row(1, 8192, 1, 132) == MAX_SPLIT
+    assert parts_per_row(16, 8192, 128, 132) == 8
+    assert parts_per_row(17, 8192, 128, 132) == 4
+    assert parts_per_row(200, 8192, 1, 132) == 1

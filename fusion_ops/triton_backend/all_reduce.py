@@ -35,6 +35,10 @@ ONE_SHOT_ENV = "FUSION_OPS_AR_ONE_SHOT_BYTES"
 ONE_SHOT_MAX_BYTES = 16 * 2**20  # x's bytes up to which the one-shot kernel runs (measured)
 MAX_PROGRAMS = 128  # programs per launch at most (all resident at once: they wait on peers)
 MAX_WORLD = 8
+# decode sizes: a row's work spread over up to MAX_SPLIT programs of at least MIN_PART columns
+# (see the kernel's SPLIT; same bytes at any split)
+MAX_SPLIT = 8
+MIN_PART = 256
 _launch = Launcher(k.all_reduce_norm_quant_kernel)
 
 
@@ -100,6 +104,16 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def parts_per_row(rows: int, block_k: int, group: int, programs: int) -> int:
+    """Programs per row (the kernel's SPLIT): the most, up to MAX_SPLIT, with every program
+    resident (rows · split <= programs), parts of at least MIN_PART columns and whole quant
+    groups; 1 from a few dozen rows on."""
+    split = MAX_SPLIT
+    while split > 1 and (rows * split > programs or block_k // split < max(MIN_PART, group)):
+        split //= 2
+    return split
+
+
 def one_shot(
     x: torch.Tensor,
     residual: torch.Tensor,
@@ -130,7 +144,10 @@ def one_shot(
     reduced = torch.empty((m, kdim), dtype=x.dtype, device=x.device)
     res_out = torch.empty((m, kdim), dtype=x.dtype, device=x.device)
     y = torch.empty((m, kdim), dtype=x.dtype, device=x.device) if write_y else None
-    grid = (min(m, MAX_PROGRAMS, _sm_count(x.get_device())),)
+    programs = min(MAX_PROGRAMS, _sm_count(x.get_device()))
+    block_k = next_power_of_2(kdim)
+    split = parts_per_row(m, block_k, scheme_consts["GROUP"], programs)
+    grid = (m * split,) if split > 1 else (min(m, programs),)
     _launch(
         grid,
         (
@@ -163,11 +180,12 @@ def one_shot(
             ("SCHEME", scheme_consts["SCHEME"]),
             ("GROUP", scheme_consts["GROUP"]),
             ("UE8M0", scheme_consts["UE8M0"]),
-            ("BLOCK_K", next_power_of_2(kdim)),
+            ("BLOCK_K", block_k),
             ("WEIGHT_AFTER_ROUNDING", numerics.weight_after_rounding),
             ("UNROUNDED_SUM", numerics.norm_unrounded_sum),
             ("ALIGNED", (kdim * x.element_size()) % 16 == 0),
             ("USE_PDL", pdl),
+            ("SPLIT", split),
             ("num_warps", num_warps),
             ("launch_pdl", pdl),
         ),

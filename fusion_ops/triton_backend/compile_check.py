@@ -125,7 +125,8 @@ def _norm_quant_cases() -> Iterator[Case]:
 
 def _all_reduce_cases() -> Iterator[Case]:
     """The one-shot all-reduce kernel: every scheme (FP8 as e4m3fn and, for gfx942, e4m3fnuz),
-    with and without the norm-only output, bf16 (what tensor-parallel layers reduce)."""
+    with and without the norm-only output, bf16 (what tensor-parallel layers reduce), rows
+    whole and split over 8 programs (decode sizes)."""
     schemes = {
         "none": (k.SCHEME_NONE, "bf16", "bf16", 1),
         "mxfp4": (k.SCHEME_MXFP4, "u8", "u8", 1),
@@ -133,9 +134,9 @@ def _all_reduce_cases() -> Iterator[Case]:
         "fp8_group128_e4m3fn": (k.SCHEME_FP8, _FP8["e4m3fn"], "fp32", 128),
         "fp8_group128_e4m3fnuz": (k.SCHEME_FP8, _FP8["e4m3fnuz"], "fp32", 128),
     }
-    for label, (scheme, q_ty, s_ty, group) in schemes.items():
+    for (label, (scheme, q_ty, s_ty, group)), split in itertools.product(schemes.items(), (1, 8)):
         yield Case(
-            f"all_reduce_norm_quant_kernel[{label}, bf16, world 2]",
+            f"all_reduce_norm_quant_kernel[{label}, bf16, world 2, split {split}]",
             k.all_reduce_norm_quant_kernel,
             {
                 "x_ptr": "*bf16",
@@ -172,6 +173,7 @@ def _all_reduce_cases() -> Iterator[Case]:
                 "UNROUNDED_SUM": False,
                 "ALIGNED": True,
                 "USE_PDL": False,
+                "SPLIT": split,
             },
             {"num_warps": 8},
             hip_only_fnuz=q_ty == _FP8["e4m3fnuz"],

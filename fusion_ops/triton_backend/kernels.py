@@ -65,15 +65,31 @@ def _sum_of_squares(
     load (re-read from cache) gets the same layout in every variant, so they round alike.
     """
     cols = tl.arange(0, BLOCK_K)
-    mask = cols < K
-    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
+    x = tl.load(x_ptr + row * x_stride + cols, mask=cols < K, other=0.0)
+    return _sum_of_squares_of(x, r_ptr, row, r_stride, K, HAS_RES, UNROUNDED_SUM, BLOCK_K)
+
+
+@triton.jit
+def _sum_of_squares_of(
+    x, r_ptr, row, r_stride, K, HAS_RES: tl.constexpr, UNROUNDED_SUM: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Σ (x [+ r])² of a whole row x (zeros past K) used for nothing else (see _sum_of_squares)."""
+    cols = tl.arange(0, BLOCK_K)
     xf = x.to(tl.float32)
     if HAS_RES:
-        r = tl.load(r_ptr + row * r_stride + cols, mask=mask, other=0.0)
+        r = tl.load(r_ptr + row * r_stride + cols, mask=cols < K, other=0.0)
         xf = xf + r.to(tl.float32)
         if not UNROUNDED_SUM:
             xf = xf.to(x.dtype).to(tl.float32)
     return tl.sum(xf * xf, axis=0)
+
+
+@triton.jit
+def _inv_rms(ss, K, eps):
+    """1 / sqrt(Σx²/K + eps), each step correctly rounded."""
+    mean = tl.math.div_rn(ss, tl.cast(K, tl.float32))
+    return tl.math.div_rn(1.0, tl.sqrt_rn(mean + eps))
 
 
 # --- norm + quant: one row per program -------------------------------------------------------
@@ -144,12 +160,55 @@ def _norm_quant_row(
 ):
     """norm_quant_kernel's work on one row (also the tail of all_reduce_norm_quant_kernel)."""
     cols = tl.arange(0, BLOCK_K)
+    x = tl.load(x_ptr + row * x_stride + cols, mask=cols < K, other=0.0)
+    inv = 0.0
+    if DO_NORM:
+        ss = _sum_of_squares(
+            x_ptr, r_ptr, row, x_stride, r_stride, K, HAS_RES, UNROUNDED_SUM, BLOCK_K
+        )
+        inv = _inv_rms(ss, K, tl.cast(eps, tl.float32))
+    _norm_quant_part(
+        x, 0, inv, row, r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr, r_stride, K, fp8_max,
+        min_scale, HAS_RES, DO_NORM, WRITE_Y, SCHEME, GROUP, UE8M0, BLOCK_K,
+        WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM,
+    )  # fmt: skip
+
+
+@triton.jit
+def _norm_quant_part(
+    x,
+    col0,
+    inv,
+    row,
+    r_ptr,
+    w_ptr,
+    y_ptr,
+    res_ptr,
+    q_ptr,
+    s_ptr,
+    r_stride,
+    K,
+    fp8_max,
+    min_scale,
+    HAS_RES: tl.constexpr,
+    DO_NORM: tl.constexpr,
+    WRITE_Y: tl.constexpr,
+    SCHEME: tl.constexpr,
+    GROUP: tl.constexpr,
+    UE8M0: tl.constexpr,
+    BLOCK: tl.constexpr,
+    WEIGHT_AFTER_ROUNDING: tl.constexpr,
+    UNROUNDED_SUM: tl.constexpr,
+):
+    """The row work on columns [col0, col0 + BLOCK) of the row (x: those columns, loaded; inv:
+    the whole row's 1/rms): residual add, norm, stores, quant. Every output element depends on
+    its column and inv alone, and quant blocks/groups lie inside a part (col0 a multiple of
+    BLOCK, BLOCK of the group size), so parts of a row give the bytes of the whole row."""
+    cols = col0 + tl.arange(0, BLOCK)
     mask = cols < K
     # fp32 whatever the launcher typed the floats as (Triton's JIT: fp32; Inductor: fp64)
-    eps = tl.cast(eps, tl.float32)
     fp8_max = tl.cast(fp8_max, tl.float32)
     min_scale = tl.cast(min_scale, tl.float32)
-    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
     out_dtype = x.dtype
     xf = x.to(tl.float32)
     if HAS_RES:
@@ -159,11 +218,6 @@ def _norm_quant_row(
         tl.store(res_ptr + row * K + cols, x, mask=mask)
         xf = total if UNROUNDED_SUM else x.to(tl.float32)
     if DO_NORM:
-        ss = _sum_of_squares(
-            x_ptr, r_ptr, row, x_stride, r_stride, K, HAS_RES, UNROUNDED_SUM, BLOCK_K
-        )
-        mean = tl.math.div_rn(ss, tl.cast(K, tl.float32))
-        inv = tl.math.div_rn(1.0, tl.sqrt_rn(mean + eps))
         w = tl.load(w_ptr + cols, mask=mask, other=0.0)
         if WEIGHT_AFTER_ROUNDING:  # (n.to(w.dtype) * w).to(x.dtype)
             n = (xf * inv).to(w.dtype).to(tl.float32)
@@ -175,13 +229,14 @@ def _norm_quant_row(
     if WRITE_Y:
         tl.store(y_ptr + row * K + cols, y, mask=mask)
     if SCHEME == 1:
-        _mxfp4(y.to(tl.float32), q_ptr, s_ptr, row, K, BLOCK_K, 0, not HAS_RES)
+        _mxfp4(y.to(tl.float32), q_ptr, s_ptr, row, K, BLOCK, col0, not HAS_RES)
     elif SCHEME == 2:
-        _mxfp8(y.to(tl.float32), q_ptr, s_ptr, row, K, BLOCK_K)
+        _mxfp8(y.to(tl.float32), q_ptr, s_ptr, row, K, BLOCK, col0)
     elif SCHEME == 3:
         _fp8_groups(
-            y.to(tl.float32), q_ptr, s_ptr, row, K, fp8_max, min_scale, GROUP, UE8M0, BLOCK_K
-        )
+            y.to(tl.float32), q_ptr, s_ptr, row, K, fp8_max, min_scale, GROUP, UE8M0, BLOCK,
+            col0,
+        )  # fmt: skip
 
 
 # --- two norms of the same rows in one launch (q_kv_norm) ----------------------------------------
@@ -267,6 +322,7 @@ def all_reduce_norm_quant_kernel(
     UNROUNDED_SUM: tl.constexpr,
     ALIGNED: tl.constexpr,
     USE_PDL: tl.constexpr = False,
+    SPLIT: tl.constexpr = 1,
 ):
     """Σ over the ranks of x, then norm_quant_kernel's row work, in one launch.
 
@@ -275,14 +331,19 @@ def all_reduce_norm_quant_kernel(
     ``buf_ptrs`` are the int64 addresses of every rank's buffer (peer memory mapped here),
     ``state_ptr`` this rank's int32 [call counter, finished programs, bytes used per slot of
     each set × 3].
-    The same grid on every rank: program p owns rows p, p + G, ….
+    The same grid on every rank. ``SPLIT == 1``: program p owns rows p, p + G, ….
+    ``SPLIT > 1`` (decode sizes; grid M · SPLIT): program p owns part p % SPLIT (BLOCK_K / SPLIT
+    columns) of row p // SPLIT: it sends that part, waits for the whole row, takes the row's
+    sum of squares itself (the same tensor shape and warps as the one-program row: the same
+    order) and does the row work on its part (see _norm_quant_part): the same bytes, the
+    per-element work spread over SPLIT programs.
 
-    Call c uses set c % 3. Program p stores its rows of x into source slot ``rank`` of that set
-    on every rank (plain stores into peer memory; an x element that happens to be the empty
-    pattern is stored as another NaN: NaN payloads are not part of the contract), then reads
-    its rows of every source slot here until no element is empty (the data is its own flag:
-    no barrier, no round trip), sums them in rank order in fp32, rounds once to x's dtype (into
-    ``red_ptr``) and runs the row work on the sum. It then empties the bytes the previous call
+    Call c uses set c % 3. A program stores its rows (parts) of x into source slot ``rank`` of
+    that set on every rank (plain stores into peer memory; an x element that happens to be the
+    empty pattern is stored as another NaN: NaN payloads are not part of the contract), then
+    reads its rows of every source slot here until no element is empty (the data is its own
+    flag: no barrier, no round trip), sums them in rank order in fp32, rounds once to x's
+    dtype and runs the row work on the sum. It then empties the bytes the previous call
     used in set (c + 2) % 3 (whatever its K and dtype were), which this rank finished reading
     then, and which a peer writes next in call c + 2: after its call c + 1, which needed this
     rank's call c + 1 data, stored after this call ended.
@@ -296,28 +357,41 @@ def all_reduce_norm_quant_kernel(
         _pdl_start()
     call = tl.load(state_ptr)
     cur = call % 3
-    for row in range(pid, M, n_programs):
-        x = tl.load(x_ptr + row.to(tl.int64) * x_stride + cols, mask=mask)
-        bits = _bits(x, BITS)
-        x = tl.where(bits == -1, bits & (2 ** (BITS - 1) - 1), bits).to(dtype, bitcast=True)
-        for dst in tl.static_range(WORLD):
-            base = tl.load(buf_ptrs + dst).to(tl.pointer_type(dtype))
-            ptrs = _slot_row(base, cur * WORLD + rank, slot_elems, row, K, cols, ALIGNED)
-            tl.store(ptrs, x, mask=mask)
     own = tl.load(buf_ptrs + rank).to(tl.pointer_type(dtype))
-    for row in range(pid, M, n_programs):
-        total = _await_row(own, cur * WORLD, slot_elems, row, K, cols, mask, ALIGNED, BITS)
-        total = total.to(tl.float32)
-        for src in tl.static_range(1, WORLD):
-            part = _await_row(own, cur * WORLD + src, slot_elems, row, K, cols, mask, ALIGNED, BITS)
-            total = total + part.to(tl.float32)
-        tl.store(red_ptr + row.to(tl.int64) * K + cols, total.to(dtype), mask=mask)
-        tl.debug_barrier()  # the row is read back by other threads of this program
-        _norm_quant_row(
-            row.to(tl.int64), red_ptr, r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr, K, r_stride,
-            K, eps, fp8_max, min_scale, HAS_RES, DO_NORM, WRITE_Y, SCHEME, GROUP, UE8M0, BLOCK_K,
-            WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM,
+    if SPLIT > 1:
+        PART: tl.constexpr = BLOCK_K // SPLIT
+        row = pid // SPLIT
+        col0 = (pid % SPLIT) * PART
+        pcols = col0 + tl.arange(0, PART)
+        pmask = pcols < K
+        _send_row(x_ptr, buf_ptrs, row, x_stride, pcols, pmask, cur, rank, slot_elems, K,
+                  WORLD, BITS, ALIGNED)  # fmt: skip
+        total = _await_sum(own, cur, slot_elems, row, K, cols, mask, WORLD, ALIGNED, BITS)
+        ss = _sum_of_squares_of(
+            total.to(dtype), r_ptr, row.to(tl.int64), r_stride, K, HAS_RES, UNROUNDED_SUM,
+            BLOCK_K,
         )  # fmt: skip
+        # the part's columns again (arrived: the whole row has), summed the same way
+        part = _await_sum(own, cur, slot_elems, row, K, pcols, pmask, WORLD, ALIGNED, BITS)
+        _norm_quant_part(
+            part.to(dtype), col0, _inv_rms(ss, K, tl.cast(eps, tl.float32)), row.to(tl.int64),
+            r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr, r_stride, K, fp8_max, min_scale,
+            HAS_RES, DO_NORM, WRITE_Y, SCHEME, GROUP, UE8M0, PART, WEIGHT_AFTER_ROUNDING,
+            UNROUNDED_SUM,
+        )  # fmt: skip
+    else:
+        for row in range(pid, M, n_programs):
+            _send_row(x_ptr, buf_ptrs, row, x_stride, cols, mask, cur, rank, slot_elems, K,
+                      WORLD, BITS, ALIGNED)  # fmt: skip
+        for row in range(pid, M, n_programs):
+            total = _await_sum(own, cur, slot_elems, row, K, cols, mask, WORLD, ALIGNED, BITS)
+            tl.store(red_ptr + row.to(tl.int64) * K + cols, total.to(dtype), mask=mask)
+            tl.debug_barrier()  # the row is read back by other threads of this program
+            _norm_quant_row(
+                row.to(tl.int64), red_ptr, r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr, K,
+                r_stride, K, eps, fp8_max, min_scale, HAS_RES, DO_NORM, WRITE_Y, SCHEME, GROUP,
+                UE8M0, BLOCK_K, WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM,
+            )  # fmt: skip
     # empty what the previous call used in set (c + 2) % 3: its bytes, whatever its K and dtype
     # were, as int32 words of all bits set
     old = (call + 2) % 3
@@ -359,6 +433,38 @@ def _await_row(
     while tl.max((_bits(v, BITS) == -1).to(tl.int32), axis=0) > 0:
         v = tl.load(ptrs, mask=mask, other=0.0, volatile=True)
     return v
+
+
+@triton.jit
+def _send_row(
+    x_ptr, buf_ptrs, row, x_stride, cols, mask, cur, rank, slot_elems, K, WORLD: tl.constexpr,
+    BITS: tl.constexpr, ALIGNED: tl.constexpr,
+):  # fmt: skip
+    """Columns ``cols`` of x's row into source slot ``rank`` of set ``cur`` on every rank (an
+    element equal to the empty pattern goes as another NaN)."""
+    dtype = x_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row.to(tl.int64) * x_stride + cols, mask=mask)
+    bits = _bits(x, BITS)
+    x = tl.where(bits == -1, bits & (2 ** (BITS - 1) - 1), bits).to(dtype, bitcast=True)
+    for dst in tl.static_range(WORLD):
+        base = tl.load(buf_ptrs + dst).to(tl.pointer_type(dtype))
+        ptrs = _slot_row(base, cur * WORLD + rank, slot_elems, row, K, cols, ALIGNED)
+        tl.store(ptrs, x, mask=mask)
+
+
+@triton.jit
+def _await_sum(
+    own, cur, slot_elems, row, K, cols, mask, WORLD: tl.constexpr, ALIGNED: tl.constexpr,
+    BITS: tl.constexpr,
+):  # fmt: skip
+    """Σ in rank order, fp32, of columns ``cols`` of the row in every source slot of set
+    ``cur`` here, once they have all arrived."""
+    total = _await_row(own, cur * WORLD, slot_elems, row, K, cols, mask, ALIGNED, BITS)
+    total = total.to(tl.float32)
+    for src in tl.static_range(1, WORLD):
+        part = _await_row(own, cur * WORLD + src, slot_elems, row, K, cols, mask, ALIGNED, BITS)
+        total = total + part.to(tl.float32)
+    return total
 
 
 @triton.jit
@@ -435,7 +541,8 @@ def _pdl_start():
 
 
 @triton.jit
-def _mxfp8(y, q_ptr, s_ptr, row, K, BLOCK_K: tl.constexpr):
+def _mxfp8(y, q_ptr, s_ptr, row, K, BLOCK_K: tl.constexpr, col0):
+    """MXFP8 codes and scales of y = row[col0 : col0 + BLOCK_K] (col0 a multiple of 32)."""
     NB: tl.constexpr = BLOCK_K // 32
     yb = tl.reshape(y, (NB, 32))
     has_nan = tl.max((yb != yb).to(tl.int32), axis=1) > 0
@@ -447,7 +554,7 @@ def _mxfp8(y, q_ptr, s_ptr, row, K, BLOCK_K: tl.constexpr):
     byte = tl.where(has_nan, 255, byte)
     exp = tl.where(byte == 255, 127, byte - 127)
     q = _clamp_keep_nan(yb * _pow2(-exp)[:, None], -448.0, 448.0)
-    blk = tl.arange(0, NB)
+    blk = col0 // 32 + tl.arange(0, NB)
     idx = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
     tl.store(q_ptr + row * K + idx, q.to(tl.float8e4nv), mask=idx < K)
     tl.store(s_ptr + row * (K // 32) + blk, byte.to(tl.uint8), mask=blk < K // 32)
@@ -465,7 +572,10 @@ def _fp8_groups(
     GROUP: tl.constexpr,
     UE8M0: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    col0,
 ):
+    """FP8 codes and scales of groups of y = row[col0 : col0 + BLOCK_K] (col0 a multiple of
+    GROUP; per-token: GROUP = BLOCK_K, col0 = 0)."""
     NG: tl.constexpr = BLOCK_K // GROUP
     yg = tl.reshape(y, (NG, GROUP))
     has_nan = tl.max((yg != yg).to(tl.int32), axis=1) > 0
@@ -476,7 +586,7 @@ def _fp8_groups(
         s = tl.where(finite, _pow2(_ceil_log2(tl.where(finite, s, 1.0))), s)
     s = tl.where(has_nan, float("nan"), s)
     q = _clamp_keep_nan(tl.math.div_rn(yg, s[:, None]), -fp8_max, fp8_max)
-    grp = tl.arange(0, NG)
+    grp = col0 // GROUP + tl.arange(0, NG)
     idx = grp[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     n_groups = tl.maximum(K // GROUP, 1)  # per-token: one group (GROUP = the padded row)
     tl.store(q_ptr + row * K + idx, q.to(q_ptr.dtype.element_ty), mask=idx < K)

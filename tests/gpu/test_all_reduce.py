@@ -98,7 +98,7 @@ def scenario_definition(rank: int, group: str) -> None:
     hidden_sizes = (7168, 256, 1000)  # 1000: rows not 16-byte aligned
     for hidden in hidden_sizes:
         big = all_reduce.one_shot_max_bytes() // (2 * hidden) + 1  # above: the NCCL path
-        for tokens in (1, 7, 200, big):
+        for tokens in (1, 7, 16, 33, 200, big):  # rows split over 8, 8, 8, 2, 1 programs
             for scheme in SCHEMES:
                 if scheme is not None and hidden % 128:
                     continue
@@ -116,6 +116,26 @@ def scenario_definition(rank: int, group: str) -> None:
     _check("mxfp4", x, r, w, group, "flags: +normed, vLLM IR numerics", (True, True, True))
     x3, r3, w3 = (t.view(1, 3, -1) if t.dim() == 2 else t for t in (x, r, w))
     _check("mxfp8", x3, r3, w3, group, "3-d x")
+
+
+def scenario_every_split(rank: int, group: str) -> None:
+    """The same bytes whether each row is one program's or split over 2, 4 or 8 programs."""
+    from fusion_ops.triton_backend import all_reduce
+
+    assert all_reduce.parts_per_row(3, 8192, 128, 128) == all_reduce.MAX_SPLIT == 8
+    default = all_reduce.MAX_SPLIT
+    for scheme in SCHEMES:
+        x, r, w = _inputs(rank, 3, 7168, seed=11)
+        outs = []
+        try:
+            for split in (1, 2, 4, 8):
+                all_reduce.MAX_SPLIT = split
+                outs.append(_call(scheme, x, r, w, group))
+        finally:
+            all_reduce.MAX_SPLIT = default
+        for split, out in zip((2, 4, 8), outs[1:], strict=True):
+            for i, (a, b) in enumerate(zip(out, outs[0], strict=True)):
+                assert torch.equal(_bits(a), _bits(b)), f"{scheme}: split {split}, output {i}"
 
 
 def scenario_back_to_back(rank: int, group: str) -> None:
@@ -166,6 +186,7 @@ def scenario_pass(rank: int, group: str) -> None:
 
 SCENARIOS = {
     "definition": scenario_definition,
+    "every_split": scenario_every_split,
     "back_to_back": scenario_back_to_back,
     "cuda_graph": scenario_cuda_graph,
     "pass": scenario_pass,
