@@ -68,12 +68,10 @@ _LIB = torch.library.Library(NAMESPACE, "DEF")
 NATIVE_KERNELS = native.load()
 if NATIVE_KERNELS:
     use_native_kernels(native)
-# ops whose CUDA kernel replays their Triton launch from C++ (fusion_ops.native; NVIDIA): the
-# norm/quant ops, whose launches take their only float argument (eps) as it is
-_CUDA_REPLAY_OPS = frozenset(
-    {"rms_norm", "fused_add_rms_norm"}
-    | {op for s in SCHEMES.values() for op in (s.quant_op, s.rms_op, s.add_rms_op)}
-)
+# ops whose CUDA kernel replays their Triton launch from C++ (fusion_ops.native; NVIDIA): every
+# op but the tensor-parallel ones (their kernel uses a per-group workspace and may take NCCL)
+_NOT_REPLAYED_PREFIX = "all_reduce_"
+
 
 #: name -> schema, every op defined by this module (tests iterate over it)
 OP_SCHEMAS: dict[str, str] = {}
@@ -96,10 +94,10 @@ def _define(
 
     The real kernel is registered for the ``CPU`` and ``CUDA`` dispatch keys (the device type
     comes from the key: no per-call device lookup) and for ``CompositeExplicitAutograd`` (any
-    other device); ``native.NATIVE_CPU_OPS`` have a C++ ``CPU`` kernel and, on NVIDIA,
-    ``_CUDA_REPLAY_OPS`` a C++ ``CUDA`` kernel instead, which call this one (registered as
-    ``_python_<name>``) for what they do not take themselves. ``quick(*args)`` is an optional
-    one-expression test that every check of ``validate`` passes; when it says False,
+    other device); ``native.NATIVE_CPU_OPS`` have a C++ ``CPU`` kernel and, on NVIDIA, every
+    op but the ``all_reduce_*`` ones a C++ ``CUDA`` kernel instead, which call this one
+    (registered as ``_python_<name>``) for what they do not take themselves. ``quick(*args)``
+    is an optional one-expression test that every check of ``validate`` passes; when it says False,
     ``validate`` runs and raises with the full message. The fake always runs ``validate``
     (trace time is not the hot path).
     """
@@ -141,7 +139,13 @@ def _define(
     # a C++ kernel (fusion_ops.native) hands what it does not take itself (bad input, forced
     # backends, a signature seen for the first time) to this Python kernel, under a hidden name
     native_cpu = NATIVE_KERNELS and name in native.NATIVE_CPU_OPS
-    native_cuda = NATIVE_KERNELS and name in _CUDA_REPLAY_OPS and native.replays_cuda()
+    native_cuda = (
+        NATIVE_KERNELS and not name.startswith(_NOT_REPLAYED_PREFIX) and native.replays_cuda()
+    )
+    if native_cuda:
+        # the replay admits a float argument where it is >= 0: what every eps check asks
+        floats = [a.name for a in arguments if a.type.kind() == "FloatType"]
+        assert all(f.endswith("eps") for f in floats), (name, floats)
     if native_cpu or native_cuda:
         _LIB.define(f"_python_{name}{schema}")
     if native_cpu:

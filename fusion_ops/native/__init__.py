@@ -43,6 +43,7 @@ _BACKEND_NAMES = {v: k for k, v in BACKEND_CODES.items()}
 _DIR = Path(__file__).parent
 # parameter sources of a replayed launch (replay_cuda.cpp ParamKind)
 PARAM_INPUT, PARAM_OUTPUT, PARAM_I32, PARAM_I64, PARAM_F32_CONST, PARAM_F32_ARG = range(6)
+PARAM_F32 = -1  # an fp32 parameter not yet known to be a constant or a float argument
 # aten ops a replayable Python run may make: allocations and views (nothing that computes)
 _ALLOCATIONS_AND_VIEWS = frozenset(
     {
@@ -129,21 +130,31 @@ def plan_count(op_name: str) -> int:
 
 
 class _AtenOps(TorchDispatchMode):
-    """Names of the aten ops run inside."""
+    """Names of the aten ops run inside; ``dry``: an op other than an allocation or a view
+    raises instead of running (a dry run must not compute or write anything)."""
 
-    def __init__(self) -> None:
+    def __init__(self, dry: bool = False) -> None:
         super().__init__()
         self.names: set[str] = set()
+        self.dry = dry
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        out = func(*args, **(kwargs or {}))
         name = func.name()
+        if self.dry and name not in _ALLOCATIONS_AND_VIEWS | {"aten::reshape"}:
+            raise _NotReplayable(f"the Python kernel ran aten op {name}")
+        out = func(*args, **(kwargs or {}))
         # reshape reaches a dispatch mode un-decomposed in some contexts (Inductor's compiled
         # code): a view when it shares its input's memory, else a copy
         if name == "aten::reshape" and _same_memory(out, args[0]):
             name = "aten::view"
+        if self.dry and name not in _ALLOCATIONS_AND_VIEWS:
+            raise _NotReplayable(f"the Python kernel ran aten op {name}")
         self.names.add(name)
         return out
+
+
+class _NotReplayable(Exception):
+    pass
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -161,7 +172,7 @@ def recording_kernel(op_name: str, kernel: Any) -> Any:
         aten = _AtenOps()
         with launch.recording() as launches, aten:
             out = kernel(*args)
-        refusal = offer_plan(op_name, args, out, launches, aten.names)
+        refusal = offer_plan(op_name, args, out, launches, aten.names, kernel)
         if refusal is not None:
             REFUSALS[op_name] = refusal
         return out
@@ -172,54 +183,127 @@ def recording_kernel(op_name: str, kernel: Any) -> Any:
 #: op -> why the last signature recorded for it got no plan (debugging: "why is my call slow?")
 REFUSALS: dict[str, str] = {}
 
+Launches = Sequence[tuple[Any, tuple[int, ...], tuple[Any, ...]] | None]
+
 
 def offer_plan(
     op_name: str,
     args: Sequence[Any],
     out: Any,
-    launches: Sequence[tuple[Any, tuple[int, ...], tuple[Any, ...]] | None],
+    launches: Launches,
     aten_ops: set[str],
+    kernel: Any,
 ) -> str | None:
     """Hand the C++ kernel the plan of one recorded Python run of ``op_name`` on ``args`` (every
     schema argument in order), if the run can be replayed from its signature alone. Returns
     None when a plan was offered, else why not (the caller keeps it in :data:`REFUSALS`);
-    without a plan the signature always runs the Python kernel."""
-    from .. import backends
+    without a plan the signature always runs the Python kernel.
 
-    outputs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+    Float arguments are not part of the signature. Which kernel parameter carries which float
+    argument is found by running ``kernel`` again *dry* (recording its launches, launching
+    nothing, computing nothing) once per float argument with that argument changed: a
+    parameter that takes exactly the changed value is that argument, one that never changes is
+    a constant, and anything else (a parameter computed from a float, launches that depend on
+    one) gets no plan.
+    """
+    from .. import backends
+    from ..triton_backend import launch
+
     if not aten_ops <= _ALLOCATIONS_AND_VIEWS:
         return f"the Python kernel ran aten ops {sorted(aten_ops - _ALLOCATIONS_AND_VIEWS)}"
     backend = backends.last_backend(op_name)
     if backend != "triton":
         return f"backend {backend!r} ran it"
-    if any(launch is None for launch in launches):
-        return "a launch went through Triton's JIT path (launch hooks installed)"
-    if not all(_fresh_contiguous(t) for t in outputs):
-        return "an output is not a whole fresh contiguous buffer"
     import triton
 
     if not triton.__version__.startswith(_TRITON_VERSIONS):
         return f"Triton {triton.__version__}: launch convention not verified"
-    floats = [i for i, a in enumerate(args) if isinstance(a, float)]
-    if len(floats) > 1:
-        return "more than one float argument: a kernel float could not be traced back"
     inputs = {i: a.data_ptr() for i, a in enumerate(args) if _is_data(a)}
     if len(set(inputs.values())) != len(inputs):
         return "aliased inputs: pointer sources ambiguous"
-    outs = {a.data_ptr(): k for k, a in enumerate(outputs) if _is_data(a)}
-    by_ptr = {p: (PARAM_INPUT, i) for i, p in inputs.items()}
-    if set(by_ptr) & set(outs):
-        return "an output shares an input's memory"
-    by_ptr.update({p: (PARAM_OUTPUT, k) for p, k in outs.items()})
-    ints: list[int] = [len(launches)]
+    base = _encode_run(args, out, launches)
+    if isinstance(base, str):
+        return base
+    floats = [i for i, a in enumerate(args) if isinstance(a, float)]
+    float_params: dict[tuple[int, int], int] = {}  # (launch, parameter) -> float argument
+    for i in floats:
+        changed = list(args)
+        changed[i] = abs(args[i]) * 2 + 0.5 + 0.125 * i
+        if not changed[i] > args[i]:  # inf: no other value to tell it by
+            return f"float argument {i} is {args[i]}"
+        aten = _AtenOps(dry=True)
+        try:
+            with launch.recording(dry=True) as dry_launches, aten:
+                dry_out = kernel(*changed)
+        except Exception as e:  # _NotReplayable, or the kernel refused the value
+            return f"with another value of float argument {i}: {type(e).__name__}: {e}"
+        other = _encode_run(changed, dry_out, dry_launches)
+        if isinstance(other, str):
+            return f"with another value of float argument {i}: {other}"
+        if [(h, [k for k, _ in p]) for h, p in other] != [(h, [k for k, _ in p]) for h, p in base]:
+            return f"float argument {i} changes the launches"
+        for li, ((_, p0), (_, p1)) in enumerate(zip(base, other, strict=True)):
+            for pi, ((kind, a0), (_, a1)) in enumerate(zip(p0, p1, strict=True)):
+                if a0 == a1:
+                    continue
+                if kind != PARAM_F32 or a0 != args[i] or a1 != changed[i]:
+                    return f"a kernel parameter is computed from float argument {i}"
+                if (li, pi) in float_params:
+                    return "a kernel parameter depends on two float arguments"
+                float_params[(li, pi)] = i
+    ints: list[int] = [len(base)]
     consts: list[float] = []
-    for compiled, grid, values in launches:
-        encoded = _encode_launch(compiled, grid, values, by_ptr, args, floats, consts)
-        if isinstance(encoded, str):
-            return encoded
-        ints += encoded
+    for li, (header, params) in enumerate(base):
+        ints += header
+        ints.append(len(params))
+        for pi, (kind, a) in enumerate(params):
+            if kind == PARAM_F32:
+                if (li, pi) in float_params:
+                    kind, a = PARAM_F32_ARG, float_params[(li, pi)]
+                else:
+                    kind, a = PARAM_F32_CONST, len(consts)
+                    consts.append(params[pi][1])
+            ints += [kind, int(a)]
+    outputs = _outputs(out)
+    assert not isinstance(outputs, str)
     torch.ops.fusion_ops_native.offer_plan(ints, consts, list(outputs), floats)
     return None
+
+
+def _outputs(out: Any) -> tuple[torch.Tensor, ...] | str:
+    """The run's outputs as the C++ kernel returns them (None: an op returning nothing)."""
+    outputs = () if out is None else tuple(out) if isinstance(out, (tuple, list)) else (out,)
+    if not all(_fresh_contiguous(t) for t in outputs):
+        return "an output is not a whole fresh contiguous buffer"
+    return outputs
+
+
+def _encode_run(
+    args: Sequence[Any], out: Any, launches: Launches
+) -> list[tuple[list[int], list[tuple[int, Any]]]] | str:
+    """Each launch of one run as (its header in replay_cuda.cpp's encoding: function, grid,
+    warps, shared memory, PDL; its parameters as (kind, a), fp32 ones as (PARAM_F32, value)
+    until resolved), or why it cannot be replayed."""
+    if any(launch is None for launch in launches):
+        return "a launch went through Triton's JIT path (launch hooks installed, or not compiled)"
+    outputs = _outputs(out)
+    if isinstance(outputs, str):
+        return outputs
+    by_ptr = {a.data_ptr(): (PARAM_INPUT, i) for i, a in enumerate(args) if _is_data(a)}
+    outs = {a.data_ptr(): (PARAM_OUTPUT, k) for k, a in enumerate(outputs) if _is_data(a)}
+    if set(by_ptr) & set(outs):
+        return "an output shares an input's memory"
+    by_ptr.update(outs)
+    encoded = []
+    for compiled, grid, values in launches:  # type: ignore[misc]
+        params = _encode_params(compiled, values, by_ptr)
+        if isinstance(params, str):
+            return params
+        header = _launch_header(compiled, grid)
+        if isinstance(header, str):
+            return header
+        encoded.append((header, params))
+    return encoded
 
 
 def _is_data(a: Any) -> bool:
@@ -239,16 +323,7 @@ def _fresh_contiguous(t: Any) -> bool:
     )
 
 
-def _encode_launch(
-    compiled: Any,
-    grid: tuple[int, ...],
-    values: Sequence[Any],
-    by_ptr: dict[int, tuple[int, int]],
-    args: Sequence[Any],
-    floats: list[int],
-    consts: list[float],
-) -> list[int] | str:
-    """One launch in replay_cuda.cpp's encoding, or why it cannot be replayed."""
+def _launch_header(compiled: Any, grid: tuple[int, ...]) -> list[int] | str:
     md = compiled.metadata
     if (
         getattr(md, "num_ctas", 1) != 1
@@ -257,29 +332,6 @@ def _encode_launch(
         or getattr(md, "launch_cooperative_grid", False)
     ):
         return "a launch needs clusters, scratch memory or a cooperative grid"
-    types = list(compiled.src.signature.values())
-    params: list[int] = []
-    eps_uses = 0
-    for value, ty in zip(values, types, strict=False):
-        if ty == "constexpr":
-            continue
-        if ty.startswith("*"):
-            if not _is_data(value) or value.data_ptr() not in by_ptr:
-                return "a pointer parameter is neither an input's nor an output's memory"
-            params += by_ptr[value.data_ptr()]
-        elif ty in ("i32", "i64") and type(value) is int:
-            params += [PARAM_I32 if ty == "i32" else PARAM_I64, value]
-        elif ty == "fp32" and isinstance(value, float):
-            if floats and value == args[floats[0]]:
-                params += [PARAM_F32_ARG, floats[0]]
-                eps_uses += 1
-            else:
-                params += [PARAM_F32_CONST, len(consts)]
-                consts.append(value)
-        else:
-            return f"a parameter of type {ty} ({type(value).__name__})"
-    if eps_uses > 1:
-        return "a constant equals the float argument: which parameter is which is unknown"
     g = (*grid, 1, 1)[:3]
     return [
         int(compiled.function),
@@ -287,6 +339,26 @@ def _encode_launch(
         int(md.num_warps),
         int(md.shared),
         int(bool(getattr(md, "launch_pdl", False))),
-        len(params) // 2,
-        *params,
     ]
+
+
+def _encode_params(
+    compiled: Any, values: Sequence[Any], by_ptr: dict[int, tuple[int, int]]
+) -> list[tuple[int, Any]] | str:
+    """A launch's runtime parameters as (kind, a); fp32 ones as (PARAM_F32, value)."""
+    types = list(compiled.src.signature.values())
+    params: list[tuple[int, Any]] = []
+    for value, ty in zip(values, types, strict=False):
+        if ty == "constexpr":
+            continue
+        if ty.startswith("*"):
+            if not _is_data(value) or value.data_ptr() not in by_ptr:
+                return "a pointer parameter is neither an input's nor an output's memory"
+            params.append(by_ptr[value.data_ptr()])
+        elif ty in ("i32", "i64") and type(value) is int:
+            params.append((PARAM_I32 if ty == "i32" else PARAM_I64, value))
+        elif ty == "fp32" and isinstance(value, float):
+            params.append((PARAM_F32, value))
+        else:
+            return f"a parameter of type {ty} ({type(value).__name__})"
+    return params

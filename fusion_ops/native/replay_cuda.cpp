@@ -7,13 +7,14 @@
 //
 // How: an op's CUDA key runs `replay_kernel` (boxed, one function for every registered op).
 // It builds the call's *signature*: every tensor's dtype, device, sizes, strides and 16-byte
-// alignment, and the value of every int/bool/None argument (floats excepted). The first call of
+// alignment, and the value of every int/bool/string/None argument (floats excepted). The first call of
 // a signature runs the op's Python kernel (the hidden op fusion_ops::_python_<name>), which
 // validates the input and launches the Triton kernel as always; while it runs, the Python side
 // records what it did (fusion_ops/native/__init__.py: record_plan) and offers a *plan*: the
 // output tensors' dtypes and sizes, and for each launch the CUfunction, grid, warps, shared
 // memory, PDL flag and where every kernel parameter comes from (an input's or an output's data
-// pointer, a constant, or a float argument of the call). Everything in a plan is a function of
+// pointer, a constant, or a float argument of the call: told apart by dry runs of the Python
+// kernel with each float changed). Everything in a plan is a function of
 // the signature, so a later call with the same signature is valid input too and gets the same
 // launches: this kernel allocates the outputs and launches with cuLaunchKernelEx itself.
 // A signature whose Python run did anything else (an aten op other than allocations and views,
@@ -137,6 +138,11 @@ bool signature_of(const torch::jit::Stack& stack, size_t first, size_t n, Signat
       sig.push_back(v.toBool());
     } else if (v.isDouble()) {
       sig.push_back(-6);  // the value is not part of the signature
+    } else if (v.isString()) {
+      const std::string& str = v.toStringRef();
+      sig.push_back(-7);
+      sig.push_back(static_cast<int64_t>(str.size()));
+      for (char c : str) sig.push_back(c);
     } else {
       return false;
     }

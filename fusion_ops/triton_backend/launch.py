@@ -37,18 +37,24 @@ _TWO_GIB = 2**31
 
 # the launches of the current recording (see recording()), None when not recording
 _recorded: list[tuple[Any, tuple[int, ...], tuple[Any, ...]] | None] | None = None
+_dry = False  # recording without launching
 
 
 @contextlib.contextmanager
-def recording() -> Iterator[list[tuple[Any, tuple[int, ...], tuple[Any, ...]] | None]]:
+def recording(
+    dry: bool = False,
+) -> Iterator[list[tuple[Any, tuple[int, ...], tuple[Any, ...]] | None]]:
     """Collect every launch made inside: ``(CompiledKernel, grid, runtime args)``, or None for a
-    launch that went through Triton's JIT path (launch hooks installed)."""
-    global _recorded
-    previous, _recorded = _recorded, []
+    launch that went through Triton's JIT path (launch hooks installed) or, ``dry``, one of a
+    specialization not compiled yet. ``dry``: record only, launch nothing (what a kernel would
+    launch for other argument values)."""
+    global _recorded, _dry
+    previous = _recorded, _dry
+    _recorded, _dry = [], dry
     try:
         yield _recorded
     finally:
-        _recorded = previous
+        _recorded, _dry = previous
 
 
 def _launch_hooks_installed() -> bool:
@@ -98,6 +104,11 @@ class Launcher:
     def __call__(
         self, grid: tuple[int, ...], args: tuple[Any, ...], meta: tuple[tuple[str, Any], ...]
     ) -> None:
+        if _dry:  # record what would be launched, launch nothing
+            entry = self._compiled.get((_get_device(), meta, *_specialization(args)))
+            assert _recorded is not None
+            _recorded.append(None if entry is None else (entry[4], grid, args))
+            return
         if _launch_hooks_installed():  # let profilers see the launch
             self.fn[grid](*args, **dict(meta))
             if _recorded is not None:

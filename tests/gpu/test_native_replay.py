@@ -160,13 +160,98 @@ def test_a_signature_first_seen_in_compiled_code_is_replayed() -> None:
     assert native.last_run("rms_norm_mxfp8_quant")[0] > ran_before
 
 
-def test_a_constant_equal_to_eps_gets_no_plan() -> None:
-    """eps == the kernel's fp8_max constant: which parameter is eps cannot be told from one
-    run, so the signature keeps the Python kernel (a replay could pass the wrong one)."""
-    args = call_args("rms_norm_mxfp4_quant", (False, False), 5, 448.0, seed=9)
+def test_a_constant_equal_to_eps_is_told_apart() -> None:
+    """eps == the kernel's fp8_max constant (448) in the first call: which parameter is eps is
+    found by a dry run with another eps, so a later call with another eps replays right."""
     before = native.plan_count("rms_norm_mxfp4_quant")
-    assert_bitwise_equal(
-        ops.rms_norm_mxfp4_quant(*args), python_kernel("rms_norm_mxfp4_quant")(*args)
+    for seed, eps in ((9, 448.0), (10, 1e-6)):
+        args = call_args("rms_norm_mxfp4_quant", (False, False), 5, eps, seed=seed)
+        assert_bitwise_equal(
+            ops.rms_norm_mxfp4_quant(*args), python_kernel("rms_norm_mxfp4_quant")(*args)
+        )
+    assert native.plan_count("rms_norm_mxfp4_quant") == before + 1, native.REFUSALS
+
+
+# --- every other op with a Triton kernel: caches written in place, two eps, strings ----------
+TOKENS = 11  # a row count no other test uses: each op's first call here is a new signature
+# (q eps, kv eps) per call: equal in the first call (which parameter is which is found by dry
+# runs, not by value), then every order of two different values
+EPS_CALLS = [(1e-6, 1e-6), (1e-5, 0.25), (0.25, 1e-5), (0.0, 3.0)]
+
+
+def op_args(op: str, seed: int, eps: tuple[float, float]) -> tuple:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dev = "cuda"
+    pos = torch.randint(0, 4096, (TOKENS,), device=dev, generator=g)
+    cs = torch.randn(4096, 64, device=dev, generator=g)
+    cache = fusion_ops.alloc_mla_cache(40, 64, device=dev)
+    cache.view(torch.uint8).copy_(
+        torch.randint(0, 256, cache.view(torch.uint8).shape, device=dev, generator=g)
     )
-    assert native.plan_count("rms_norm_mxfp4_quant") == before
-    assert "constant equals the float argument" in native.REFUSALS["rms_norm_mxfp4_quant"]
+    slots = torch.randperm(40 * 64, device=dev, generator=g)[:TOKENS]
+    slots[::4] = -1
+    kv = torch.randn(TOKENS, 512, device=dev, generator=g).to(torch.bfloat16)
+    q = torch.randn(TOKENS, 8, 512, device=dev, generator=g).to(torch.bfloat16)
+    ids = torch.randint(0, 40, (5,), device=dev, generator=g)
+    proj = torch.randn(TOKENS, 1536 + 512, device=dev, generator=g).to(torch.bfloat16)
+    qa, kva = proj.split([1536, 512], dim=-1)
+    wq = (1 + 0.1 * torch.randn(1536, device=dev, generator=g)).to(torch.bfloat16)
+    wkv = (1 + 0.1 * torch.randn(512, device=dev, generator=g)).to(torch.bfloat16)
+    x32 = torch.randn(TOKENS, 512, device=dev, generator=g) * 3
+    w32 = 1 + 0.1 * torch.randn(512, device=dev, generator=g)
+    q_kv = (qa, wq, eps[0], kva, wkv, eps[1])
+    return {
+        "rope": (pos, q, cs, 64, False),
+        "mla_cache_write": (kv, cache, slots, "dsv4_fp8"),
+        "dequant_cache": (cache, ids, "dsv4_fp8"),
+        "dequant_cache_fp8": (cache, ids, "dsv4_fp8", FN),
+        "rope_mla_cache_write": (pos, q, kv, cs, cache, slots, 64, True, "dsv4_fp8"),
+        "rms_norm_rope_mla_cache_write": (
+            pos, x32, w32, eps[0], cs, cache, slots, 64, False, "dsv4_fp8", torch.bfloat16
+        ),
+        "q_kv_rms_norm": q_kv,
+        "q_kv_rms_norm_fp8_group_quant": (*q_kv, 128, True, FN, False, False),
+        "q_kv_rms_norm_mxfp4_quant": (*q_kv, True, False),
+    }[op]  # fmt: skip
+
+
+def _clone_caches(args: tuple) -> tuple:
+    return tuple(
+        a.clone() if isinstance(a, torch.Tensor) and a.dtype == torch.uint8 else a for a in args
+    )
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        "rope",
+        "mla_cache_write",
+        "dequant_cache",
+        "dequant_cache_fp8",
+        "rope_mla_cache_write",
+        "rms_norm_rope_mla_cache_write",
+        "q_kv_rms_norm",
+        "q_kv_rms_norm_fp8_group_quant",
+        "q_kv_rms_norm_mxfp4_quant",
+    ],
+)
+def test_every_op_replays_like_its_python_kernel(op: str) -> None:
+    """Cache writes (the cache an input written in place), string and dtype arguments, two eps:
+    every replayed call equals the Python kernel's, outputs and cache bytes."""
+    before = native.plan_count(op)
+    for seed, eps in enumerate(EPS_CALLS):
+        args = op_args(op, seed, eps)
+        theirs = _clone_caches(args)
+        ran_before = native.last_run(op)[0]
+        got = getattr(ops, op)(*args)
+        if seed > 0:
+            assert native.last_run(op)[0] > ran_before, native.REFUSALS.get(op)  # replayed
+        want = python_kernel(op)(*theirs)
+        if want is None:
+            assert got is None
+        else:
+            assert_bitwise_equal(got, want)
+        for a, b in zip(args, theirs, strict=True):
+            if isinstance(a, torch.Tensor) and a.dtype == torch.uint8:
+                assert torch.equal(a, b), f"{op}: cache bytes differ (call {seed})"
+    assert native.plan_count(op) == before + 1, native.REFUSALS.get(op)
