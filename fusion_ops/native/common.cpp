@@ -63,7 +63,12 @@ std::tuple<int64_t, int64_t> last_native_run(std::string op) {
 }  // namespace
 
 bool cpu_fast_path_allowed() { return allows(kBackendReference); }
-bool cuda_fast_path_allowed() { return allows(kBackendTriton); }
+// FUSION_OPS_CHECK_INDICES=1 (fusion_ops.checks): the Python kernels read the index tensors'
+// values (a sync per check), which a replay would skip
+bool cuda_fast_path_allowed() {
+  const char* checks = std::getenv("FUSION_OPS_CHECK_INDICES");
+  return allows(kBackendTriton) && !(checks != nullptr && std::strcmp(checks, "1") == 0);
+}
 
 void record_native_run(const std::string& op, int64_t backend) {
   const int64_t now = monotonic_ns();

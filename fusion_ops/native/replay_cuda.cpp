@@ -23,7 +23,8 @@
 //
 // The fast path is taken only where the Python kernel would run Triton too: no backend other
 // than `triton` forced (FUSION_OPS_BACKEND read per call, the API's override forwarded by
-// set_forced) and float arguments that pass the op's checks (the registered ops' floats are
+// set_forced), no index-value checks asked for (FUSION_OPS_CHECK_INDICES=1: the Python kernel
+// runs them) and float arguments that pass the op's checks (the registered ops' floats are
 // eps values: >= 0).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
