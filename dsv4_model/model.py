@@ -8,7 +8,8 @@ Structure (shared/reference/dsv4-facts.md §B), per decoder layer::
           (same around the MoE with ffn_norm)           h = moe(x)
 
     attn(x): qr, kv = split(fp8_linear(x))         # fused wq_a/wkv: rms_norm → fp8 1x128 quant
-             q = weightless_rms(fp8_linear(rms_norm(qr)))  [T, H, 512];  kv = rms_norm(kv)  [T, 512]
+             q = weightless_rms_norm(fp8_linear(rms_norm(qr)))  [T, H, 512]  # per head, no weight
+             kv = rms_norm(kv)  [T, 512]
              q, kv = rope(q), rope(kv)                   # GPT-J on the last 64 of 512 dims
              mla_cache_write(kv, swa_cache)              # 584-byte dsv4_fp8 slots
              CSA/HCA: compressor pools each group of `ratio` tokens (softmax over the group of
@@ -137,7 +138,7 @@ class Attention(nn.Module):
         pos = step.positions
         qr, kv = self.wqkv_a(x).split([cfg.q_lora_rank, hd], dim=-1)
         q = self.wq_b(ops.rms_norm(qr, self.q_norm_weight, cfg.rms_eps)).view(t, h, hd)
-        q = weightless_rms(q, cfg.rms_eps)
+        q = ops.weightless_rms_norm(q, cfg.rms_eps)  # per head, no weight
         kv = ops.rms_norm(kv, self.kv_norm_weight, cfg.rms_eps)
         q = self._rope(pos, q)
         kv = self._rope(pos, kv)

@@ -217,6 +217,23 @@ _define(
 )
 
 
+def _check_weightless_norm(op: str, x: torch.Tensor, eps: float, x_arg: str = "x") -> None:
+    checks.check_min_dim(op, x_arg, x, 1)
+    checks.check_dtype(op, x_arg, x, checks.FLOAT_DTYPES)
+    ea = "eps" if x_arg == "x" else f"{x_arg}_eps"
+    checks.check(op, ea, eps >= 0, lambda: f"got {eps}; expected >= 0")
+
+
+_define(
+    "weightless_rms_norm",
+    "(Tensor x, float eps) -> Tensor",
+    lambda x, eps: _check_weightless_norm("weightless_rms_norm", x, eps),
+    lambda x, eps: torch.empty_like(x, memory_format=torch.contiguous_format),
+    ref_norm.weightless_rms_norm,
+    quick=lambda x, eps: x.dtype in _FLOATS and x.dim() >= 1 and eps >= 0,
+)
+
+
 def _quick_add_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> bool:
@@ -654,8 +671,8 @@ def _check_rope_cache(
     rope_dim: int,
     is_neox: bool,
     layout: str,
+    op: str = "rope_mla_cache_write",
 ) -> None:
-    op = "rope_mla_cache_write"
     _check_rope(op, positions, q, cos_sin_cache, rope_dim, x_arg="q")
     _check_rope(op, positions, kv, cos_sin_cache, rope_dim, x_arg="kv")
     _check_cache_write(op, kv, kv_cache, slot_mapping, layout)
@@ -668,6 +685,37 @@ _define(
     _check_rope_cache,
     lambda positions, q, kv, *_: (_rope_fake(positions, q), _rope_fake(positions, kv)),
     ref_cache.rope_mla_cache_write,
+    device_arg=1,
+)
+
+
+def _check_qnorm_rope_cache(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    q_eps: float,
+    kv: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    rope_dim: int,
+    is_neox: bool,
+    layout: str,
+) -> None:
+    op = "qnorm_rope_mla_cache_write"
+    _check_weightless_norm(op, q, q_eps, x_arg="q")
+    _check_rope_cache(
+        positions, q, kv, cos_sin_cache, kv_cache, slot_mapping, rope_dim, is_neox, layout, op
+    )
+
+
+_define(
+    "qnorm_rope_mla_cache_write",
+    "(Tensor positions, Tensor q, float q_eps, Tensor kv, Tensor cos_sin_cache, "
+    "Tensor(a!) kv_cache, Tensor slot_mapping, int rope_dim, bool is_neox, str layout) "
+    "-> (Tensor, Tensor)",
+    _check_qnorm_rope_cache,
+    lambda positions, q, q_eps, kv, *_: (_rope_fake(positions, q), _rope_fake(positions, kv)),
+    ref_cache.qnorm_rope_mla_cache_write,
     device_arg=1,
 )
 

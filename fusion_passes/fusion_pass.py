@@ -51,8 +51,9 @@ class FusionPass(CustomGraphPass):
 
     Args:
         fusions: families to apply (default all): ``rms_quant``, ``add_rms_quant``,
-            ``rope_cache``, ``dequant_fp8``, ``q_kv_norm`` (two norms of one split projection),
-            ``ar_add_rms_quant`` (tensor parallel).
+            ``rope_cache``, ``qnorm_rope_cache`` (per-head q norm + both ropes + cache write),
+            ``norm_rope_cache`` (kv-only norm → rope → write), ``dequant_fp8``, ``q_kv_norm``
+            (two norms of one split projection), ``ar_add_rms_quant`` (tensor parallel).
         schemes: quant schemes the norm+quant families fuse (default all):
             ``mxfp4``, ``mxfp8``, ``fp8_per_token``, ``fp8_group``.
         dump_dir: write graph dumps there (default: ``$FUSION_PASSES_DUMP_DIR``, else none).
@@ -61,6 +62,12 @@ class FusionPass(CustomGraphPass):
             norm+quant op's Triton kernel to Inductor (it launches it like its own kernels,
             without the op call's host cost; :mod:`fusion_passes.inductor_launch`). Accounting
             counts them as the fused ops.
+        plain_torch_norms: also fuse norms written in plain PyTorch where a family can take
+            them (``qnorm_rope_cache``: DeepSeek-V4's per-head q norm as
+            ``x.float() * rsqrt(x.float().square().mean(-1) + eps)`` cast back). Off by default:
+            the fused kernel sums the squares in another order than Inductor's own reduction,
+            so results may differ from the compile without the pass in the last bit (the
+            ``weightless_rms_norm`` op never does).
     """
 
     def __init__(
@@ -70,12 +77,14 @@ class FusionPass(CustomGraphPass):
         dump_dir: str | os.PathLike[str] | None = None,
         keep_graphs: bool = False,
         inductor_launch: bool = False,
+        plain_torch_norms: bool = False,
     ) -> None:
         self.fusions = _validated("fusions", fusions, ALL_FUSIONS)
         self.schemes = _validated("schemes", schemes, ALL_SCHEMES)
         self.dump_dir = resolve_dump_dir(dump_dir)
         self.keep_graphs = keep_graphs
         self.inductor_launch = bool(inductor_launch)
+        self.plain_torch_norms = bool(plain_torch_norms)
         self.match_table: dict[str, int] = {}
         self.graphs: list[GraphRecord] = []
         self._matchers: dict[str, pm.PatternMatcherPass] = {}
@@ -93,7 +102,11 @@ class FusionPass(CustomGraphPass):
     # --- registration -------------------------------------------------------------------------
     def _register_family(self, family: str) -> None:
         matcher = pm.PatternMatcherPass(pass_name=f"fusion_passes.{family}")
-        for spec in FAMILIES[family].pattern_specs(self.schemes):
+        specs = FAMILIES[family].pattern_specs(self.schemes)
+        plain_specs = getattr(FAMILIES[family], "plain_torch_specs", None)
+        if self.plain_torch_norms and plain_specs is not None:
+            specs = [*specs, *plain_specs(self.schemes)]
+        for spec in specs:
             if isinstance(spec, GraphPatternSpec):
                 pm.register_graph_pattern(spec.pattern, extra_check=spec.check, pass_dict=matcher)(
                     spec.handler
@@ -143,6 +156,9 @@ class FusionPass(CustomGraphPass):
 
         for matcher in self._matchers.values():
             matcher.apply(graph)
+            # a multi-output replacement is inserted at its first output, possibly before an
+            # input of it; the next family's matcher expects def-before-use
+            pm.stable_topological_sort(graph)
         for family in self.fusions:  # graph rewrites (horizontal fusions) after every matcher
             rewrite = getattr(FAMILIES[family], "rewrite", None)
             if rewrite is not None:
@@ -234,6 +250,7 @@ class FusionPass(CustomGraphPass):
             "schemes": list(self.schemes),
             "dump_dir": str(self.dump_dir) if self.dump_dir is not None else None,
             "inductor_launch": self.inductor_launch,
+            "plain_torch_norms": self.plain_torch_norms,
             "norm_sources": list(quant_variants.sources()),
         }
 
@@ -281,6 +298,8 @@ def _fused_op_accepts(spec: PatternSpec) -> Callable[[pm.Match], bool]:
     def check(match: pm.Match) -> bool:
         outputs = [n for n in match.output_nodes() if n is not None]
         if len(set(outputs)) != len(outputs):
+            return False
+        if spec.check is not None and not spec.check(match):
             return False
         if any(n not in match.kwargs for n in names):
             # torch 2.11 leaves scalar_workaround names (eps) out of match.kwargs: the fused

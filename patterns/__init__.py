@@ -1,7 +1,8 @@
 """Fusion families: one module each (pattern, replacement, example inputs, must-not-fire rules).
 
-``FAMILIES`` is the single registry, in the order the pass applies them (``ar_add_rms_quant``
-last: it folds an all-reduce into the add-norm ops the others leave or create). A family may
+``FAMILIES`` is the single registry, in the order the pass applies them (``qnorm_rope_cache``
+before ``rope_cache``, which takes the ropes and writes it leaves; ``ar_add_rms_quant`` last: it
+folds an all-reduce into the add-norm ops the others leave or create). A family may
 also define ``rewrite(graph, schemes)``: a graph rewrite run after every family's matcher
 (``q_kv_norm``, a horizontal fusion of what the matchers leave or create).
 """
@@ -16,6 +17,7 @@ from . import (
     dequant_fp8,
     norm_rope_cache,
     q_kv_norm,
+    qnorm_rope_cache,
     rms_quant,
     rope_cache,
 )
@@ -26,6 +28,7 @@ FAMILIES: dict[str, ModuleType] = {
     for m in (
         add_rms_quant,
         rms_quant,
+        qnorm_rope_cache,
         rope_cache,
         norm_rope_cache,
         dequant_fp8,

@@ -27,6 +27,8 @@ class PatternSpec:
     replace: Callable[..., Any]
     example_inputs: Callable[[], Sequence[Any]]  # called under FakeTensorMode
     scalar_workaround: dict[str, float | int] = field(default_factory=dict)
+    # an extra condition on the match (torch._inductor.pattern_matcher.Match) before it fires
+    check: Callable[[Any], bool] | None = None
 
     @property
     def name(self) -> str:

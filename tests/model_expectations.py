@@ -34,8 +34,8 @@ def expected_matches(
         # ffn_norm → expert activation quant; the router gate reads the normed x (+normed)
         family = "add_rms_quant" if cfg.residual == "add" else "rms_quant"
         out[f"{family}/{act}+normed/bf16"] += 1
-        # q and kv rope → SWA cache write
-        out[f"rope_cache/gptj_dsv4_fp8_{functionalization}/bf16"] += 1
+        # per-head q norm → q rope, kv rope → SWA cache write: one op
+        out[f"qnorm_rope_cache/gptj_dsv4_fp8_{functionalization}/bf16"] += 1
         if decode:  # keys read back: SWA cache, plus the compressed cache in CSA/HCA layers
             out["dequant_fp8/dsv4_fp8_e4m3fn/uint8"] += 1 + (ratio > 1)
     return out
@@ -48,6 +48,7 @@ def expected_leftover_ops(cfg: dm.DSV4Config) -> dict[str, int]:
         "rms_norm": int(cfg.residual == "mhc"),  # final norm (feeds lm_head, no quant)
         "fused_add_rms_norm": int(cfg.residual == "add"),  # final norm (feeds lm_head, no quant)
         "rope": n,  # inverse rope on the attention output
+        "weightless_rms_norm": 0,
         "mla_cache_write": 0,
         "fp8_group_quant": n,  # wo_b input (no norm before it)
         "mxfp8_quant": 0,

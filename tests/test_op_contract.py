@@ -67,6 +67,19 @@ def sample_args(name: str) -> tuple[Any, ...]:
         ),
     }
     fixed["q_kv_rms_norm"] = (x, w, EPS, r[:, :128], w[:128], 1e-5)
+    fixed["weightless_rms_norm"] = (ri["q"], EPS)
+    fixed["qnorm_rope_mla_cache_write"] = (
+        ri["positions"],
+        ri["q"],
+        1e-5,
+        ri["kv"],
+        ri["cos_sin_cache"],
+        ri["kv_cache"],
+        ri["slot_mapping"],
+        64,
+        False,
+        "dsv4_fp8",
+    )
     fixed["rms_norm_rope_mla_cache_write"] = (
         ri["positions"],
         ri["kv"].float(),
@@ -113,6 +126,8 @@ def test_namespace_holds_every_documented_op() -> None:
         "dequant_cache_fp8",
         "q_kv_rms_norm",
         "rms_norm_rope_mla_cache_write",
+        "weightless_rms_norm",
+        "qnorm_rope_mla_cache_write",
     }
     for s in ("mxfp4", "mxfp8", "fp8_per_token", "fp8_group"):
         expected |= {f"{s}_quant", f"rms_norm_{s}_quant", f"add_rms_norm_{s}_quant"}
@@ -271,6 +286,38 @@ def test_norm_rope_cache_write_equals_standalone(layout: str, out_dtype) -> None
         True, layout, out_dtype,
     )  # fmt: skip
     assert_bitwise((fused, b["kv_cache"]), (kv_rot, a["kv_cache"]))
+
+
+@pytest.mark.parametrize("layout", ["dsv4_fp8", "bf16"])
+@pytest.mark.parametrize("is_neox", [False, True])
+def test_qnorm_rope_cache_write_equals_standalone(layout: str, is_neox: bool) -> None:
+    """qnorm_rope_mla_cache_write == weightless_rms_norm → rope (q), rope (kv) →
+    mla_cache_write, cache bytes included (slots not given are left alone)."""
+    a, b = rope_inputs(), rope_inputs()
+    if layout == "bf16":
+        a["kv_cache"] = torch.randn(4, 4, 512).to(torch.bfloat16)
+        b["kv_cache"] = a["kv_cache"].clone()
+    q = a["q"] * 3
+    q_rot = ops.rope(
+        a["positions"], ops.weightless_rms_norm(q, 1e-5), a["cos_sin_cache"], 64, is_neox
+    )
+    kv_rot = ops.rope(a["positions"], a["kv"], a["cos_sin_cache"], 64, is_neox)
+    ops.mla_cache_write(kv_rot, a["kv_cache"], a["slot_mapping"], layout)
+    fused = ops.qnorm_rope_mla_cache_write(
+        b["positions"], q, 1e-5, b["kv"], b["cos_sin_cache"], b["kv_cache"], b["slot_mapping"],
+        64, is_neox, layout,
+    )  # fmt: skip
+    assert_bitwise((*fused, b["kv_cache"]), (q_rot, kv_rot, a["kv_cache"]))
+
+
+def test_weightless_rms_norm_is_the_plain_formula() -> None:
+    """The op's definition: x·rsqrt(mean(x²) + eps) over the last dim in fp32, one rounding
+    (computed here in float64 and rounded once: equal but for fp32 rounding ties)."""
+    x = (torch.randn(6, 3, 512) * 4).to(torch.bfloat16)
+    xd = x.double()
+    expected = (xd * torch.rsqrt(xd.square().mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
+    got = ops.weightless_rms_norm(x, 1e-6)
+    assert (got != expected).float().mean() < 1e-3
 
 
 @pytest.mark.parametrize("fp8_dtype", [FN, FNUZ])

@@ -23,7 +23,7 @@ from ..formats import (
     E8M0_NAN,
     fp8_max,
 )
-from .norm import rms_norm
+from .norm import rms_norm, weightless_rms_norm
 from .numerics import ceil_log2_ratio, pow2
 from .rope import rope
 
@@ -111,6 +111,26 @@ def rope_mla_cache_write(
     kv_rot = rope(positions, kv, cos_sin_cache, rope_dim, is_neox)
     mla_cache_write(kv_rot, kv_cache, slot_mapping, layout)
     return q_rot, kv_rot
+
+
+def qnorm_rope_mla_cache_write(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    q_eps: float,
+    kv: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    rope_dim: int,
+    is_neox: bool,
+    layout: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The q-norm chain's reference: weightless rms_norm of each q head, then
+    :func:`rope_mla_cache_write` (rope on q and kv, write the rotated kv); returns both."""
+    q_normed = weightless_rms_norm(q, q_eps)
+    return rope_mla_cache_write(
+        positions, q_normed, kv, cos_sin_cache, kv_cache, slot_mapping, rope_dim, is_neox, layout
+    )
 
 
 def rms_norm_rope_mla_cache_write(

@@ -47,6 +47,13 @@ def rms_norm(
     return _normalize(x.float(), weight, eps, x.dtype, weight_after_rounding)
 
 
+def weightless_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """y = x · rsqrt(mean(x²) + eps) over the last dim, no weight (DeepSeek-V4's per-head q
+    norm), computed in fp32, rounded once to x.dtype."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 def fused_add_rms_norm(
     x: torch.Tensor,
     residual: torch.Tensor,

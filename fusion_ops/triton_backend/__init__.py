@@ -43,6 +43,7 @@ _rope_launch = Launcher(k.rope_kernel)
 _cache_write_launch = Launcher(k.cache_write_kernel)
 _rope_cache_launch = Launcher(k.rope_cache_kernel)
 _norm_rope_cache_launch = Launcher(k.norm_rope_cache_kernel)
+_qnorm_rope_cache_launch = Launcher(k.qnorm_rope_cache_kernel)
 _dequant_dsv4_launch = Launcher(k.dequant_dsv4_kernel)
 _gather_rows_launch = Launcher(k.gather_rows_kernel)
 
@@ -117,9 +118,11 @@ def _norm_quant(
     params: tuple[Any, ...],
     write_y: bool,
     numerics: NormNumerics = _DEFAULT_NUMERICS,
+    weightless: bool = False,
 ) -> tuple[torch.Tensor | None, ...]:
     """Run the row kernel; returns (y, residual_out, q, scales), None for what it did not make.
-    ``numerics``: the fused op's rounding flags (``return_normed`` is ``write_y``)."""
+    ``numerics``: the fused op's rounding flags (``return_normed`` is ``write_y``).
+    ``weightless``: normalize without a weight (``weight`` is None)."""
     kdim = x.shape[-1]
     x2 = _rows(x)
     m = x2.shape[0]
@@ -154,7 +157,7 @@ def _norm_quant(
             ),
             (
                 ("HAS_RES", residual is not None),
-                ("DO_NORM", weight is not None),
+                ("DO_NORM", weight is not None or weightless),
                 ("WRITE_Y", write_y),
                 ("SCHEME", scheme_consts["SCHEME"]),
                 ("GROUP", scheme_consts["GROUP"]),
@@ -163,6 +166,7 @@ def _norm_quant(
                 ("USE_PDL", pdl),
                 ("WEIGHT_AFTER_ROUNDING", numerics.weight_after_rounding),
                 ("UNROUNDED_SUM", numerics.norm_unrounded_sum),
+                ("WEIGHTLESS", weightless),
                 ("num_warps", _num_warps(block_k, m)),
                 ("launch_pdl", pdl),
             ),
@@ -267,6 +271,11 @@ def _fnuz_on_nvidia(params: tuple[Any, ...]) -> bool:
 @register_impl("rms_norm", "triton")
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _norm_quant(x, None, weight, eps, None, (), True)[0]
+
+
+@register_impl("weightless_rms_norm", "triton")
+def weightless_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return _norm_quant(x, None, None, eps, None, (), True, weightless=True)[0]
 
 
 @register_impl("fused_add_rms_norm", "triton")
@@ -481,6 +490,53 @@ def rope_mla_cache_write(
                 ("DSV4", layout == "dsv4_fp8"),
                 ("BLOCK_D", next_power_of_2(d)),
                 ("enable_fp_fusion", False),
+            ),
+        )
+    return q_out.view(q.shape), kv_out
+
+
+@register_impl("qnorm_rope_mla_cache_write", "triton")
+def qnorm_rope_mla_cache_write(
+    positions, q, q_eps, kv, cos_sin_cache, kv_cache, slot_mapping, rope_dim, is_neox, layout
+):  # type: ignore[no-untyped-def]
+    qv, kv2 = _heads_view(q), _kv_rows(kv)
+    t, h, d = qv.shape
+    q_out = torch.empty((t, h, d), dtype=q.dtype, device=q.device)
+    kv_out = torch.empty(kv2.shape, dtype=kv.dtype, device=kv.device)
+    if t:
+        block = next_power_of_2(d)
+        pdl = _pdl_supported(q.get_device())
+        _qnorm_rope_cache_launch(
+            (t, h + 1),
+            (
+                positions,
+                qv,
+                kv2,
+                q_out,
+                kv_out,
+                cos_sin_cache.float().contiguous(),
+                kv_cache,
+                slot_mapping,
+                qv.stride(0),
+                qv.stride(1),
+                kv2.stride(0),
+                q_eps,
+                kv_cache.stride(0),
+                kv_cache.shape[0] * kv_cache.shape[1],
+                h,
+            ),
+            (
+                ("BS", kv_cache.shape[1]),
+                ("D", d),
+                ("ROPE", rope_dim),
+                ("IS_NEOX", is_neox),
+                ("DSV4", layout == "dsv4_fp8"),
+                ("BLOCK_D", block),
+                ("HIP", IS_HIP),
+                ("USE_PDL", pdl),
+                # the standalone weightless norm's warps for its t·h rows: same sums
+                ("num_warps", _num_warps(block, t * h)),
+                ("launch_pdl", pdl),
             ),
         )
     return q_out.view(q.shape), kv_out

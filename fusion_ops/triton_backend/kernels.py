@@ -118,17 +118,19 @@ def norm_quant_kernel(
     USE_PDL: tl.constexpr,
     WEIGHT_AFTER_ROUNDING: tl.constexpr = False,
     UNROUNDED_SUM: tl.constexpr = False,
+    WEIGHTLESS: tl.constexpr = False,
 ):
     """One row per program: [x + r →] rms_norm → [quant]; the flags select other libraries'
     rounding points (fusion_ops.reference.norm): the weight applied after rounding the normed
-    value to the weight's dtype, the norm of the unrounded fp32 sum."""
+    value to the weight's dtype, the norm of the unrounded fp32 sum; WEIGHTLESS: no weight
+    (``weightless_rms_norm``; w_ptr is not read)."""
     row = tl.program_id(0).to(tl.int64)
     if USE_PDL:  # see _pdl_start
         _pdl_start()
     _norm_quant_row(
         row, x_ptr, r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr, x_stride, r_stride, K,
         eps, fp8_max, min_scale, HAS_RES, DO_NORM, WRITE_Y, SCHEME, GROUP, UE8M0, BLOCK_K,
-        WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM,
+        WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM, WEIGHTLESS,
     )  # fmt: skip
 
 
@@ -157,6 +159,7 @@ def _norm_quant_row(
     BLOCK_K: tl.constexpr,
     WEIGHT_AFTER_ROUNDING: tl.constexpr,
     UNROUNDED_SUM: tl.constexpr,
+    WEIGHTLESS: tl.constexpr = False,
 ):
     """norm_quant_kernel's work on one row (also the tail of all_reduce_norm_quant_kernel)."""
     cols = tl.arange(0, BLOCK_K)
@@ -170,7 +173,7 @@ def _norm_quant_row(
     _norm_quant_part(
         x, 0, inv, row, r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr, r_stride, K, fp8_max,
         min_scale, HAS_RES, DO_NORM, WRITE_Y, SCHEME, GROUP, UE8M0, BLOCK_K,
-        WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM,
+        WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM, WEIGHTLESS,
     )  # fmt: skip
 
 
@@ -199,6 +202,7 @@ def _norm_quant_part(
     BLOCK: tl.constexpr,
     WEIGHT_AFTER_ROUNDING: tl.constexpr,
     UNROUNDED_SUM: tl.constexpr,
+    WEIGHTLESS: tl.constexpr = False,
 ):
     """The row work on columns [col0, col0 + BLOCK) of the row (x: those columns, loaded; inv:
     the whole row's 1/rms): residual add, norm, stores, quant. Every output element depends on
@@ -217,7 +221,9 @@ def _norm_quant_part(
         x = total.to(out_dtype)  # residual_out, rounded
         tl.store(res_ptr + row * K + cols, x, mask=mask)
         xf = total if UNROUNDED_SUM else x.to(tl.float32)
-    if DO_NORM:
+    if DO_NORM and WEIGHTLESS:
+        y = (xf * inv).to(out_dtype)
+    elif DO_NORM:
         w = tl.load(w_ptr + cols, mask=mask, other=0.0)
         if WEIGHT_AFTER_ROUNDING:  # (n.to(w.dtype) * w).to(x.dtype)
             n = (xf * inv).to(w.dtype).to(tl.float32)
@@ -835,6 +841,58 @@ def norm_rope_cache_kernel(
     tl.debug_barrier()
     slot = tl.load(slot_ptr + t).to(tl.int64)
     _write_slot(cache_ptr, row, slot, block_stride, num_slots, BS, D, DSV4, BLOCK_D)
+
+
+@triton.jit
+def qnorm_rope_cache_kernel(
+    pos_ptr,
+    q_ptr,
+    kv_ptr,
+    q_out_ptr,
+    kv_out_ptr,
+    cs_ptr,
+    cache_ptr,
+    slot_ptr,
+    q_stride_t,
+    q_stride_h,
+    kv_stride,
+    q_eps,
+    block_stride,
+    num_slots,
+    HEADS,
+    BS: tl.constexpr,
+    D: tl.constexpr,
+    ROPE: tl.constexpr,
+    IS_NEOX: tl.constexpr,
+    DSV4: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HIP: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    """Programs (t, h < HEADS): weightless rms_norm of q head h (norm_quant_kernel's row work,
+    stored to the output row), then its rope in place. Program (t, HEADS): rope kv, then write
+    it. Compiled with FP fusion on like the norm kernel (same sum of squares); the ropes'
+    products are rounded one by one (_mul_rn) like the rope kernel's, compiled without it."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    if USE_PDL:  # see _pdl_start
+        _pdl_start()
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    if h < HEADS:
+        src = q_ptr + t * q_stride_t + h * q_stride_h
+        row = q_out_ptr + (t * HEADS + h) * D
+        _norm_quant_row(
+            0, src, src, src, row, row, row, row, 0, 0, D, q_eps, 0.0, 0.0, False, True,
+            True, 0, 1, False, BLOCK_D, False, False, True,  # SCHEME 0, WEIGHTLESS
+        )  # fmt: skip
+        tl.debug_barrier()  # the normed row is re-read by other threads of this program
+        _rope_row(row, row, cs_ptr, pos, D, ROPE, IS_NEOX, BLOCK_D, True, HIP)
+    else:
+        row = kv_out_ptr + t * D
+        _rope_row(kv_ptr + t * kv_stride, row, cs_ptr, pos, D, ROPE, IS_NEOX, BLOCK_D, True, HIP)
+        tl.debug_barrier()  # the rotated row is re-read by other threads of this program
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        _write_slot(cache_ptr, row, slot, block_stride, num_slots, BS, D, DSV4, BLOCK_D)
 
 
 @triton.jit

@@ -1,0 +1,218 @@
+"""qnorm_rope_cache (chain): ``weightless_rms_norm(q)`` → ``rope(q)``, ``rope(kv)`` →
+``mla_cache_write(kv_rot)``  ⇒  ``qnorm_rope_mla_cache_write``.
+
+DeepSeek-V4's attention normalizes each q head without a weight before its rope; vLLM
+hand-fuses that norm with both ropes, the kv quant and the paged insert into one kernel
+(``fused_deepseek_v4_qnorm_rope_kv_rope_quant_insert``). Registered before ``rope_cache``, so
+it sees the two ropes and the write unfused (the rotated kv always has a user there: the write;
+a ``rope_mla_cache_write`` output may have none, which would need one pattern per set of used
+outputs). Written in both functionalization forms of the cache write (kwargs in
+functionalization's order), like ``rope_cache``, whose canonicalization it shares.
+
+The norm must be the ``weightless_rms_norm`` op: a norm written in plain PyTorch is reduced by
+Inductor in its own order, which the fused kernel cannot reproduce bit for bit, so it is left
+alone unless the pass is built with ``plain_torch_norms=True`` (:func:`plain_torch_specs`).
+The normed q must have no other user (a pattern's inner nodes never do).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch._higher_order_ops.auto_functionalize import auto_functionalized_v2
+
+from fusion_ops import CACHE_LAYOUTS
+
+from . import rope_cache
+from .base import (
+    HOPS,
+    NearMiss,
+    PatternSpec,
+    dtype_name,
+    find_calls,
+    functional_call,
+    op_args,
+    op_name,
+    users_by_op,
+    val,
+)
+
+NAME = "qnorm_rope_cache"
+STANDALONE_OPS = ("weightless_rms_norm", "rope", "mla_cache_write")
+FUSED_OPS = ("qnorm_rope_mla_cache_write",)
+EXAMPLE_ROPE_DIM = 64
+EXAMPLE_EPS = 1e-6
+ops = torch.ops.fusion_ops
+
+
+def _spec(is_neox: bool, layout: str, v2: bool) -> PatternSpec:
+    fused = ops.qnorm_rope_mla_cache_write.default
+
+    def search(positions, q, kv, cos_sin_cache, kv_cache, slot_mapping, q_eps, rope_dim):  # type: ignore[no-untyped-def]
+        return _ropes_and_write(
+            ops.weightless_rms_norm.default(q, q_eps), positions, kv, cos_sin_cache, kv_cache,
+            slot_mapping, rope_dim, is_neox, layout, v2,
+        )  # fmt: skip
+
+    def replace(positions, q, kv, cos_sin_cache, kv_cache, slot_mapping, q_eps, rope_dim):  # type: ignore[no-untyped-def]
+        kwargs = dict(positions=positions, q=q, q_eps=q_eps, kv=kv, cos_sin_cache=cos_sin_cache)
+        kwargs.update(kv_cache=kv_cache, slot_mapping=slot_mapping, rope_dim=rope_dim)
+        kwargs.update(is_neox=is_neox, layout=layout)
+        out = functional_call(fused, v2, kwargs)
+        return out[2], out[0], out[1]  # new cache, q_rot, kv_rot
+
+    def example_inputs() -> list[torch.Tensor]:
+        t = 4
+        if layout == "dsv4_fp8":
+            cache = torch.empty(2, 4, 584, dtype=torch.uint8)
+        else:
+            cache = torch.empty(2, 4, 512, dtype=torch.bfloat16)
+        return [
+            torch.empty(t, dtype=torch.int64),
+            torch.empty(t, 2, 512, dtype=torch.bfloat16),
+            torch.empty(t, 512, dtype=torch.bfloat16),
+            torch.empty(16, EXAMPLE_ROPE_DIM, dtype=torch.float32),
+            cache,
+            torch.empty(t, dtype=torch.int64),
+        ]
+
+    variant = f"{'neox' if is_neox else 'gptj'}_{layout}_{'v2' if v2 else 'v1'}"
+    wildcards = {"q_eps": EXAMPLE_EPS, "rope_dim": EXAMPLE_ROPE_DIM}
+    return PatternSpec(NAME, variant, search, replace, example_inputs, wildcards)
+
+
+def _ropes_and_write(
+    q_normed, positions, kv, cos_sin_cache, kv_cache, slot_mapping, rope_dim, is_neox, layout, v2
+):  # type: ignore[no-untyped-def]
+    """The rest of the search: q rope, kv rope, kv cache write; returns (new cache, q_rot,
+    kv_rot), the order of the replacement's outputs."""
+    q_rot = ops.rope.default(positions, q_normed, cos_sin_cache, rope_dim, is_neox)
+    kv_rot = ops.rope.default(positions, kv, cos_sin_cache, rope_dim, is_neox)
+    kwargs = dict(kv=kv_rot, kv_cache=kv_cache, slot_mapping=slot_mapping, layout=layout)
+    out = functional_call(ops.mla_cache_write.default, v2, kwargs)
+    return out[1], q_rot, kv_rot
+
+
+def pattern_specs(schemes: Sequence[str]) -> list[PatternSpec]:
+    return [
+        _spec(is_neox, layout, v2)
+        for v2 in (False, True)
+        for layout in CACHE_LAYOUTS
+        for is_neox in (False, True)
+    ]
+
+
+def _plain_weightless_rms(x: torch.Tensor, eps: float, square_by_pow: bool) -> torch.Tensor:
+    """The per-head q norm as DeepSeek-V4 reference code writes it in plain PyTorch."""
+    xf = x.float()
+    sq = xf.pow(2) if square_by_pow else xf * xf
+    return (xf * torch.rsqrt(sq.mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _plain_spec(is_neox: bool, layout: str, v2: bool, square_by_pow: bool) -> PatternSpec:
+    """The plain-PyTorch norm before the ropes and the write (``plain_torch_norms=True``)."""
+    base = _spec(is_neox, layout, v2)
+
+    def search(positions, q, kv, cos_sin_cache, kv_cache, slot_mapping, q_eps, rope_dim):  # type: ignore[no-untyped-def]
+        return _ropes_and_write(
+            _plain_weightless_rms(q, q_eps, square_by_pow), positions, kv, cos_sin_cache,
+            kv_cache, slot_mapping, rope_dim, is_neox, layout, v2,
+        )  # fmt: skip
+
+    def casts_back(match: Any) -> bool:
+        """The matcher ignores dtype literals: the norm must upcast a 16-bit q and cast back to
+        q's own dtype (the op's contract), not to another one."""
+        q_dtype = val(match.kwargs["q"]).dtype
+        q_rot = match.output_nodes()[1]
+        return q_dtype in (torch.bfloat16, torch.float16) and val(q_rot).dtype == q_dtype
+
+    square = "pow" if square_by_pow else "mul"
+    return PatternSpec(
+        NAME,
+        f"{base.variant}_plain_torch_{square}",
+        search,
+        base.replace,
+        base.example_inputs,
+        base.scalar_workaround,
+        check=casts_back,
+    )
+
+
+def plain_torch_specs(schemes: Sequence[str]) -> list[PatternSpec]:
+    """Registered only with ``FusionPass(plain_torch_norms=True)``: they change the q norm's
+    summation order (Inductor's reduction → the fused kernel's)."""
+    return [
+        _plain_spec(is_neox, layout, v2, by_pow)
+        for by_pow in (True, False)
+        for v2 in (False, True)
+        for layout in CACHE_LAYOUTS
+        for is_neox in (False, True)
+    ]
+
+
+def prepare(graph: torch.fx.Graph, schemes: Sequence[str]) -> int:
+    """rope_cache's canonicalization (views hoisted above the kv rope, the kv rope last among
+    its inputs' users: a q rope before or after it binds); it does nothing more the second
+    time, when both families are enabled."""
+    return rope_cache.prepare(graph, schemes)
+
+
+def label(node: torch.fx.Node) -> str | None:
+    if op_name(node) != "qnorm_rope_mla_cache_write" or node.target not in HOPS:
+        return None
+    kw = node.kwargs
+    style = "neox" if kw["is_neox"] else "gptj"
+    hop = "v2" if node.target is auto_functionalized_v2 else "v1"
+    return f"{NAME}/{style}_{kw['layout']}_{hop}/{dtype_name(val(kw['q']).dtype)}"
+
+
+def near_misses(graph: torch.fx.Graph, schemes: Sequence[str]) -> list[NearMiss]:
+    """Every ``weightless_rms_norm`` left whose output is roped, and every fused rope + write
+    whose q is a norm written in plain PyTorch, with why."""
+    out = []
+    for norm in find_calls(graph, "weightless_rms_norm"):
+        ropes = [u for u in norm.users if op_name(u) in ("rope", "rope_mla_cache_write")]
+        if ropes:
+            out.append(NearMiss(NAME, norm.name, "weightless_rms_norm", _explain(norm, ropes)))
+    for fused in find_calls(graph, "rope_mla_cache_write"):
+        if _is_plain_torch_norm(op_args(fused).get("q")):
+            reason = (
+                "its q is an RMS norm written in plain PyTorch (Inductor reduces it in its own "
+                "order, which a fused kernel cannot reproduce bit for bit): write it as "
+                "fusion_ops.weightless_rms_norm, or build FusionPass(plain_torch_norms=True) to "
+                "fuse it anyway (last-bit differences)"
+            )
+            out.append(NearMiss(NAME, fused.name, "rope_mla_cache_write", reason))
+    return out
+
+
+def _is_plain_torch_norm(node: object) -> bool:
+    """``(x·rsqrt(…)).to(dtype)`` as post-grad graphs spell a plain-PyTorch RMS norm."""
+    if not isinstance(node, torch.fx.Node) or node.target is not _CAST:
+        return False
+    product = node.args[0]
+    return (
+        isinstance(product, torch.fx.Node)
+        and product.target is torch.ops.aten.mul.Tensor
+        and any(
+            isinstance(a, torch.fx.Node) and a.target is torch.ops.aten.rsqrt.default
+            for a in product.args
+        )
+    )
+
+
+_CAST = torch.ops.prims.convert_element_type.default
+
+
+def _explain(norm: torch.fx.Node, ropes: list[torch.fx.Node]) -> str:
+    if len(norm.users) > 1:
+        users = ", ".join(sorted(users_by_op(norm)))
+        return f"the normed q has other users ({users}); the fused op returns only the roped q"
+    (rope,) = ropes
+    if op_name(rope) == "rope":
+        return "its rope has no kv rope + cache write beside it (same positions, table, style)"
+    if op_args(rope).get("q") is not norm:
+        return "the norm feeds the kv side of the fused rope + write, not its q"
+    return "structure matched a registered pattern but its re-check failed"
