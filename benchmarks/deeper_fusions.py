@@ -8,6 +8,10 @@
   0.32's own Triton kernel ``fused_q_kv_rmsnorm`` (its source file, loaded without vLLM: the
   ``@triton.jit`` kernel is taken out of the file and launched as vLLM's launcher does, with
   and without PDL). Inputs are the two parts of one [T, q_lora + 512] bf16 projection.
+* ``qnorm_rope_cache``: DSV4's per-head weightless q norm + q rope + kv rope + dsv4_fp8 write in
+  one launch vs the four standalone ops, vs the q norm in plain PyTorch compiled by Inductor
+  followed by the fused rope + write (what the pass gave before the family: two launches) and
+  vs the four pieces compiled without the pass (the plain q norm: Inductor's kernel).
 * ``norm_rope_cache``: the compressor chain (fp32 rows → norm → bf16 → rope → dsv4_fp8 cache)
   in one launch vs the four standalone ops, launched and compiled (Inductor fuses the cast).
 
@@ -161,6 +165,48 @@ def bench_norm_rope_cache(tokens_list: list[int]) -> list[dict]:
     return rows
 
 
+def bench_qnorm_rope_cache(tokens_list: list[int], heads: int) -> list[dict]:
+    rows = []
+    print(f"{f'qnorm_rope_cache (H={heads}, dsv4_fp8)':40s} {'tokens':>7s} {'fused':>7s}"
+          f" {'4 ops':>7s} {'plain+rc':>9s} {'4 compiled':>10s}")  # fmt: skip
+    for t in tokens_list:
+        proj = torch.randn(t, (heads + 1) * 512, device=DEV).bfloat16() * 3
+        q = proj[:, : heads * 512].view(t, heads, 512)
+        kv = proj[:, heads * 512 :]
+        cs = torch.randn(max(t, 64) * 4, 64, device=DEV)
+        pos = torch.arange(t, device=DEV) * 4
+        cache = fusion_ops.alloc_mla_cache(max(t // 64 + 1, 2), 64, device=DEV)
+        slots = torch.arange(t, device=DEV)
+
+        def standalone() -> None:
+            ops.rope(pos, ops.weightless_rms_norm(q, EPS), cs, 64, False)
+            ops.mla_cache_write(ops.rope(pos, kv, cs, 64, False), cache, slots, "dsv4_fp8")
+
+        def plain_then_rope_cache() -> None:
+            qn = ref_norm.weightless_rms_norm(q, EPS)  # plain torch: Inductor's kernel
+            ops.rope_mla_cache_write(pos, qn, kv, cs, cache, slots, 64, False, "dsv4_fp8")
+
+        def plain_four() -> None:
+            qn = ref_norm.weightless_rms_norm(q, EPS)
+            ops.rope(pos, qn, cs, 64, False)
+            ops.mla_cache_write(ops.rope(pos, kv, cs, 64, False), cache, slots, "dsv4_fp8")
+
+        args = (pos, q, EPS, kv, cs, cache, slots, 64, False, "dsv4_fp8")
+        r = {
+            "tokens": t,
+            "heads": heads,
+            "fused_us": bench(lambda: ops.qnorm_rope_mla_cache_write(*args)),
+            "standalone_us": bench(standalone),
+            "plain_norm_then_rope_cache_us": bench(inductor(plain_then_rope_cache)),
+            "compiled_plain_four_us": bench(inductor(plain_four)),
+        }
+        rows.append(r)
+        keys = ("fused_us", "standalone_us", "plain_norm_then_rope_cache_us")
+        cells = " ".join(f"{r[k]:7.2f}" for k in keys)
+        print(f"{'':40s} {t:7d} {cells} {r['compiled_plain_four_us']:10.2f}", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vllm-source", default=None, help="vLLM's fused_qk_rmsnorm.py")
@@ -171,6 +217,7 @@ def main() -> None:
     vllm = load_vllm_kernel(args.vllm_source) if args.vllm_source else None
     q_kv = bench_q_kv([1, 16, 128, 1024, 8192], [1024, 1536], vllm)
     chain = bench_norm_rope_cache([1, 16, 128, 1024])
+    qnorm = bench_qnorm_rope_cache([1, 16, 128, 1024], heads=64)
     meta = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
@@ -181,7 +228,8 @@ def main() -> None:
     print(json.dumps(meta))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"meta": meta, "q_kv_norm": q_kv, "norm_rope_cache": chain}, fh, indent=1)
+            out = {"meta": meta, "q_kv_norm": q_kv, "norm_rope_cache": chain}
+            json.dump({**out, "qnorm_rope_cache": qnorm}, fh, indent=1)
 
 
 if __name__ == "__main__":

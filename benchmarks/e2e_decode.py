@@ -49,12 +49,37 @@ def step_ms(fn: Any, step: dm.Step, reps: int = 30, inner: int = 1) -> float:
     return statistics.median(times)
 
 
-def kernel_names(fn: Any, step: dm.Step) -> Counter[str]:
-    """CUDA kernels launched by one step, by name (profiler)."""
+def interleaved_step_ms(
+    fns: dict[str, Any], step: dm.Step, reps: int = 40, inner: int = 5
+) -> dict[str, float]:
+    """Launched step ms per variant, the variants' samples interleaved (A B, B A, A B, ...) so a
+    drift of the shared host's speed hits every variant alike: median over ``reps`` samples of
+    the mean of ``inner`` back-to-back steps."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns)
+    for rep in range(reps):
+        for name in order if rep % 2 == 0 else order[::-1]:
+            times[name].append(step_ms(fns[name], step, reps=1, inner=inner))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _fusion_ops_kernels() -> frozenset[str]:
+    """Names of the Triton kernels fusion_ops launches (what the profiler calls them)."""
+    from fusion_ops.triton_backend import kernels
+
+    return frozenset(n for n in dir(kernels) if n.endswith("_kernel"))
+
+
+def kernel_profile(fn: Any, step: dm.Step) -> tuple[Counter[str], dict[str, float]]:
+    """CUDA kernels launched by one step, by name, and their GPU µs per name (profiler)."""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn(step, True)
         torch.cuda.synchronize()
-    return Counter(e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    us: Counter[str] = Counter()
+    for e in events:
+        us[e.name] += e.device_time
+    return Counter(e.name for e in events), dict(us)
 
 
 def as_cuda_graph(fn: Any, step: dm.Step) -> tuple[Any, torch.Tensor]:
@@ -93,8 +118,9 @@ def main() -> None:
         "--launch-rounds",
         type=int,
         default=0,
-        help="re-time the launched (no CUDA graph) step this many more rounds per batch size, "
-        "variants alternating within each round (spread of the CPU-bound launch timing)",
+        help="re-time the launched (no CUDA graph) step this many more rounds per batch size "
+        "(compiled variants only), the variants' samples interleaved within each round "
+        "(spread of the CPU-bound launch timing)",
     )
     p.add_argument(
         "--inductor-launch",
@@ -177,7 +203,7 @@ def run(args: argparse.Namespace, tp: dm.TensorParallel | None = None) -> None:
     names: dict[str, dict[str, int]] = {}
     print(
         f"{'batch':>5s} {'variant':36s} {'step ms':>8s} {'graph ms':>8s} {'kernels':>8s}"
-        f" {'peak MB':>8s}",
+        f" {'peak MB':>8s} {'our krn':>7s} {'GPU µs':>9s} {'our µs':>9s}",
         flush=True,
     )
     for b in args.batch:
@@ -188,12 +214,18 @@ def run(args: argparse.Namespace, tp: dm.TensorParallel | None = None) -> None:
             for name, fn in variants.items():
                 logits[name] = fn(step, True).clone()  # compiles on first use
                 fn(step, True)
-                kernels = kernel_names(fn, step)
+                kernels, kernel_us = kernel_profile(fn, step)
+                ours = _fusion_ops_kernels()
                 row = {
                     "batch": b,
                     "variant": name,
                     "step_ms": step_ms(fn, step),
                     "kernels": sum(kernels.values()),
+                    "kernels_fusion_ops": sum(n for k, n in kernels.items() if k in ours),
+                    # profiler GPU µs of one step: all kernels, and those of fusion_ops' ops
+                    # (the regions the pass rewrites: standalone ops before, fused ones after)
+                    "gpu_us": sum(kernel_us.values()),
+                    "gpu_us_fusion_ops": sum(t for k, t in kernel_us.items() if k in ours),
                     "peak_mb": peak_mb(fn, step),
                 }
                 replay, graph_out = as_cuda_graph(fn, step)
@@ -203,16 +235,20 @@ def run(args: argparse.Namespace, tp: dm.TensorParallel | None = None) -> None:
                 names[f"{name}/batch{b}"] = dict(kernels.most_common())
                 print(
                     f"{b:5d} {name:36s} {row['step_ms']:8.3f} {row['graph_ms']:8.3f}"
-                    f" {row['kernels']:8d} {row['peak_mb']:8.1f}",
+                    f" {row['kernels']:8d} {row['peak_mb']:8.1f}"
+                    f" {row['kernels_fusion_ops']:7d} {row['gpu_us']:9.1f}"
+                    f" {row['gpu_us_fusion_ops']:9.1f}",
                     flush=True,
                 )
                 del replay, graph_out
         if args.launch_rounds:
             rounds: dict[str, list[float]] = {name: [] for name in variants}
+            launched = {name: fn for name, fn in variants.items() if name != "eager"}
             with torch.no_grad():
                 for _ in range(args.launch_rounds):
-                    for name, fn in variants.items():
-                        rounds[name].append(step_ms(fn, step))
+                    for name, ms in interleaved_step_ms(launched, step).items():
+                        rounds[name].append(ms)
+            rounds = {name: t for name, t in rounds.items() if t}
             faster = [
                 p < c
                 for p, c in zip(rounds["compiled+FusionPass"], rounds["compiled"], strict=True)

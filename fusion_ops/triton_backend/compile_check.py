@@ -117,9 +117,35 @@ def _norm_quant_cases() -> Iterator[Case]:
                 "USE_PDL": pdl,
                 "WEIGHT_AFTER_ROUNDING": other,
                 "UNROUNDED_SUM": other and has_res,
+                "WEIGHTLESS": False,
             },
             {"num_warps": 8, "launch_pdl": pdl},
             hip_only_fnuz=q_ty == _FP8["e4m3fnuz"],
+        )
+    for dtype in ("bf16", "fp16"):  # weightless_rms_norm: the norm without a weight
+        yield Case(
+            f"norm_quant_kernel[none, {dtype}, weightless rms]",
+            k.norm_quant_kernel,
+            {
+                **{p: f"*{dtype}" for p in ("x_ptr", "r_ptr", "w_ptr", "y_ptr", "res_ptr")},
+                **{p: f"*{dtype}" for p in ("q_ptr", "s_ptr")},
+                **{p: "i32" for p in ("x_stride", "r_stride", "K")},
+                **{p: "fp32" for p in ("eps", "fp8_max", "min_scale")},
+            },
+            {
+                "HAS_RES": False,
+                "DO_NORM": True,
+                "WRITE_Y": True,
+                "SCHEME": k.SCHEME_NONE,
+                "GROUP": 1,
+                "UE8M0": False,
+                "BLOCK_K": 512,
+                "USE_PDL": False,
+                "WEIGHT_AFTER_ROUNDING": False,
+                "UNROUNDED_SUM": False,
+                "WEIGHTLESS": True,
+            },
+            {"num_warps": 4},
         )
 
 
@@ -324,6 +350,37 @@ def _norm_rope_cache_cases() -> Iterator[Case]:
         )
 
 
+def _qnorm_rope_cache_cases() -> Iterator[Case]:
+    """Per-head q norm + both ropes + the kv write: both layouts, both rope styles."""
+    for layout, neox in itertools.product(("dsv4_fp8", "bf16"), (False, True)):
+        dsv4 = layout == "dsv4_fp8"
+        yield Case(
+            f"qnorm_rope_cache_kernel[{layout}, bf16, {'neox' if neox else 'gptj'}]",
+            k.qnorm_rope_cache_kernel,
+            {
+                "pos_ptr": "*i64",
+                **{p: "*bf16" for p in ("q_ptr", "kv_ptr", "q_out_ptr", "kv_out_ptr")},
+                "cs_ptr": "*fp32",
+                "cache_ptr": "*u8" if dsv4 else "*bf16",
+                "slot_ptr": "*i64",
+                **{p: "i32" for p in ("q_stride_t", "q_stride_h", "kv_stride")},
+                "q_eps": "fp32",
+                **{p: "i32" for p in ("block_stride", "num_slots", "HEADS")},
+            },
+            {
+                "BS": 64,
+                "D": 512,
+                "ROPE": 64,
+                "IS_NEOX": neox,
+                "DSV4": dsv4,
+                "BLOCK_D": 512,
+                "HIP": False,  # set per target by compile_to_isa
+                "USE_PDL": False,
+            },
+            {"num_warps": 4},
+        )
+
+
 def _dequant_cases() -> Iterator[Case]:
     for out in ("bf16", "e4m3fn", "e4m3fnuz"):
         to_fp8 = out != "bf16"
@@ -368,6 +425,7 @@ def cases() -> list[Case]:
         *_q_kv_cases(),
         *_rope_cache_cases(),
         *_norm_rope_cache_cases(),
+        *_qnorm_rope_cache_cases(),
         *_dequant_cases(),
     ]
 

@@ -1,7 +1,8 @@
 """Triton kernels of the deeper DSV4 fusions (run on a GPU: pytest -m gpu).
 
-q_kv_norm_quant_kernel and norm_rope_cache_kernel must equal, bit for bit, the standalone
-Triton ops they replace (what the compile without the pass runs); the cache bytes too.
+q_kv_norm_quant_kernel, norm_rope_cache_kernel and qnorm_rope_cache_kernel must equal, bit for
+bit, the standalone Triton ops they replace (what the compile without the pass runs); the cache
+bytes too.
 """
 
 from __future__ import annotations
@@ -85,9 +86,54 @@ def test_norm_rope_cache_equals_standalone_triton(layout, is_neox, x_dtype, toke
     assert torch.equal(cache.view(torch.uint8), expected_cache.view(torch.uint8)), "cache bytes"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_weightless_rms_norm_within_one_ulp_of_reference(dtype) -> None:
+    """The standalone Triton weightless norm vs the reference backend on the GPU: one ulp
+    (the fp32 summation order is the kernel's)."""
+    x = activations(64 * 16, 512, dtype, seed=9, specials=False).view(64, 16, 512) * 3
+    with fusion_ops.use_backend("triton"):
+        t = ops.weightless_rms_norm(x, 1e-6)
+    with fusion_ops.use_backend("reference"):
+        r = ops.weightless_rms_norm(x, 1e-6)
+    ulp = torch.finfo(dtype).eps * r.float().abs().clamp_min(torch.finfo(dtype).tiny)
+    assert ((t.float() - r.float()).abs() <= ulp * 1.0001).all()
+
+
+@pytest.mark.parametrize("layout", ["dsv4_fp8", "bf16"])
+@pytest.mark.parametrize("is_neox", [False, True])
+@pytest.mark.parametrize("tokens,heads", [(1, 1), (1, 64), (5, 16), (200, 8)])
+def test_qnorm_rope_cache_equals_standalone_triton(layout, is_neox, tokens, heads) -> None:
+    """Per-head weightless q norm → q rope, kv rope → write, against the standalone Triton
+    kernels (q and kv strided views of one projection); a lone head (one row) takes the lone
+    row's warps in both."""
+    g = torch.Generator(device=DEV).manual_seed(tokens + heads)
+    proj = (torch.randn(tokens, (heads + 1) * 512, device=DEV, generator=g) * 3).bfloat16()
+    q = proj[:, : heads * 512].view(tokens, heads, 512)
+    kv = proj[:, heads * 512 :]
+    cs = torch.randn(4096, 64, device=DEV, generator=g)
+    pos = torch.randint(0, 4096, (tokens,), device=DEV, generator=g)
+    if layout == "dsv4_fp8":
+        cache = fusion_ops.alloc_mla_cache(64, 8, device=DEV)
+        cache.random_(0, 256, generator=g)
+    else:
+        cache = torch.randn(64, 8, 512, device=DEV, generator=g).to(torch.bfloat16)
+    slots = torch.randperm(512, device=DEV, generator=g)[:tokens]
+    slots[1::3] = -1
+    expected_cache = cache.clone()
+    with fusion_ops.use_backend("triton"):
+        q_rot = ops.rope(pos, ops.weightless_rms_norm(q, 1e-6), cs, 64, is_neox)
+        kv_rot = ops.rope(pos, kv, cs, 64, is_neox)
+        ops.mla_cache_write(kv_rot, expected_cache, slots, layout)
+        fused = ops.qnorm_rope_mla_cache_write(
+            pos, q, 1e-6, kv, cs, cache, slots, 64, is_neox, layout
+        )
+    assert_same(fused, (q_rot, kv_rot), "q_rot, kv_rot")
+    assert torch.equal(cache.view(torch.uint8), expected_cache.view(torch.uint8)), "cache bytes"
+
+
 def test_deeper_fusions_on_cuda_model_block() -> None:
-    """The attention head's pieces compiled on CUDA with the pass: the q_kv and compressor
-    fusions fire and the outputs and cache equal the compile without the pass."""
+    """The attention head's pieces compiled on CUDA with the pass: the q_kv, compressor and
+    q-norm chain fusions fire and the outputs and cache equal the compile without the pass."""
 
     def fn(x, w, wq, wkv, pooled, wc, cs, cache, pos, slots):
         qr, kv = (x @ w).split([1024, 512], dim=-1)
@@ -95,7 +141,11 @@ def test_deeper_fusions_on_cuda_model_block() -> None:
         kv = ops.rms_norm(kv, wkv, 1e-6)
         entry = ops.rope(pos, ops.rms_norm(pooled, wc, 1e-6).to(torch.bfloat16), cs, 64, False)
         ops.mla_cache_write(entry, cache, slots, "dsv4_fp8")
-        return q, s, kv
+        heads = ops.weightless_rms_norm((q.float() * 0.5).bfloat16().view(4, 2, 512), 1e-6)
+        q_rot = ops.rope(pos, heads, cs, 64, False)
+        kv_rot = ops.rope(pos, kv, cs, 64, False)
+        ops.mla_cache_write(kv_rot, cache, slots.flip(0), "dsv4_fp8")
+        return q, s, kv, q_rot
 
     g = torch.Generator(device=DEV).manual_seed(0)
     args = [
@@ -116,6 +166,7 @@ def test_deeper_fusions_on_cuda_model_block() -> None:
     assert p.match_table == {
         "q_kv_norm/fp8_group128_e4m3fn/bf16": 1,
         "norm_rope_cache/gptj_dsv4_fp8_to_bf16_v2/fp32": 1,
+        "qnorm_rope_cache/gptj_dsv4_fp8_v2/bf16": 1,
     }
     assert_bitwise_equal(out, run_compiled(fn, *other, fusion_pass=None))
     assert_bitwise_equal(args[7], other[7], "cache")

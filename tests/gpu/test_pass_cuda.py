@@ -54,6 +54,7 @@ def test_all_families_on_cuda(v2: bool) -> None:
     assert p.family_counts() == {
         "add_rms_quant": 1,
         "rms_quant": 1,
+        "qnorm_rope_cache": 0,  # no q norm before the ropes here
         "rope_cache": 1,
         "norm_rope_cache": 0,  # no kv-only chain, no pair of norms of one projection here
         "dequant_fp8": 1,
