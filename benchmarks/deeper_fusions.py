@@ -178,18 +178,20 @@ def bench_qnorm_rope_cache(tokens_list: list[int], heads: int) -> list[dict]:
         cache = fusion_ops.alloc_mla_cache(max(t // 64 + 1, 2), 64, device=DEV)
         slots = torch.arange(t, device=DEV)
 
-        def standalone() -> None:
-            ops.rope(pos, ops.weightless_rms_norm(q, EPS), cs, 64, False)
+        # every variant returns the roped q (a compiled function would drop an unused one)
+        def standalone() -> torch.Tensor:
+            q_rot = ops.rope(pos, ops.weightless_rms_norm(q, EPS), cs, 64, False)
             ops.mla_cache_write(ops.rope(pos, kv, cs, 64, False), cache, slots, "dsv4_fp8")
+            return q_rot
 
-        def plain_then_rope_cache() -> None:
+        def plain_then_rope_cache() -> torch.Tensor:
             qn = ref_norm.weightless_rms_norm(q, EPS)  # plain torch: Inductor's kernel
-            ops.rope_mla_cache_write(pos, qn, kv, cs, cache, slots, 64, False, "dsv4_fp8")
+            return ops.rope_mla_cache_write(pos, qn, kv, cs, cache, slots, 64, False, "dsv4_fp8")[0]
 
-        def plain_four() -> None:
-            qn = ref_norm.weightless_rms_norm(q, EPS)
-            ops.rope(pos, qn, cs, 64, False)
+        def plain_four() -> torch.Tensor:
+            q_rot = ops.rope(pos, ref_norm.weightless_rms_norm(q, EPS), cs, 64, False)
             ops.mla_cache_write(ops.rope(pos, kv, cs, 64, False), cache, slots, "dsv4_fp8")
+            return q_rot
 
         args = (pos, q, EPS, kv, cs, cache, slots, 64, False, "dsv4_fp8")
         r = {
@@ -211,12 +213,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vllm-source", default=None, help="vLLM's fused_qk_rmsnorm.py")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--only-qnorm", action="store_true", help="only the qnorm_rope_cache rows")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch._dynamo.config.recompile_limit = 256
     vllm = load_vllm_kernel(args.vllm_source) if args.vllm_source else None
-    q_kv = bench_q_kv([1, 16, 128, 1024, 8192], [1024, 1536], vllm)
-    chain = bench_norm_rope_cache([1, 16, 128, 1024])
+    q_kv = chain = None
+    if not args.only_qnorm:
+        q_kv = bench_q_kv([1, 16, 128, 1024, 8192], [1024, 1536], vllm)
+        chain = bench_norm_rope_cache([1, 16, 128, 1024])
     qnorm = bench_qnorm_rope_cache([1, 16, 128, 1024], heads=64)
     meta = {
         "device": torch.cuda.get_device_name(),

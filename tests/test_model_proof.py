@@ -49,7 +49,7 @@ def test_match_counts_follow_from_the_config(runs) -> None:
         assert families == {
             "rms_quant",
             "add_rms_quant",
-            "rope_cache",
+            "qnorm_rope_cache",
             "dequant_fp8",
             "q_kv_norm",
             "norm_rope_cache",

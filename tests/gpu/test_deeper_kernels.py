@@ -96,7 +96,13 @@ def test_weightless_rms_norm_within_one_ulp_of_reference(dtype) -> None:
     with fusion_ops.use_backend("reference"):
         r = ops.weightless_rms_norm(x, 1e-6)
     ulp = torch.finfo(dtype).eps * r.float().abs().clamp_min(torch.finfo(dtype).tiny)
-    assert ((t.float() - r.float()).abs() <= ulp * 1.0001).all()
+    ulps = (t.float() - r.float()).abs() / ulp
+    worst = int(ulps.argmax())
+    assert (ulps <= 1.0001).all(), (
+        f"{int((ulps > 1.0001).sum())} of {r.numel()} beyond one ulp; worst "
+        f"{ulps.max().item():.2f} ulp: triton {t.flatten()[worst].item()!r} vs reference "
+        f"{r.flatten()[worst].item()!r}"
+    )
 
 
 @pytest.mark.parametrize("layout", ["dsv4_fp8", "bf16"])
