@@ -391,6 +391,15 @@ for _name in SCHEMES:
     _register_scheme(_name)
 
 
+def _fp32_table(cos_sin_cache: torch.Tensor) -> torch.Tensor:
+    """The rope table as the kernels read it (fp32, contiguous). Tested before converting: in
+    compiled code even a no-op ``.float()`` reaches the dispatcher as ``aten::to``, which the
+    CUDA replay must refuse (fusion_ops.native), so the rope ops would never replay."""
+    if cos_sin_cache.dtype == torch.float32 and cos_sin_cache.is_contiguous():
+        return cos_sin_cache
+    return cos_sin_cache.float().contiguous()
+
+
 def _heads_view(x: torch.Tensor) -> torch.Tensor:
     """x [T, ..., D] as [T, H, D] with a unit last stride."""
     t, d = x.shape[0], x.shape[-1]
@@ -410,7 +419,7 @@ def rope(positions, x, cos_sin_cache, rope_dim, is_neox):  # type: ignore[no-unt
                 positions,
                 xv,
                 out,
-                cos_sin_cache.float().contiguous(),
+                _fp32_table(cos_sin_cache),
                 xv.stride(0),
                 xv.stride(1),
                 h,
@@ -472,7 +481,7 @@ def rope_mla_cache_write(
                 kv2,
                 q_out,
                 kv_out,
-                cos_sin_cache.float().contiguous(),
+                _fp32_table(cos_sin_cache),
                 kv_cache,
                 slot_mapping,
                 qv.stride(0),
@@ -514,7 +523,7 @@ def qnorm_rope_mla_cache_write(
                 kv2,
                 q_out,
                 kv_out,
-                cos_sin_cache.float().contiguous(),
+                _fp32_table(cos_sin_cache),
                 kv_cache,
                 slot_mapping,
                 qv.stride(0),
@@ -569,7 +578,7 @@ def rms_norm_rope_mla_cache_write(
                 x2,
                 weight,
                 kv_out,
-                cos_sin_cache.float().contiguous(),
+                _fp32_table(cos_sin_cache),
                 kv_cache,
                 slot_mapping,
                 x2.stride(0),

@@ -160,6 +160,29 @@ def test_a_signature_first_seen_in_compiled_code_is_replayed() -> None:
     assert native.last_run("rms_norm_mxfp8_quant")[0] > ran_before
 
 
+def test_a_rope_first_seen_in_compiled_code_is_replayed() -> None:
+    """In compiled code a no-op ``.float()`` of the rope table reaches the recorder as
+    ``aten::to``; the rope kernels pass an fp32 table as it is, so the rope ops get plans there
+    too (the model's decode step found them all on the Python path)."""
+    from fusion_passes.testing import fresh_inductor
+
+    pos = torch.arange(5, device="cuda") * 3
+    q = torch.randn(5, 3, 512, device="cuda").to(torch.bfloat16)
+    cs = torch.randn(64, 64, device="cuda")
+    before = native.plan_count("qnorm_rope_mla_cache_write")
+    cache = fusion_ops.alloc_mla_cache(4, 4, device="cuda")
+    slots = torch.tensor([3, -1, 0, 9, 15], device="cuda")
+
+    def fn(pos, q, cs, cache, slots):
+        return ops.qnorm_rope_mla_cache_write(
+            pos, q, 1e-6, q[:, 0] * 2, cs, cache, slots, 64, False, "dsv4_fp8"
+        )
+
+    with fresh_inductor():
+        torch.compile(fn, fullgraph=True, dynamic=False)(pos, q, cs, cache, slots)
+    assert native.plan_count("qnorm_rope_mla_cache_write") == before + 1, native.REFUSALS
+
+
 def test_a_constant_equal_to_eps_is_told_apart() -> None:
     """eps == the kernel's fp8_max constant (448) in the first call: which parameter is eps is
     found by a dry run with another eps, so a later call with another eps replays right."""
