@@ -341,6 +341,7 @@ def test_dumps_summary_and_graphs(tmp_path: Path) -> None:
     assert summary["config"]["fusions"] == [
         "add_rms_quant",
         "rms_quant",
+        "qnorm_rope_cache",
         "rope_cache",
         "norm_rope_cache",
         "dequant_fp8",
@@ -350,7 +351,8 @@ def test_dumps_summary_and_graphs(tmp_path: Path) -> None:
     patterns_py = (d / "patterns.py").read_text()
     assert "# rms_quant/mxfp4" in patterns_py and "# rope_cache/gptj_dsv4_fp8_v2" in patterns_py
     sections = re.findall(
-        r"^# (?:add_rms_quant|rms_quant|rope_cache|norm_rope_cache|dequant_fp8|ar_add_rms_quant)/",
+        r"^# (?:add_rms_quant|rms_quant|qnorm_rope_cache|rope_cache|norm_rope_cache|dequant_fp8"
+        r"|ar_add_rms_quant)/",
         patterns_py,
         flags=re.MULTILINE,
     )
@@ -361,7 +363,8 @@ def expected_pattern_count(schemes: list[str]) -> int:
     """Patterns the default pass registers, counted from what each family covers: a quant
     variant per MX scheme, 2 (ue8m0) x 2 (FP8 dtype) per FP8 scheme; rms_quant per norm source
     x (plain, +normed); add_rms_quant per norm source and plain ``x + r`` x (normed kept or not)
-    x (residual kept or not); rope_cache (neox or not) x 2 cache layouts x (v1, v2);
+    x (residual kept or not); rope_cache and qnorm_rope_cache (neox or not) x 2 cache layouts x
+    (v1, v2) each (the plain-PyTorch q norm's patterns only with plain_torch_norms=True);
     norm_rope_cache (neox or not) x 2 cache layouts x (v1, v2) x (cast to what the cache stores,
     or none); dequant_fp8 2 cache layouts x 2 FP8 dtypes;
     q_kv_norm none (a graph rewrite); ar_add_rms_quant one graph pattern (the all-reduce,
@@ -371,7 +374,8 @@ def expected_pattern_count(schemes: list[str]) -> int:
     rms = norm_sources * 2 * variants
     add = (norm_sources + 1) * 2 * 2 * variants
     norm_rope_cache = 2 * 2 * 2 * 2
-    return rms + add + 2 * 2 * 2 + norm_rope_cache + 2 * 2 + 1
+    rope_cache = qnorm_rope_cache = 2 * 2 * 2
+    return rms + add + rope_cache + qnorm_rope_cache + norm_rope_cache + 2 * 2 + 1
 
 
 def test_dump_dir_from_environment(tmp_path: Path, monkeypatch) -> None:

@@ -62,7 +62,7 @@ def passes(validate, args: tuple) -> bool:  # type: ignore[no-untyped-def]
 
 
 def test_every_norm_and_quant_op_has_a_quick_check() -> None:
-    expected = {"rms_norm", "fused_add_rms_norm", "q_kv_rms_norm"}
+    expected = {"rms_norm", "weightless_rms_norm", "fused_add_rms_norm", "q_kv_rms_norm"}
     for s in SCHEMES.values():
         expected |= {s.quant_op, s.rms_op, s.add_rms_op, s.q_kv_rms_op}
     assert set(QUICK_CHECKS) == expected
@@ -82,6 +82,9 @@ def test_quick_is_true_only_where_validation_passes(data: st.DataObject) -> None
     )
     if name in ("rms_norm", "fused_add_rms_norm"):
         args = data.draw(norm_args(with_residual=name == "fused_add_rms_norm"))
+    elif name == "weightless_rms_norm":
+        x, _, eps = data.draw(norm_args(with_residual=False))
+        args = (x, eps)
     elif name == "q_kv_rms_norm" or name == scheme.q_kv_rms_op:
         # two norms' arguments (their leading dims equal or not), then the q quant's
         args = (*data.draw(norm_args(False)), *data.draw(norm_args(False)))
@@ -107,6 +110,8 @@ def valid_args(name: str) -> tuple:
     params["fp8_group"] = (128, True, torch.float8_e4m3fnuz)
     if name == "rms_norm":
         return (x, w, 1e-6)
+    if name == "weightless_rms_norm":
+        return (x, 1e-6)
     if name == "fused_add_rms_norm":
         return (x, r, w, 1e-6)
     kv, w_kv = torch.zeros(2, 128), torch.ones(128)
