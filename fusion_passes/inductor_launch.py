@@ -197,6 +197,7 @@ def lower_fused_norm_quant(graph: torch.fx.Graph) -> int:
                 "USE_PDL": False,
                 "WEIGHT_AFTER_ROUNDING": bool(numerics.weight_after_rounding),
                 "UNROUNDED_SUM": bool(numerics.norm_unrounded_sum),
+                "WEIGHTLESS": False,  # wrap_triton needs every argument, defaulted ones too
             }
             # a symbolic row count is known >= 2 here (_lowerable): the warps of many rows
             kernel = _kernel_with_warps(_num_warps(block_k, m if isinstance(m, int) else 2))
