@@ -138,18 +138,21 @@ def sink_below_views(consumer: torch.fx.Node, is_source: Callable[[torch.fx.Node
     return True
 
 
-def hoist_views_above(producer: torch.fx.Node, input_index: int) -> bool:
+def hoist_views_above(producer: torch.fx.Node, input_index: int, keep_first: bool = True) -> bool:
     """``views(producer(…, x, …))`` → ``producer(…, views(x), …)`` for a producer whose output
     has its input's shape and whose only user is the chain (each view used once), where the
-    chain's result has the producer's first and last dim (rope: tokens, head dim): views keep
-    row-major order, so each head vector stays whole and with its token. True when rewritten."""
+    chain's result has the producer's last dim and, with ``keep_first``, its first dim (rope:
+    tokens, head dim; a row-wise norm needs only the last): views keep row-major order, so each
+    row stays whole (and with its token). True when rewritten."""
     views = single_use_views(producer)
     if not views or len(views[-1].users) == 0:
         return False
     start, end = val(producer), val(views[-1])
     if start.dim() == 0 or end.dim() == 0:
         return False
-    if not (_same(start.shape[0], end.shape[0]) and _same(start.shape[-1], end.shape[-1])):
+    if keep_first and not _same(start.shape[0], end.shape[0]):
+        return False
+    if not _same(start.shape[-1], end.shape[-1]):
         return False
     graph = producer.graph
     with graph.inserting_before(views[-1]):  # every size argument is defined by then

@@ -25,7 +25,7 @@ from torch._higher_order_ops.auto_functionalize import auto_functionalized_v2
 
 from fusion_ops import CACHE_LAYOUTS
 
-from . import rope_cache
+from . import canonical, rope_cache
 from .base import (
     HOPS,
     NearMiss,
@@ -152,11 +152,27 @@ def plain_torch_specs(schemes: Sequence[str]) -> list[PatternSpec]:
     ]
 
 
+def _is_rope(node: torch.fx.Node) -> bool:
+    return op_name(node) == "rope"
+
+
+def _ropes_q(node: torch.fx.Node) -> bool:
+    """A rope, or the fused rope + write rope_cache made of one."""
+    return op_name(node) in ("rope", "rope_mla_cache_write")
+
+
 def prepare(graph: torch.fx.Graph, schemes: Sequence[str]) -> int:
-    """rope_cache's canonicalization (views hoisted above the kv rope, the kv rope last among
-    its inputs' users: a q rope before or after it binds); it does nothing more the second
-    time, when both families are enabled."""
-    return rope_cache.prepare(graph, schemes)
+    """Views between a q norm and its rope that keep the rows (``norm(q2d).view(T, H, D)``)
+    move above the norm (row-wise, so exact); then rope_cache's canonicalization (views hoisted
+    above the kv rope, the kv rope last among its inputs' users: a q rope before or after it
+    binds), which does nothing more the second time when both families are enabled."""
+    done = 0
+    for norm in find_calls(graph, "weightless_rms_norm"):
+        views = canonical.single_use_views(norm)
+        if views and all(canonical.keeps_rows(v) for v in views):
+            if any(_is_rope(u) for u in views[-1].users):
+                done += canonical.hoist_views_above(norm, input_index=0, keep_first=False)
+    return done + rope_cache.prepare(graph, schemes)
 
 
 def label(node: torch.fx.Node) -> str | None:
@@ -173,9 +189,18 @@ def near_misses(graph: torch.fx.Graph, schemes: Sequence[str]) -> list[NearMiss]
     whose q is a norm written in plain PyTorch, with why."""
     out = []
     for norm in find_calls(graph, "weightless_rms_norm"):
-        ropes = [u for u in norm.users if op_name(u) in ("rope", "rope_mla_cache_write")]
+        ropes = [u for u in norm.users if _ropes_q(u)]
         if ropes:
             out.append(NearMiss(NAME, norm.name, "weightless_rms_norm", _explain(norm, ropes)))
+        elif canonical.consumers_through_views(norm, _ropes_q) or canonical.blocking_view(
+            norm, _ropes_q
+        ):
+            reason = (
+                "views between the norm and its rope were not moved above it (a view that "
+                "changes the rows, or one with other users): norm → rope is matched without "
+                "views in it"
+            )
+            out.append(NearMiss(NAME, norm.name, "weightless_rms_norm", reason))
     for fused in find_calls(graph, "rope_mla_cache_write"):
         if _is_plain_torch_norm(op_args(fused).get("q")):
             reason = (

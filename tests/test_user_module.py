@@ -4,7 +4,9 @@ and one reshape that splits rows (which no row-wise fusion may see through).
 
 Compiled with and without FusionPass(): same bits. All three pairs fuse; the norm whose quant
 reads a row-splitting view stays, and its near miss says why. Then an MLA head written the same
-way for the deeper families (q_kv_norm, norm_rope_cache; fp16 cache, sliced parts).
+way for the deeper families (q_kv_norm, norm_rope_cache; fp16 cache, sliced parts), and an
+attention input for qnorm_rope_cache (a view between the q norm and its rope, the ops in
+another order, fp16, eps 1e-5, NeoX).
 """
 
 from __future__ import annotations
@@ -118,3 +120,54 @@ def test_user_mla_head_fuses_both_deeper_families() -> None:
         reasons = [m.reason for g in fusion.graphs for m in g.near_misses]
         if view:
             assert any(r.startswith("a view sits in the chain (") for r in reasons), reasons
+
+
+class UserAttention(nn.Module):
+    """DSV4-style attention input as a user might write it: a parameterized fp16 q/kv
+    projection of a [batch, tokens, hidden] input, the per-head q norm on the flattened head
+    rows ([B·T·H, 512], eps 1e-5) and viewed back to heads before its NeoX rope, the kv rope
+    and its fp16 bf16-layout cache write *before* the q rope. ``split_heads``: the view splits
+    each 512-row into two (no norm may be moved past that)."""
+
+    def __init__(self, hidden: int = 64, heads: int = 2, split_heads: bool = False) -> None:
+        super().__init__()
+        self.heads, self.split_heads = heads, split_heads
+        self.w = nn.Linear(hidden, (heads + 1) * 512, bias=False, dtype=torch.float16)
+        self.register_buffer("cos_sin", torch.randn(64, 64))
+        self.register_buffer("cache", torch.zeros(4, 4, 512, dtype=torch.float16))
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor):
+        t = x.shape[0] * x.shape[1]
+        proj = self.w(x).reshape(t, -1)
+        kv = ops.rope(positions, proj[:, self.heads * 512 :], self.cos_sin, 64, True)
+        ops.mla_cache_write(kv, self.cache, slots, "bf16")
+        q = ops.weightless_rms_norm(proj[:, : self.heads * 512].reshape(-1, 512), 1e-5)
+        q = q.view(t, self.heads * 2, 256) if self.split_heads else q.view(t, self.heads, 512)
+        return ops.rope(positions, q, self.cos_sin, 64, True), kv
+
+
+def test_user_attention_fuses_the_q_norm_chain() -> None:
+    """qnorm_rope_cache fires through the head-restoring view (moved above the norm) with the
+    ops in the user's order; with a view that splits the norm's rows it stays, rope_cache takes
+    the ropes and the write, and the norm's near miss says why. Same bits (outputs and cache)
+    with and without the pass, and as eager."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, dtype=torch.float16)
+    positions, slots = torch.tensor([0, 5, 9, 17, 30, 63]), torch.tensor([3, -1, 0, 15, 8, 9])
+    for split in (False, True):
+        head = UserAttention(split_heads=split).eval()
+        plain, eager = copy.deepcopy(head), copy.deepcopy(head)
+        with torch.no_grad():
+            want = run_compiled(plain, x, positions, slots, fusion_pass=None)
+            fusion = FusionPass(keep_graphs=True)
+            got = run_compiled(head, x, positions, slots, fusion_pass=fusion)
+            assert_bitwise_equal(got, want)
+            assert_bitwise_equal(head.cache, plain.cache, "cache")
+            assert_bitwise_equal(got, eager(x, positions, slots))
+            assert_bitwise_equal(head.cache, eager.cache, "cache vs eager")
+        if not split:
+            assert fusion.match_table == {"qnorm_rope_cache/neox_bf16_v2/fp16": 1}
+            continue
+        assert fusion.match_table == {"rope_cache/neox_bf16_v2/fp16": 1}
+        reasons = [m.reason for g in fusion.graphs for m in g.near_misses]
+        assert any(r.startswith("views between the norm and its rope") for r in reasons), reasons
