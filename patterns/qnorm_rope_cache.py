@@ -42,7 +42,7 @@ from .base import (
 NAME = "qnorm_rope_cache"
 STANDALONE_OPS = ("weightless_rms_norm", "rope", "mla_cache_write")
 FUSED_OPS = ("qnorm_rope_mla_cache_write",)
-EXAMPLE_ROPE_DIM = 64
+EXAMPLE_ROPE_DIM = rope_cache.EXAMPLE_ROPE_DIM
 EXAMPLE_EPS = 1e-6
 ops = torch.ops.fusion_ops
 
@@ -63,24 +63,11 @@ def _spec(is_neox: bool, layout: str, v2: bool) -> PatternSpec:
         out = functional_call(fused, v2, kwargs)
         return out[2], out[0], out[1]  # new cache, q_rot, kv_rot
 
-    def example_inputs() -> list[torch.Tensor]:
-        t = 4
-        if layout == "dsv4_fp8":
-            cache = torch.empty(2, 4, 584, dtype=torch.uint8)
-        else:
-            cache = torch.empty(2, 4, 512, dtype=torch.bfloat16)
-        return [
-            torch.empty(t, dtype=torch.int64),
-            torch.empty(t, 2, 512, dtype=torch.bfloat16),
-            torch.empty(t, 512, dtype=torch.bfloat16),
-            torch.empty(16, EXAMPLE_ROPE_DIM, dtype=torch.float32),
-            cache,
-            torch.empty(t, dtype=torch.int64),
-        ]
-
     variant = f"{'neox' if is_neox else 'gptj'}_{layout}_{'v2' if v2 else 'v1'}"
     wildcards = {"q_eps": EXAMPLE_EPS, "rope_dim": EXAMPLE_ROPE_DIM}
-    return PatternSpec(NAME, variant, search, replace, example_inputs, wildcards)
+    return PatternSpec(
+        NAME, variant, search, replace, lambda: rope_cache.example_inputs(layout), wildcards
+    )
 
 
 def _ropes_and_write(

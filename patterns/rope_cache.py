@@ -76,25 +76,27 @@ def _spec(is_neox: bool, layout: str, v2: bool) -> PatternSpec:
         out = functional_call(fused, v2, kwargs)
         return out[2], out[0], out[1]  # new cache, q_rot, kv_rot
 
-    def example_inputs() -> list[torch.Tensor]:
-        t = 4
-        if layout == "dsv4_fp8":
-            cache = torch.empty(2, 4, 584, dtype=torch.uint8)
-        else:
-            cache = torch.empty(2, 4, 512, dtype=torch.bfloat16)
-        return [
-            torch.empty(t, dtype=torch.int64),
-            torch.empty(t, 2, 512, dtype=torch.bfloat16),
-            torch.empty(t, 512, dtype=torch.bfloat16),
-            torch.empty(16, EXAMPLE_ROPE_DIM, dtype=torch.float32),
-            cache,
-            torch.empty(t, dtype=torch.int64),
-        ]
-
     variant = f"{'neox' if is_neox else 'gptj'}_{layout}_{'v2' if v2 else 'v1'}"
-    return PatternSpec(
-        NAME, variant, search, replace, example_inputs, {"rope_dim": EXAMPLE_ROPE_DIM}
-    )
+    wildcards = {"rope_dim": EXAMPLE_ROPE_DIM}
+    return PatternSpec(NAME, variant, search, replace, lambda: example_inputs(layout), wildcards)
+
+
+def example_inputs(layout: str) -> list[torch.Tensor]:
+    """(positions, q [T, 2, 512], kv [T, 512], cos_sin_cache, kv_cache, slot_mapping) for a
+    pattern over q and kv ropes and a cache write in ``layout`` (called under fake tensors)."""
+    t = 4
+    if layout == "dsv4_fp8":
+        cache = torch.empty(2, 4, 584, dtype=torch.uint8)
+    else:
+        cache = torch.empty(2, 4, 512, dtype=torch.bfloat16)
+    return [
+        torch.empty(t, dtype=torch.int64),
+        torch.empty(t, 2, 512, dtype=torch.bfloat16),
+        torch.empty(t, 512, dtype=torch.bfloat16),
+        torch.empty(16, EXAMPLE_ROPE_DIM, dtype=torch.float32),
+        cache,
+        torch.empty(t, dtype=torch.int64),
+    ]
 
 
 def pattern_specs(schemes: Sequence[str]) -> list[PatternSpec]:

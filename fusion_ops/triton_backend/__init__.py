@@ -464,91 +464,59 @@ def mla_cache_write(kv, kv_cache, slot_mapping, layout):  # type: ignore[no-unty
         )
 
 
-@register_impl("rope_mla_cache_write", "triton")
-def rope_mla_cache_write(
-    positions, q, kv, cos_sin_cache, kv_cache, slot_mapping, rope_dim, is_neox, layout
+def _rope_cache(
+    positions, q, kv, cos_sin_cache, kv_cache, slot_mapping, rope_dim, is_neox, layout, q_eps
 ):  # type: ignore[no-untyped-def]
+    """Both ropes and the kv write in one launch, grid (tokens, heads + 1); with ``q_eps`` (not
+    None) each q head is first normed without a weight (qnorm_rope_cache_kernel)."""
     qv, kv2 = _heads_view(q), _kv_rows(kv)
     t, h, d = qv.shape
     q_out = torch.empty((t, h, d), dtype=q.dtype, device=q.device)
     kv_out = torch.empty(kv2.shape, dtype=kv.dtype, device=kv.device)
-    if t:
-        _rope_cache_launch(
-            (t, h + 1),
-            (
-                positions,
-                qv,
-                kv2,
-                q_out,
-                kv_out,
-                _fp32_table(cos_sin_cache),
-                kv_cache,
-                slot_mapping,
-                qv.stride(0),
-                qv.stride(1),
-                kv2.stride(0),
-                kv_cache.stride(0),
-                kv_cache.shape[0] * kv_cache.shape[1],
-                h,
-            ),
-            (
-                ("BS", kv_cache.shape[1]),
-                ("D", d),
-                ("ROPE", rope_dim),
-                ("IS_NEOX", is_neox),
-                ("DSV4", layout == "dsv4_fp8"),
-                ("BLOCK_D", next_power_of_2(d)),
-                ("enable_fp_fusion", False),
-            ),
+    if not t:
+        return q_out.view(q.shape), kv_out
+    block = next_power_of_2(d)
+    rows = (positions, qv, kv2, q_out, kv_out, _fp32_table(cos_sin_cache), kv_cache, slot_mapping)
+    strides = (qv.stride(0), qv.stride(1), kv2.stride(0))
+    cache = (kv_cache.stride(0), kv_cache.shape[0] * kv_cache.shape[1], h)
+    geometry = (
+        ("BS", kv_cache.shape[1]),
+        ("D", d),
+        ("ROPE", rope_dim),
+        ("IS_NEOX", is_neox),
+        ("DSV4", layout == "dsv4_fp8"),
+        ("BLOCK_D", block),
+    )
+    if q_eps is None:
+        flags = (("enable_fp_fusion", False),)
+        _rope_cache_launch((t, h + 1), (*rows, *strides, *cache), (*geometry, *flags))
+    else:
+        pdl = _pdl_supported(q.get_device())
+        flags = (
+            ("HIP", IS_HIP),
+            ("USE_PDL", pdl),
+            # the standalone weightless norm's warps for its t·h rows: same sums
+            ("num_warps", _num_warps(block, t * h)),
+            ("launch_pdl", pdl),
         )
+        _qnorm_rope_cache_launch((t, h + 1), (*rows, *strides, q_eps, *cache), (*geometry, *flags))
     return q_out.view(q.shape), kv_out
+
+
+@register_impl("rope_mla_cache_write", "triton")
+def rope_mla_cache_write(
+    positions, q, kv, cos_sin_cache, kv_cache, slot_mapping, rope_dim, is_neox, layout
+):  # type: ignore[no-untyped-def]
+    args = (positions, q, kv, cos_sin_cache, kv_cache, slot_mapping, rope_dim, is_neox, layout)
+    return _rope_cache(*args, q_eps=None)
 
 
 @register_impl("qnorm_rope_mla_cache_write", "triton")
 def qnorm_rope_mla_cache_write(
     positions, q, q_eps, kv, cos_sin_cache, kv_cache, slot_mapping, rope_dim, is_neox, layout
 ):  # type: ignore[no-untyped-def]
-    qv, kv2 = _heads_view(q), _kv_rows(kv)
-    t, h, d = qv.shape
-    q_out = torch.empty((t, h, d), dtype=q.dtype, device=q.device)
-    kv_out = torch.empty(kv2.shape, dtype=kv.dtype, device=kv.device)
-    if t:
-        block = next_power_of_2(d)
-        pdl = _pdl_supported(q.get_device())
-        _qnorm_rope_cache_launch(
-            (t, h + 1),
-            (
-                positions,
-                qv,
-                kv2,
-                q_out,
-                kv_out,
-                _fp32_table(cos_sin_cache),
-                kv_cache,
-                slot_mapping,
-                qv.stride(0),
-                qv.stride(1),
-                kv2.stride(0),
-                q_eps,
-                kv_cache.stride(0),
-                kv_cache.shape[0] * kv_cache.shape[1],
-                h,
-            ),
-            (
-                ("BS", kv_cache.shape[1]),
-                ("D", d),
-                ("ROPE", rope_dim),
-                ("IS_NEOX", is_neox),
-                ("DSV4", layout == "dsv4_fp8"),
-                ("BLOCK_D", block),
-                ("HIP", IS_HIP),
-                ("USE_PDL", pdl),
-                # the standalone weightless norm's warps for its t·h rows: same sums
-                ("num_warps", _num_warps(block, t * h)),
-                ("launch_pdl", pdl),
-            ),
-        )
-    return q_out.view(q.shape), kv_out
+    args = (positions, q, kv, cos_sin_cache, kv_cache, slot_mapping, rope_dim, is_neox, layout)
+    return _rope_cache(*args, q_eps=q_eps)
 
 
 @register_impl("rms_norm_rope_mla_cache_write", "triton")

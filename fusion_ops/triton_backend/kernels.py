@@ -793,11 +793,26 @@ def rope_cache_kernel(
             BLOCK_D,
         )
     else:
-        row = kv_out_ptr + t * D
-        _rope_row(kv_ptr + t * kv_stride, row, cs_ptr, pos, D, ROPE, IS_NEOX, BLOCK_D)
-        tl.debug_barrier()  # the rotated row is re-read by other threads of this program
-        slot = tl.load(slot_ptr + t).to(tl.int64)
-        _write_slot(cache_ptr, row, slot, block_stride, num_slots, BS, D, DSV4, BLOCK_D)
+        _rope_write_kv(
+            t, pos, kv_ptr, kv_stride, kv_out_ptr, cs_ptr, cache_ptr, slot_ptr, block_stride,
+            num_slots, BS, D, ROPE, IS_NEOX, DSV4, BLOCK_D,
+        )  # fmt: skip
+
+
+@triton.jit
+def _rope_write_kv(
+    t, pos, kv_ptr, kv_stride, kv_out_ptr, cs_ptr, cache_ptr, slot_ptr, block_stride, num_slots,
+    BS: tl.constexpr, D: tl.constexpr, ROPE: tl.constexpr, IS_NEOX: tl.constexpr,
+    DSV4: tl.constexpr, BLOCK_D: tl.constexpr, MUL_RN: tl.constexpr = False,
+    HIP: tl.constexpr = False,
+):  # fmt: skip
+    """The kv program of the rope + write kernels: rope kv's row ``t`` into kv_out, then write
+    it to its slot (``MUL_RN``: see _rope_row)."""
+    row = kv_out_ptr + t * D
+    _rope_row(kv_ptr + t * kv_stride, row, cs_ptr, pos, D, ROPE, IS_NEOX, BLOCK_D, MUL_RN, HIP)
+    tl.debug_barrier()  # the rotated row is re-read by other threads of this program
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    _write_slot(cache_ptr, row, slot, block_stride, num_slots, BS, D, DSV4, BLOCK_D)
 
 
 @triton.jit
@@ -888,11 +903,10 @@ def qnorm_rope_cache_kernel(
         tl.debug_barrier()  # the normed row is re-read by other threads of this program
         _rope_row(row, row, cs_ptr, pos, D, ROPE, IS_NEOX, BLOCK_D, True, HIP)
     else:
-        row = kv_out_ptr + t * D
-        _rope_row(kv_ptr + t * kv_stride, row, cs_ptr, pos, D, ROPE, IS_NEOX, BLOCK_D, True, HIP)
-        tl.debug_barrier()  # the rotated row is re-read by other threads of this program
-        slot = tl.load(slot_ptr + t).to(tl.int64)
-        _write_slot(cache_ptr, row, slot, block_stride, num_slots, BS, D, DSV4, BLOCK_D)
+        _rope_write_kv(
+            t, pos, kv_ptr, kv_stride, kv_out_ptr, cs_ptr, cache_ptr, slot_ptr, block_stride,
+            num_slots, BS, D, ROPE, IS_NEOX, DSV4, BLOCK_D, True, HIP,
+        )  # fmt: skip
 
 
 @triton.jit
