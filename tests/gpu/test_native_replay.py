@@ -41,11 +41,16 @@ CASES = [
 ]
 
 
+# a row width no other GPU test uses: the first call of each signature here must be the first
+# in the process (test_deeper_kernels quantizes 1-token rows of 1024 before this file runs)
+WIDTH = 1152
+
+
 def call_args(op: str, rest: tuple, tokens: int, eps: float, seed: int) -> tuple:
     g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(tokens, 1024, device="cuda", generator=g).to(torch.bfloat16)
-    r = torch.randn(tokens, 1024, device="cuda", generator=g).to(torch.bfloat16)
-    w = (1 + 0.1 * torch.randn(1024, device="cuda", generator=g)).to(torch.bfloat16)
+    x = torch.randn(tokens, WIDTH, device="cuda", generator=g).to(torch.bfloat16)
+    r = torch.randn(tokens, WIDTH, device="cuda", generator=g).to(torch.bfloat16)
+    w = (1 + 0.1 * torch.randn(WIDTH, device="cuda", generator=g)).to(torch.bfloat16)
     if op.endswith("_quant") and not op.startswith(("rms", "add")):
         return (x, *rest)
     if op.startswith("add") or op == "fused_add_rms_norm":
@@ -138,7 +143,7 @@ def test_zero_tokens() -> None:
     args = call_args("rms_norm_mxfp4_quant", (False, False), 0, 1e-6, seed=8)
     for _ in range(2):
         q, s, y = ops.rms_norm_mxfp4_quant(*args)
-        assert q.shape == (0, 512) and s.shape == (0, 32)
+        assert q.shape == (0, WIDTH // 2) and s.shape == (0, WIDTH // 32)  # E2M1 pairs, per 32
 
 
 def test_a_signature_first_seen_in_compiled_code_is_replayed() -> None:
