@@ -16,7 +16,7 @@
   in one launch vs the four standalone ops, launched and compiled (Inductor fuses the cast).
 
 Timing: CUDA-graph replay (triton.testing.do_bench_cudagraph: back-to-back calls in one graph),
-median µs per call.
+median µs per call, after a GPU warm-up; ours vs vLLM: the median of three interleaved rounds.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import bench, inductor  # noqa: E402
+from kernels import bench, bench_interleaved, inductor, warm_up  # noqa: E402
 
 import fusion_ops  # noqa: E402
 from fusion_ops.reference import norm as ref_norm  # noqa: E402
@@ -93,7 +93,14 @@ def bench_q_kv(tokens_list: list[int], q_loras: list[int], vllm: Any | None) -> 
             wq = (1 + 0.1 * torch.randn(q_lora, device=DEV)).to(torch.bfloat16)
             wkv = (1 + 0.1 * torch.randn(512, device=DEV)).to(torch.bfloat16)
             r: dict[str, Any] = {"q_lora": q_lora, "tokens": t}
-            r["ours_us"] = bench(lambda: ops.q_kv_rms_norm(q, wq, EPS, kv, wkv, EPS))
+            # ours and vLLM's kernel (the must-show pair): three interleaved rounds
+            head_to_head = {"ours_us": lambda: ops.q_kv_rms_norm(q, wq, EPS, kv, wkv, EPS)}
+            if vllm is not None:
+                head_to_head["vllm_us"] = lambda: vllm_q_kv(vllm, q, kv, wq, wkv, EPS, False)
+                if torch.cuda.get_device_capability()[0] >= 9:
+                    head_to_head["vllm_pdl_us"] = lambda: vllm_q_kv(vllm, q, kv, wq, wkv, EPS, True)
+            r["vllm_us"] = r["vllm_pdl_us"] = r["equal_pct"] = None
+            r.update(bench_interleaved(head_to_head))
             r["two_launches_us"] = bench(
                 lambda: (ops.rms_norm(q, wq, EPS), ops.rms_norm(kv, wkv, EPS))
             )
@@ -105,12 +112,7 @@ def bench_q_kv(tokens_list: list[int], q_loras: list[int], vllm: Any | None) -> 
             r["two_launches_fp8_us"] = bench(
                 lambda: (ops.rms_norm_fp8_group_quant(q, wq, EPS, *p), ops.rms_norm(kv, wkv, EPS))
             )
-            r["vllm_us"] = r["vllm_pdl_us"] = r["equal_pct"] = None
             if vllm is not None:
-                r["vllm_us"] = bench(lambda: vllm_q_kv(vllm, q, kv, wq, wkv, EPS, False))
-                pdl = torch.cuda.get_device_capability()[0] >= 9
-                if pdl:
-                    r["vllm_pdl_us"] = bench(lambda: vllm_q_kv(vllm, q, kv, wq, wkv, EPS, True))
                 ours = ops.q_kv_rms_norm(q, wq, EPS, kv, wkv, EPS)
                 theirs = vllm_q_kv(vllm, q, kv, wq, wkv, EPS, False)
                 same = sum(int((a == b).sum()) for a, b in zip(ours, theirs, strict=True))
@@ -214,15 +216,19 @@ def main() -> None:
     parser.add_argument("--vllm-source", default=None, help="vLLM's fused_qk_rmsnorm.py")
     parser.add_argument("--json", default=None)
     parser.add_argument("--only-qnorm", action="store_true", help="only the qnorm_rope_cache rows")
+    parser.add_argument("--only-q-kv", action="store_true", help="only the q_kv_norm rows")
     args = parser.parse_args()
     torch.manual_seed(0)
+    warm_up()
     torch._dynamo.config.recompile_limit = 256
     vllm = load_vllm_kernel(args.vllm_source) if args.vllm_source else None
-    q_kv = chain = None
+    q_kv = chain = qnorm = None
     if not args.only_qnorm:
-        q_kv = bench_q_kv([1, 16, 128, 1024, 8192], [1024, 1536], vllm)
+        q_kv = bench_q_kv([1, 16, 128, 1024, 2048, 4096, 8192], [1024, 1536], vllm)
+    if not (args.only_qnorm or args.only_q_kv):
         chain = bench_norm_rope_cache([1, 16, 128, 1024])
-    qnorm = bench_qnorm_rope_cache([1, 16, 128, 1024], heads=64)
+    if not args.only_q_kv:
+        qnorm = bench_qnorm_rope_cache([1, 16, 128, 1024], heads=64)
     meta = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,

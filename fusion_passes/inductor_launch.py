@@ -14,9 +14,10 @@ Only where the rewrite cannot change results or the backend: NVIDIA (the Triton 
 AITER backend keeps its op), a static row width, a row count the op's warp rule gives one value
 for (the op gives a lone row twice the warps, so a dynamic row count must be known ≥ 2 — as
 Dynamo's 0/1 specialization guarantees for a backed size; an unbacked or size-oblivious count
-that may be 1 keeps the op), a row-contiguous ``x``, a forced backend other than ``triton``
-absent at compile time, no FNUZ FP8 output (NVIDIA runs those on the reference backend). No PDL:
-Inductor's launcher has no ``launch_pdl``.
+that may be 1 keeps the op; at widths where the rule also changes with a larger row count —
+4097–8192 columns without a residual — only a static count is lowered), a row-contiguous
+``x``, a forced backend other than ``triton`` absent at compile time, no FNUZ FP8 output
+(NVIDIA runs those on the reference backend). No PDL: Inductor's launcher has no ``launch_pdl``.
 """
 
 from __future__ import annotations
@@ -71,8 +72,13 @@ def _lowerable(node: torch.fx.Node) -> tuple[Any, bool, list[Any]] | None:
     if has_res and not _contiguous(val(args[1])):
         return None
     rows = _row_count(x)
-    if not (isinstance(rows, int) or statically_known_true(rows >= 2)):  # the warps must be known
-        return None
+    if not isinstance(rows, int):  # the warps (a row's rounding) must be known
+        if not statically_known_true(rows >= 2):
+            return None
+        from fusion_ops.triton_backend import next_power_of_2, warps_depend_on_row_count
+
+        if warps_depend_on_row_count(next_power_of_2(x.shape[-1]), has_res):
+            return None
     if any(p is torch.float8_e4m3fnuz for p in args):
         return None
     return scheme, has_res, args
@@ -141,7 +147,7 @@ def lower_fused_norm_quant(graph: torch.fx.Graph) -> int:
         triton_kernel_wrapper_functional,
     )
 
-    from fusion_ops.triton_backend import _num_warps, next_power_of_2, scheme_constants
+    from fusion_ops.triton_backend import _num_warps, _pieces, next_power_of_2, scheme_constants
 
     lowered = 0
     for node in list(graph.nodes):
@@ -160,6 +166,9 @@ def lower_fused_norm_quant(graph: torch.fx.Graph) -> int:
         if isinstance(m, int) and (m == 0 or kdim == 0):
             continue
         block_k = next_power_of_2(kdim)
+        pieces = (0, 0, 0)  # speed only (same bytes): chosen for a known row count
+        if isinstance(m, int):
+            pieces = _pieces(kdim, block_k, m, scheme.name, params, has_res)
         fake_mode = xv.fake_mode
         with fake_mode:
             q_val, s_val = scheme.fake(xv, params)
@@ -198,9 +207,13 @@ def lower_fused_norm_quant(graph: torch.fx.Graph) -> int:
                 "WEIGHT_AFTER_ROUNDING": bool(numerics.weight_after_rounding),
                 "UNROUNDED_SUM": bool(numerics.norm_unrounded_sum),
                 "WEIGHTLESS": False,  # wrap_triton needs every argument, defaulted ones too
+                **dict(zip(("PIECE0", "PIECE1", "PIECE2"), pieces, strict=True)),
+                "PREFETCH_W": False,  # without PDL the order of the loads does not matter
             }
-            # a symbolic row count is known >= 2 here (_lowerable): the warps of many rows
-            kernel = _kernel_with_warps(_num_warps(block_k, m if isinstance(m, int) else 2))
+            # a symbolic row count is known >= 2 here, at a width where the warps of every
+            # count >= 2 are the same (_lowerable)
+            rows = m if isinstance(m, int) else 2
+            kernel = _kernel_with_warps(_num_warps(block_k, rows, has_res))
             grid_rows = m if isinstance(m, int) else _size_node(graph, m, x)
             hop = graph.call_function(
                 triton_kernel_wrapper_functional,

@@ -16,11 +16,11 @@ ops = torch.ops.fusion_ops
 HOP = torch.ops.higher_order.triton_kernel_wrapper_functional
 
 
-def traced(fn):  # type: ignore[no-untyped-def]
+def traced(fn, rows: int = 4, width: int = 256):  # type: ignore[no-untyped-def]
     with FakeTensorMode():
-        x = torch.empty(4, 256, dtype=torch.bfloat16, device="cuda")
-        r = torch.empty(4, 256, dtype=torch.bfloat16, device="cuda")
-        w = torch.empty(256, dtype=torch.bfloat16, device="cuda")
+        x = torch.empty(rows, width, dtype=torch.bfloat16, device="cuda")
+        r = torch.empty(rows, width, dtype=torch.bfloat16, device="cuda")
+        w = torch.empty(width, dtype=torch.bfloat16, device="cuda")
         return make_fx(fn)(x, r, w)
 
 
@@ -59,7 +59,7 @@ def test_fnuz_keeps_the_op() -> None:
     assert lower_fused_norm_quant(gm.graph) == 0  # the FNUZ dtype came as a keyword
 
 
-def traced_dynamic(fn, specialize_one: bool):  # type: ignore[no-untyped-def]
+def traced_dynamic(fn, specialize_one: bool, width: int = 256):  # type: ignore[no-untyped-def]
     """fn traced on fake CUDA tensors with a symbolic row count s0: with Dynamo's 0/1
     specialization (s0 >= 2, a backed size) or without it (s0 >= 0: may be 1)."""
     from torch._dynamo.source import ConstantSource
@@ -70,9 +70,9 @@ def traced_dynamic(fn, specialize_one: bool):  # type: ignore[no-untyped-def]
         shape_env.create_symbol(4, ConstantSource("rows"), dynamic_dim=DimDynamic.DYNAMIC), hint=4
     )
     with FakeTensorMode(shape_env=shape_env):
-        x = torch.empty(rows, 256, dtype=torch.bfloat16, device="cuda")
-        r = torch.empty(rows, 256, dtype=torch.bfloat16, device="cuda")
-        w = torch.empty(256, dtype=torch.bfloat16, device="cuda")
+        x = torch.empty(rows, width, dtype=torch.bfloat16, device="cuda")
+        r = torch.empty(rows, width, dtype=torch.bfloat16, device="cuda")
+        w = torch.empty(width, dtype=torch.bfloat16, device="cuda")
         return make_fx(fn)(x, r, w), rows
 
 
@@ -106,3 +106,46 @@ def test_a_dynamic_row_count_that_may_be_one_keeps_the_op() -> None:
     gm, _ = traced_dynamic(fn, specialize_one=False)
     assert lower_fused_norm_quant(gm.graph) == 0
     assert [n for n in gm.graph.nodes if op_name(n) == "rms_norm_mxfp4_quant"]
+
+
+def mxfp4(x, r, w):  # type: ignore[no-untyped-def]
+    return ops.rms_norm_mxfp4_quant(x, w, 1e-6)[:2]
+
+
+def add_mxfp4(x, r, w):  # type: ignore[no-untyped-def]
+    return ops.add_rms_norm_mxfp4_quant(x, r, w, 1e-6)[:3]
+
+
+@pytest.mark.parametrize("width", [4096, 4352, 7168, 8192, 8448])
+def test_dynamic_row_count_where_the_warps_follow_it_keeps_the_op(width: int) -> None:
+    """Rows of 4097–8192 columns without a residual take other warps from MANY_ROWS rows on
+    (another sum order): a dynamic count there keeps the op; with a residual, or at other
+    widths, the warps of every count >= 2 agree and it is lowered."""
+    for fn, residual in ((mxfp4, False), (add_mxfp4, True)):
+        gm, _ = traced_dynamic(fn, specialize_one=True, width=width)
+        follows_count = 4096 < width <= 8192 and not residual
+        assert lower_fused_norm_quant(gm.graph) == (0 if follows_count else 1), (width, residual)
+
+
+def _launched(gm):  # type: ignore[no-untyped-def]
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    (hop,) = [n for n in gm.graph.nodes if n.target is HOP]
+    kernel = kernel_side_table.get_kernel(hop.kwargs["kernel_idx"])
+    constants = kernel_side_table.get_constant_args(hop.kwargs["constant_args_idx"])
+    return kernel.configs[0].num_warps, tuple(constants[f"PIECE{i}"] for i in range(3))
+
+
+def test_static_row_count_gets_that_counts_warps_and_pieces() -> None:
+    """Many rows of 7168 columns: the op's 4 warps and the row as 4096 + 2048 + 1024 columns;
+    a few rows: 8 warps, one padded block; with a residual: 8 warps, one block."""
+    from fusion_ops.triton_backend import MANY_ROWS
+
+    for rows, fn, want in (
+        (MANY_ROWS, mxfp4, (4, (4096, 2048, 1024))),
+        (MANY_ROWS - 1, mxfp4, (8, (0, 0, 0))),
+        (MANY_ROWS, add_mxfp4, (8, (0, 0, 0))),
+    ):
+        gm = traced(fn, rows=rows, width=7168)
+        assert lower_fused_norm_quant(gm.graph) == 1
+        assert _launched(gm) == want, (rows, fn.__name__)

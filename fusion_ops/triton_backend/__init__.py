@@ -35,6 +35,7 @@ _SCHEME_IDS = {
     "fp8_group": k.SCHEME_FP8,
 }
 PDL_ENV = "FUSION_OPS_PDL"
+PREFETCH_ENV = "FUSION_OPS_PDL_PREFETCH_WEIGHT"
 
 # every kernel launches through its cached compiled binary (see .launch)
 _norm_quant_launch = Launcher(k.norm_quant_kernel)
@@ -67,12 +68,59 @@ def _triton_has_pdl() -> bool:
     return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
-def _num_warps(block: int, rows: int = 2) -> int:
+@functools.cache
+def _prefetch_weight(device_index: int) -> bool:
+    """With PDL, norm kernels load their weight before the PDL wait (kernels._pdl_start_with_weight)
+    unless FUSION_OPS_PDL_PREFETCH_WEIGHT=0. Read once per device."""
+    return _pdl_supported(device_index) and os.environ.get(PREFETCH_ENV, "1") != "0"
+
+
+# from this many rows on, rows of 4097–8192 columns without a residual take 4 warps, not 8
+MANY_ROWS = 2048
+
+
+def _num_warps(block: int, rows: int = 2, residual: bool = False) -> int:
     """Warps per row program; the standalone and fused norm kernels use the same value for the
-    same (row width, row count), so their sums of squares reduce alike. A lone row (decode) gets
-    twice the warps: it is latency-bound and has the GPU to itself."""
+    same (row width, row count, residual or not), so their sums of squares reduce alike. A lone
+    row (decode) gets twice the warps: it is latency-bound and has the GPU to itself. Rows of
+    4097–8192 columns without a residual take 4 warps from MANY_ROWS rows on: more programs per
+    SM, measured faster for the block-quant kernels there and level for the plain norm; with a
+    residual 8 stay faster (H100, benchmarks/RESULTS.md)."""
     base = 4 if block <= 2048 else 8 if block <= 8192 else 16
-    return min(base * 2, 32) if rows == 1 else base
+    if rows == 1:
+        return min(base * 2, 32)
+    if warps_depend_on_row_count(block, residual) and rows >= MANY_ROWS:
+        return 4
+    return base
+
+
+def warps_depend_on_row_count(block: int, residual: bool) -> bool:
+    """Whether _num_warps (hence a row's rounding) changes with the row count beyond one row;
+    FusionPass(inductor_launch=True) lowers such a launch only for a known row count."""
+    return 4096 < block <= 8192 and not residual
+
+
+def _pieces(kdim: int, block_k: int, rows: int, scheme: str | None, params: tuple[Any, ...],
+            residual: bool) -> tuple[int, int, int]:  # fmt: skip
+    """norm_quant_kernel's PIECE0..2 (speed only: every choice gives the same bytes): for a
+    block-quant scheme without a residual on many padded rows, the row as up to three
+    power-of-two pieces of at least 256 columns (7168: 4096, 2048, 1024), the last one masked
+    past ``kdim``; (0, 0, 0), one padded block, otherwise. Measured on the H100 at 7168 columns
+    (benchmarks/RESULTS.md): faster for MXFP4 / MXFP8 from 2048 rows and FP8 groups from 1024,
+    slower with a residual and for the norm alone."""
+    group = {"mxfp4": 32, "mxfp8": 32, "fp8_group": params[0] if params else 0}.get(scheme or "")
+    min_rows = 1024 if scheme == "fp8_group" else MANY_ROWS
+    if not group or residual or rows < min_rows or kdim == block_k:
+        return (0, 0, 0)
+    rest, out = -(-kdim // 256) * 256, []
+    while rest > 0 and len(out) < 2:
+        out.append(1 << (rest.bit_length() - 1))
+        rest -= out[-1]
+    if rest > 0:
+        out.append(next_power_of_2(rest))
+    if len(out) == 1 or min(out) % group:  # one piece: no better than the padded block
+        return (0, 0, 0)
+    return (*out, *(0,) * (3 - len(out)))  # type: ignore[return-value]
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -138,6 +186,7 @@ def _norm_quant(
         w = weight if weight is not None else x2
         pdl = _pdl_supported(x.get_device())
         scheme_consts = scheme_constants(scheme, params, block_k)
+        pieces = _pieces(kdim, block_k, m, scheme, params, residual is not None)
         _norm_quant_launch(
             (m,),
             (
@@ -167,7 +216,11 @@ def _norm_quant(
                 ("WEIGHT_AFTER_ROUNDING", numerics.weight_after_rounding),
                 ("UNROUNDED_SUM", numerics.norm_unrounded_sum),
                 ("WEIGHTLESS", weightless),
-                ("num_warps", _num_warps(block_k, m)),
+                ("PIECE0", pieces[0]),
+                ("PIECE1", pieces[1]),
+                ("PIECE2", pieces[2]),
+                ("PREFETCH_W", weight is not None and _prefetch_weight(x.get_device())),
+                ("num_warps", _num_warps(block_k, m, residual is not None)),
                 ("launch_pdl", pdl),
             ),
         )
@@ -177,6 +230,16 @@ def _norm_quant(
             t.view(*lead, *t.shape[1:]) if t is not None else None for t in (y, res_out, q, s)
         )
     return y, res_out, q, s
+
+
+def _q_kv_rows_per_program(block_q: int, rows: int, quant: bool) -> int:
+    """Rows per q_kv program: 2 for many short rows (each program then loads its weights once
+    for both), 1 otherwise (speed only: the same bytes). Measured on the H100 at q_lora
+    1024 / 1536 + kv 512 (benchmarks/RESULTS.md): 2 is faster from 2048 rows, and from 1024 rows
+    at 1024 columns without a quant; slower at 1024 rows otherwise. Wider rows: not measured, 1."""
+    if block_q > 2048:
+        return 1
+    return 2 if rows >= (1024 if block_q <= 1024 and not quant else 2048) else 1
 
 
 def _q_kv_norm(
@@ -215,8 +278,9 @@ def _q_kv_norm(
     if m:
         pdl = _pdl_supported(q.get_device())
         consts = scheme_constants(scheme, params, block_q)
+        rows = _q_kv_rows_per_program(block_q, m, scheme is not None)
         _q_kv_launch(
-            (m, 2),
+            ((m + rows - 1) // rows, 2),
             (
                 q2,
                 q_weight,
@@ -226,6 +290,7 @@ def _q_kv_norm(
                 kv2,
                 kv_weight,
                 kv_out,
+                m,
                 q2.stride(0),
                 kv2.stride(0),
                 k_q,
@@ -244,6 +309,8 @@ def _q_kv_norm(
                 ("BLOCK_KV", block_kv),
                 ("USE_PDL", pdl),
                 ("WEIGHT_AFTER_ROUNDING", numerics.weight_after_rounding),
+                ("ROWS", rows),
+                ("PREFETCH_W", _prefetch_weight(q.get_device())),
                 ("num_warps", warps),
                 ("launch_pdl", pdl),
             ),
@@ -370,7 +437,7 @@ def _all_reduce_norm_quant(
         q,
         scales,
         numerics,
-        _num_warps(block_k, m),
+        _num_warps(block_k, m, residual is not None),
         _pdl_supported(x.get_device()),
     )
     if done is None:

@@ -57,6 +57,9 @@ class Case:
     hip_only_fnuz: bool = False  # an FP8 FNUZ output: only gfx942 has that type
 
 
+_NO_PIECES = {"PIECE0": 0, "PIECE1": 0, "PIECE2": 0}
+
+
 def _norm_quant_cases() -> Iterator[Case]:
     schemes = {
         "none": (k.SCHEME_NONE, "bf16", "bf16", 1, False),
@@ -118,10 +121,46 @@ def _norm_quant_cases() -> Iterator[Case]:
                 "WEIGHT_AFTER_ROUNDING": other,
                 "UNROUNDED_SUM": other and has_res,
                 "WEIGHTLESS": False,
+                **_NO_PIECES,
+                "PREFETCH_W": pdl,
             },
             {"num_warps": 8, "launch_pdl": pdl},
             hip_only_fnuz=q_ty == _FP8["e4m3fnuz"],
         )
+        # many rows of 7168 columns: the row in unpadded pieces (block-quant schemes, no residual)
+        if dtype == "bf16" and not (has_res or pdl or other) and k.SCHEME_NONE < scheme:
+            if group == 8192:  # per-token FP8: one group of the padded row, never in pieces
+                continue
+            yield Case(
+                f"norm_quant_kernel[{label}, {dtype}, rms, pieces 4096+2048+1024]",
+                k.norm_quant_kernel,
+                {
+                    **{p: f"*{dtype}" for p in ("x_ptr", "r_ptr", "w_ptr", "y_ptr", "res_ptr")},
+                    "q_ptr": f"*{q_ty}",
+                    "s_ptr": f"*{s_ty}",
+                    **{p: "i32" for p in ("x_stride", "r_stride", "K")},
+                    **{p: "fp32" for p in ("eps", "fp8_max", "min_scale")},
+                },
+                {
+                    "HAS_RES": False,
+                    "DO_NORM": True,
+                    "WRITE_Y": False,
+                    "SCHEME": scheme,
+                    "GROUP": group,
+                    "UE8M0": ue8m0,
+                    "BLOCK_K": 8192,
+                    "USE_PDL": False,
+                    "WEIGHT_AFTER_ROUNDING": False,
+                    "UNROUNDED_SUM": False,
+                    "WEIGHTLESS": False,
+                    "PIECE0": 4096,
+                    "PIECE1": 2048,
+                    "PIECE2": 1024,
+                    "PREFETCH_W": False,
+                },
+                {"num_warps": 4},
+                hip_only_fnuz=q_ty == _FP8["e4m3fnuz"],
+            )
     for dtype in ("bf16", "fp16"):  # weightless_rms_norm: the norm without a weight
         yield Case(
             f"norm_quant_kernel[none, {dtype}, weightless rms]",
@@ -144,6 +183,8 @@ def _norm_quant_cases() -> Iterator[Case]:
                 "WEIGHT_AFTER_ROUNDING": False,
                 "UNROUNDED_SUM": False,
                 "WEIGHTLESS": True,
+                **_NO_PIECES,
+                "PREFETCH_W": False,
             },
             {"num_warps": 4},
         )
@@ -290,6 +331,7 @@ def _q_kv_cases() -> Iterator[Case]:
                 "kv_ptr": "*bf16",
                 "kvw_ptr": "*bf16",
                 "kv_out_ptr": "*bf16",
+                "M": "i32",
                 "q_stride": "i32",
                 "kv_stride": "i32",
                 "K_Q": "i32",
@@ -308,6 +350,8 @@ def _q_kv_cases() -> Iterator[Case]:
                 "BLOCK_KV": 512,
                 "USE_PDL": pdl,
                 "WEIGHT_AFTER_ROUNDING": False,
+                "ROWS": 1 if pdl else 2,  # many rows: two per program
+                "PREFETCH_W": pdl,
             },
             {"num_warps": 4, "launch_pdl": pdl},
             hip_only_fnuz=q_ty == _FP8["e4m3fnuz"],

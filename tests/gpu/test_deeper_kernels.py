@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fusion_ops
+from fusion_ops.triton_backend import MANY_ROWS
 from fusion_passes import FusionPass
 from fusion_passes.testing import assert_bitwise_equal, run_compiled
 from tests.gpu.test_triton_kernels import DEV, FN, SCHEME_PARAMS, activations, assert_same
@@ -31,8 +32,19 @@ def split_projection(tokens: int, kq: int, kkv: int, seed: int):
 
 
 # (tokens, q width, kv width): DSV4 flash/pro and DSV3 widths; 7168 + 512 has different warp
-# counts for the two rows, so it runs as two launches (same bytes either way)
-SHAPES = [(1, 1024, 512), (7, 1536, 512), (128, 1024, 512), (300, 1536, 512), (3, 7168, 512)]
+# counts for the two rows at few rows, so it runs as two launches there, one launch from
+# MANY_ROWS rows (same bytes either way); from 1024 rows (1024 wide) / 2048 (1536 wide) a program
+# takes two rows, an odd count leaves the last program one
+SHAPES = [
+    (1, 1024, 512),
+    (7, 1536, 512),
+    (128, 1024, 512),
+    (300, 1536, 512),
+    (3, 7168, 512),
+    (1025, 1024, 512),
+    (2049, 1536, 512),
+    (MANY_ROWS, 7168, 512),
+]
 
 
 @pytest.mark.parametrize("tokens,kq,kkv", SHAPES)

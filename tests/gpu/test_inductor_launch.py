@@ -98,3 +98,27 @@ def test_a_dynamic_token_count_is_lowered(add: bool) -> None:
             assert_bitwise_equal(out, want)
     assert compiles == 2  # counts >= 2, then the lone row
     assert [g.inductor_launched for g in fusion.graphs] == [1, 1]
+
+
+@pytest.mark.parametrize("scheme", ["mxfp4", "fp8_group"])
+def test_many_rows_where_the_warps_follow_the_count(scheme: str) -> None:
+    """7168 columns, no residual: a static count of MANY_ROWS rows is lowered with that count's
+    warps and pieces, a dynamic count keeps the op; both give the op's bytes."""
+    from fusion_ops.triton_backend import MANY_ROWS
+
+    fn = model(QUANTS[scheme], add=False, keep_normed=False)
+    g = torch.Generator(device="cuda").manual_seed(7)
+    x = torch.randn(MANY_ROWS, 7168, device="cuda", generator=g).to(torch.bfloat16)
+    w = (1 + 0.1 * torch.randn(7168, device="cuda", generator=g)).to(torch.bfloat16)
+    want = fn(x, x, w)
+    for dynamic, launched in ((False, 1), (True, 0)):
+        fusion = FusionPass(inductor_launch=True)
+        with fresh_inductor():
+            compiled = torch.compile(
+                fn, fullgraph=True, dynamic=dynamic,
+                options={"post_grad_custom_post_pass": fusion},
+            )  # fmt: skip
+            out = compiled(x, x, w)
+        assert fusion.matched_count == 1, fusion.match_table
+        assert [gr.inductor_launched for gr in fusion.graphs] == [launched]
+        assert_bitwise_equal(out, want)

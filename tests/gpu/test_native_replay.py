@@ -220,7 +220,7 @@ def op_args(op: str, seed: int, eps: tuple[float, float]) -> tuple:
     slots[::4] = -1
     kv = torch.randn(TOKENS, 512, device=dev, generator=g).to(torch.bfloat16)
     q = torch.randn(TOKENS, 8, 512, device=dev, generator=g).to(torch.bfloat16)
-    ids = torch.randint(0, 40, (5,), device=dev, generator=g)
+    ids = torch.randint(0, 40, (TOKENS,), device=dev, generator=g)  # a count no other test uses
     proj = torch.randn(TOKENS, 1536 + 512, device=dev, generator=g).to(torch.bfloat16)
     qa, kva = proj.split([1536, 512], dim=-1)
     wq = (1 + 0.1 * torch.randn(1536, device=dev, generator=g)).to(torch.bfloat16)

@@ -12,6 +12,7 @@ import torch
 
 import fusion_ops
 from fusion_ops.reference.cache import rope_mla_cache_write as rope_mla_cache_write_reference
+from fusion_ops.triton_backend import MANY_ROWS
 
 pytestmark = [
     pytest.mark.gpu,
@@ -85,8 +86,13 @@ def test_quant_bit_exact(scheme, params, dtype, tokens, k) -> None:
     assert_same(t, r, f"{scheme}{params}")
 
 
+# many rows: 4 warps from MANY_ROWS rows at 4097–8192 columns without a residual, and the row in
+# unpadded pieces (7168 = 4096 + 2048 + 1024; 4352 = 4096 + 256; FP8 groups from 1024 rows)
+MANY = [(MANY_ROWS, 7168), (MANY_ROWS + 1, 4352), (1100, 7168)]
+
+
 @pytest.mark.parametrize("scheme,params", SCHEME_PARAMS, ids=lambda v: str(v))
-@pytest.mark.parametrize("tokens,k", [(1, 7168), (33, 4096), (128, 1536)])
+@pytest.mark.parametrize("tokens,k", [(1, 7168), (33, 4096), (128, 1536), *MANY])
 def test_fused_norm_quant_equals_triton_standalone(scheme, params, tokens, k) -> None:
     s = fusion_ops.SCHEMES[scheme]
     x = activations(tokens, k, torch.bfloat16, seed=k, specials=False)
