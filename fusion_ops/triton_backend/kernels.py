@@ -129,7 +129,8 @@ def norm_quant_kernel(
     value to the weight's dtype, the norm of the unrounded fp32 sum; WEIGHTLESS: no weight
     (``weightless_rms_norm``; w_ptr is not read). PIECE0..2 (speed only, same bytes): the row
     after its sum of squares as up to three unpadded power-of-two pieces (_norm_quant_pieces).
-    PREFETCH_W: the weight is loaded before the PDL wait (see _pdl_start_with_weight)."""
+    PREFETCH_W: the one-block path loads the weight before the PDL wait (see
+    _pdl_start_with_weight); pieces are for many rows, where that wait hides nothing."""
     row = tl.program_id(0).to(tl.int64)
     if PIECE0 == 0:
         w = _pdl_start_with_weight(w_ptr, K, BLOCK_K, USE_PDL, PREFETCH_W, PREFETCH_W)
@@ -296,9 +297,9 @@ def _norm_quant_part(
 ):
     """The row work on columns [col0, col0 + BLOCK) of the row (x: those columns, loaded; inv:
     the whole row's 1/rms; w: those columns of the weight when W_LOADED): residual add, norm,
-    stores, quant. Every output element depends on
-    its column and inv alone, and quant blocks/groups lie inside a part (col0 a multiple of
-    BLOCK, BLOCK of the group size), so parts of a row give the bytes of the whole row."""
+    stores, quant. Every output element depends on its column and inv alone, and quant
+    blocks/groups lie inside a part (col0 a multiple of BLOCK, BLOCK of the group size), so
+    parts of a row give the bytes of the whole row."""
     cols = col0 + tl.arange(0, BLOCK)
     mask = cols < K
     # fp32 whatever the launcher typed the floats as (Triton's JIT: fp32; Inductor: fp64)
