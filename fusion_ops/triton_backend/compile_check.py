@@ -90,77 +90,58 @@ def _norm_quant_cases() -> Iterator[Case]:
         # other rounding points (vLLM IR's): once per scheme for a 16-bit dtype
         if other and (dtype != "bf16" or "ue8m0" in label):
             continue
+        types = {
+            "x_ptr": f"*{dtype}",
+            "r_ptr": f"*{dtype}",
+            "w_ptr": f"*{dtype}",
+            "y_ptr": f"*{dtype}",
+            "res_ptr": f"*{dtype}",
+            "q_ptr": f"*{q_ty}",
+            "s_ptr": f"*{s_ty}",
+            "x_stride": "i32",
+            "r_stride": "i32",
+            "K": "i32",
+            "eps": "fp32",
+            "fp8_max": "fp32",
+            "min_scale": "fp32",
+        }
+        constexprs = {
+            "HAS_RES": has_res,
+            "DO_NORM": True,
+            "WRITE_Y": scheme == k.SCHEME_NONE,
+            "SCHEME": scheme,
+            "GROUP": group,
+            "UE8M0": ue8m0,
+            "BLOCK_K": 8192,
+            "USE_PDL": pdl,
+            "WEIGHT_AFTER_ROUNDING": other,
+            "UNROUNDED_SUM": other and has_res,
+            "WEIGHTLESS": False,
+            **_NO_PIECES,
+            "PREFETCH_W": pdl,
+        }
+        fnuz = q_ty == _FP8["e4m3fnuz"]
         yield Case(
             f"norm_quant_kernel[{label}, {dtype}, {'add+' if has_res else ''}rms"
             f"{', pdl' if pdl else ''}{', vllm_ir numerics' if other else ''}]",
             k.norm_quant_kernel,
-            {
-                "x_ptr": f"*{dtype}",
-                "r_ptr": f"*{dtype}",
-                "w_ptr": f"*{dtype}",
-                "y_ptr": f"*{dtype}",
-                "res_ptr": f"*{dtype}",
-                "q_ptr": f"*{q_ty}",
-                "s_ptr": f"*{s_ty}",
-                "x_stride": "i32",
-                "r_stride": "i32",
-                "K": "i32",
-                "eps": "fp32",
-                "fp8_max": "fp32",
-                "min_scale": "fp32",
-            },
-            {
-                "HAS_RES": has_res,
-                "DO_NORM": True,
-                "WRITE_Y": scheme == k.SCHEME_NONE,
-                "SCHEME": scheme,
-                "GROUP": group,
-                "UE8M0": ue8m0,
-                "BLOCK_K": 8192,
-                "USE_PDL": pdl,
-                "WEIGHT_AFTER_ROUNDING": other,
-                "UNROUNDED_SUM": other and has_res,
-                "WEIGHTLESS": False,
-                **_NO_PIECES,
-                "PREFETCH_W": pdl,
-            },
+            types,
+            constexprs,
             {"num_warps": 8, "launch_pdl": pdl},
-            hip_only_fnuz=q_ty == _FP8["e4m3fnuz"],
+            hip_only_fnuz=fnuz,
         )
-        # many rows of 7168 columns: the row in unpadded pieces (block-quant schemes, no residual)
-        if dtype == "bf16" and not (has_res or pdl or other) and k.SCHEME_NONE < scheme:
-            if group == 8192:  # per-token FP8: one group of the padded row, never in pieces
-                continue
-            yield Case(
-                f"norm_quant_kernel[{label}, {dtype}, rms, pieces 4096+2048+1024]",
-                k.norm_quant_kernel,
-                {
-                    **{p: f"*{dtype}" for p in ("x_ptr", "r_ptr", "w_ptr", "y_ptr", "res_ptr")},
-                    "q_ptr": f"*{q_ty}",
-                    "s_ptr": f"*{s_ty}",
-                    **{p: "i32" for p in ("x_stride", "r_stride", "K")},
-                    **{p: "fp32" for p in ("eps", "fp8_max", "min_scale")},
-                },
-                {
-                    "HAS_RES": False,
-                    "DO_NORM": True,
-                    "WRITE_Y": False,
-                    "SCHEME": scheme,
-                    "GROUP": group,
-                    "UE8M0": ue8m0,
-                    "BLOCK_K": 8192,
-                    "USE_PDL": False,
-                    "WEIGHT_AFTER_ROUNDING": False,
-                    "UNROUNDED_SUM": False,
-                    "WEIGHTLESS": False,
-                    "PIECE0": 4096,
-                    "PIECE1": 2048,
-                    "PIECE2": 1024,
-                    "PREFETCH_W": False,
-                },
-                {"num_warps": 4},
-                hip_only_fnuz=q_ty == _FP8["e4m3fnuz"],
-            )
+        # many rows of 7168 columns: the row in unpadded pieces (block-quant schemes, no residual;
+        # per-token FP8 is one group of the padded row, never in pieces)
+        if dtype == "bf16" and not (has_res or pdl or other) and scheme != k.SCHEME_NONE:
+            if group != 8192:
+                yield Case(
+                    f"norm_quant_kernel[{label}, {dtype}, rms, pieces 4096+2048+1024]",
+                    k.norm_quant_kernel,
+                    types,
+                    {**constexprs, "PIECE0": 4096, "PIECE1": 2048, "PIECE2": 1024},
+                    {"num_warps": 4},
+                    hip_only_fnuz=fnuz,
+                )
     for dtype in ("bf16", "fp16"):  # weightless_rms_norm: the norm without a weight
         yield Case(
             f"norm_quant_kernel[none, {dtype}, weightless rms]",
