@@ -278,7 +278,8 @@ def _q_kv_norm(
     if m:
         pdl = _pdl_supported(q.get_device())
         consts = scheme_constants(scheme, params, block_q)
-        rows = _q_kv_rows_per_program(block_q, m, scheme is not None)
+        pieces = _pieces(k_q, block_q, m, scheme, params, False)
+        rows = 1 if pieces[0] else _q_kv_rows_per_program(block_q, m, scheme is not None)
         _q_kv_launch(
             ((m + rows - 1) // rows, 2),
             (
@@ -311,6 +312,9 @@ def _q_kv_norm(
                 ("WEIGHT_AFTER_ROUNDING", numerics.weight_after_rounding),
                 ("ROWS", rows),
                 ("PREFETCH_W", _prefetch_weight(q.get_device())),
+                ("PIECE0", pieces[0]),
+                ("PIECE1", pieces[1]),
+                ("PIECE2", pieces[2]),
                 ("num_warps", warps),
                 ("launch_pdl", pdl),
             ),

@@ -287,7 +287,8 @@ def _rope_cache_cases() -> Iterator[Case]:
 
 
 def _q_kv_cases() -> Iterator[Case]:
-    """The two-norm kernel: q plain or quantized (every scheme), bf16, PDL once."""
+    """The two-norm kernel: q plain or quantized (every scheme), bf16, PDL once; quantized q of
+    1536 columns also as pieces (1024 + 512, one row per program)."""
     schemes = {
         "none": (k.SCHEME_NONE, "bf16", "bf16", 1),
         "mxfp4": (k.SCHEME_MXFP4, "u8", "u8", 1),
@@ -295,13 +296,14 @@ def _q_kv_cases() -> Iterator[Case]:
         "fp8_group128_e4m3fn": (k.SCHEME_FP8, _FP8["e4m3fn"], "fp32", 128),
         "fp8_group128_e4m3fnuz": (k.SCHEME_FP8, _FP8["e4m3fnuz"], "fp32", 128),
     }
-    for (label, (scheme, q_ty, s_ty, group)), pdl in itertools.product(
-        schemes.items(), (False, True)
+    for (label, (scheme, q_ty, s_ty, group)), pdl, pieces in itertools.product(
+        schemes.items(), (False, True), (False, True)
     ):
-        if pdl and label != "none":
-            continue
+        if (pdl and (pieces or label != "none")) or (pieces and label == "none"):
+            continue  # PDL once (plain q); pieces only with a quant
+        tags = ", pdl" if pdl else ", pieces" if pieces else ""
         yield Case(
-            f"q_kv_norm_quant_kernel[{label}, bf16{', pdl' if pdl else ''}]",
+            f"q_kv_norm_quant_kernel[{label}, bf16{tags}]",
             k.q_kv_norm_quant_kernel,
             {
                 "q_ptr": "*bf16",
@@ -331,8 +333,9 @@ def _q_kv_cases() -> Iterator[Case]:
                 "BLOCK_KV": 512,
                 "USE_PDL": pdl,
                 "WEIGHT_AFTER_ROUNDING": False,
-                "ROWS": 1 if pdl else 2,  # many rows: two per program
+                "ROWS": 1 if pdl or pieces else 2,  # many rows: two per program
                 "PREFETCH_W": pdl,
+                **({"PIECE0": 1024, "PIECE1": 512, "PIECE2": 0} if pieces else _NO_PIECES),
             },
             {"num_warps": 4, "launch_pdl": pdl},
             hip_only_fnuz=q_ty == _FP8["e4m3fnuz"],

@@ -368,15 +368,27 @@ def q_kv_norm_quant_kernel(
     WEIGHT_AFTER_ROUNDING: tl.constexpr = False,
     ROWS: tl.constexpr = 1,
     PREFETCH_W: tl.constexpr = False,
+    PIECE0: tl.constexpr = 0,
+    PIECE1: tl.constexpr = 0,
+    PIECE2: tl.constexpr = 0,
 ):
     """Programs (i, 0): rms_norm of q's rows i·ROWS … i·ROWS + ROWS - 1 [→ quant]; programs
     (i, 1): rms_norm of the same kv rows. Each row is norm_quant_kernel's row work (same helper,
     same flags), so with the standalone kernels' warp count both halves round exactly as two
     standalone launches would. ROWS > 1 (many short rows) loads the weight once for them;
-    PREFETCH_W: see _pdl_start_with_weight."""
+    PREFETCH_W: see _pdl_start_with_weight; PIECE0..2: q's rows as norm_quant_kernel's pieces
+    (one row per program)."""
     LOAD_W: tl.constexpr = PREFETCH_W or ROWS > 1
     first = tl.program_id(0).to(tl.int64) * ROWS
-    if tl.program_id(1) == 0:
+    if tl.program_id(1) == 0 and PIECE0 > 0:
+        if USE_PDL:  # see _pdl_start
+            _pdl_start()
+        _norm_quant_pieces(
+            first, q_ptr, q_ptr, qw_ptr, y_ptr, y_ptr, codes_ptr, scales_ptr, q_stride, q_stride,
+            K_Q, q_eps, fp8_max, min_scale, False, True, WRITE_Y, SCHEME, GROUP, UE8M0, BLOCK_Q,
+            WEIGHT_AFTER_ROUNDING, False, False, PIECE0, PIECE1, PIECE2,
+        )  # fmt: skip
+    elif tl.program_id(1) == 0:
         qw = _pdl_start_with_weight(qw_ptr, K_Q, BLOCK_Q, USE_PDL, LOAD_W, PREFETCH_W)
         for i in tl.static_range(ROWS):
             if first + i < M:

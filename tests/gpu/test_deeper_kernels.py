@@ -34,7 +34,9 @@ def split_projection(tokens: int, kq: int, kkv: int, seed: int):
 # (tokens, q width, kv width): DSV4 flash/pro and DSV3 widths; 7168 + 512 has different warp
 # counts for the two rows at few rows, so it runs as two launches there, one launch from
 # MANY_ROWS rows (same bytes either way); from 1024 rows (1024 wide) / 2048 (1536 wide) a program
-# takes two rows, an odd count leaves the last program one
+# takes two rows, an odd count leaves the last program one; a quantized q of 1536 or 7168 columns
+# takes norm_quant_kernel's pieces where the standalone launch does (FP8 groups from 1024 rows,
+# MXFP4/MXFP8 from MANY_ROWS)
 SHAPES = [
     (1, 1024, 512),
     (7, 1536, 512),
@@ -42,6 +44,7 @@ SHAPES = [
     (300, 1536, 512),
     (3, 7168, 512),
     (1025, 1024, 512),
+    (1100, 1536, 512),
     (2049, 1536, 512),
     (MANY_ROWS, 7168, 512),
 ]
