@@ -184,7 +184,8 @@ def _norm_quant(
     block_k = next_power_of_2(kdim)
     if m:
         w = weight if weight is not None else x2
-        pdl = _pdl_supported(x.get_device())
+        device = x.get_device()
+        pdl = _pdl_supported(device)
         scheme_consts = scheme_constants(scheme, params, block_k)
         pieces = _pieces(kdim, block_k, m, scheme, params, residual is not None)
         _norm_quant_launch(
@@ -219,7 +220,7 @@ def _norm_quant(
                 ("PIECE0", pieces[0]),
                 ("PIECE1", pieces[1]),
                 ("PIECE2", pieces[2]),
-                ("PREFETCH_W", weight is not None and _prefetch_weight(x.get_device())),
+                ("PREFETCH_W", weight is not None and _prefetch_weight(device)),
                 ("num_warps", _num_warps(block_k, m, residual is not None)),
                 ("launch_pdl", pdl),
             ),
@@ -232,12 +233,13 @@ def _norm_quant(
     return y, res_out, q, s
 
 
-def _q_kv_rows_per_program(block_q: int, rows: int, quant: bool) -> int:
+def _q_kv_rows_per_program(block_q: int, rows: int, quant: bool, q_in_pieces: bool = False) -> int:
     """Rows per q_kv program: 2 for many short rows (each program then loads its weights once
     for both), 1 otherwise (speed only: the same bytes). Measured on the H100 at q_lora
     1024 / 1536 + kv 512 (benchmarks/RESULTS.md): 2 is faster from 2048 rows, and from 1024 rows
-    at 1024 columns without a quant; slower at 1024 rows otherwise. Wider rows: not measured, 1."""
-    if block_q > 2048:
+    at 1024 columns without a quant; slower at 1024 rows otherwise. Wider rows: not measured, 1.
+    q's rows in pieces (_pieces): 1, as the standalone pieces kernel takes them."""
+    if block_q > 2048 or q_in_pieces:
         return 1
     return 2 if rows >= (1024 if block_q <= 1024 and not quant else 2048) else 1
 
@@ -279,7 +281,7 @@ def _q_kv_norm(
         pdl = _pdl_supported(q.get_device())
         consts = scheme_constants(scheme, params, block_q)
         pieces = _pieces(k_q, block_q, m, scheme, params, False)
-        rows = 1 if pieces[0] else _q_kv_rows_per_program(block_q, m, scheme is not None)
+        rows = _q_kv_rows_per_program(block_q, m, scheme is not None, pieces[0] > 0)
         _q_kv_launch(
             ((m + rows - 1) // rows, 2),
             (

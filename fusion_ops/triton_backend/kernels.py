@@ -206,12 +206,9 @@ def _norm_quant_row(
     W_LOADED: ``w`` is the weight row, already loaded."""
     cols = tl.arange(0, BLOCK_K)
     x = tl.load(x_ptr + row * x_stride + cols, mask=cols < K, other=0.0)
-    inv = 0.0
-    if DO_NORM:
-        ss = _sum_of_squares(
-            x_ptr, r_ptr, row, x_stride, r_stride, K, HAS_RES, UNROUNDED_SUM, BLOCK_K
-        )
-        inv = _inv_rms(ss, K, tl.cast(eps, tl.float32))
+    inv = _row_inv_rms(
+        x_ptr, r_ptr, row, x_stride, r_stride, K, eps, HAS_RES, DO_NORM, UNROUNDED_SUM, BLOCK_K
+    )
     _norm_quant_part(
         x, 0, inv, row, r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr, r_stride, K, fp8_max,
         min_scale, HAS_RES, DO_NORM, WRITE_Y, SCHEME, GROUP, UE8M0, BLOCK_K,
@@ -238,12 +235,9 @@ def _norm_quant_pieces(
         x1 = _load_piece(x_ptr, row, x_stride, K, PIECE0, PIECE1)
     if PIECE2 > 0:
         x2 = _load_piece(x_ptr, row, x_stride, K, PIECE0 + PIECE1, PIECE2)
-    inv = 0.0
-    if DO_NORM:
-        ss = _sum_of_squares(
-            x_ptr, r_ptr, row, x_stride, r_stride, K, HAS_RES, UNROUNDED_SUM, BLOCK_K
-        )
-        inv = _inv_rms(ss, K, tl.cast(eps, tl.float32))
+    inv = _row_inv_rms(
+        x_ptr, r_ptr, row, x_stride, r_stride, K, eps, HAS_RES, DO_NORM, UNROUNDED_SUM, BLOCK_K
+    )
     _norm_quant_part(
         x0, 0, inv, row, r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr, r_stride, K, fp8_max,
         min_scale, HAS_RES, DO_NORM, WRITE_Y, SCHEME, GROUP, UE8M0, PIECE0,
@@ -261,6 +255,22 @@ def _norm_quant_pieces(
             K, fp8_max, min_scale, HAS_RES, DO_NORM, WRITE_Y, SCHEME, GROUP, UE8M0, PIECE2,
             WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM, WEIGHTLESS,
         )  # fmt: skip
+
+
+@triton.jit
+def _row_inv_rms(
+    x_ptr, r_ptr, row, x_stride, r_stride, K, eps, HAS_RES: tl.constexpr, DO_NORM: tl.constexpr,
+    UNROUNDED_SUM: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """The row's 1/rms from its dedicated sum-of-squares load (_sum_of_squares); 0.0 without a
+    norm."""
+    inv = 0.0
+    if DO_NORM:
+        ss = _sum_of_squares(
+            x_ptr, r_ptr, row, x_stride, r_stride, K, HAS_RES, UNROUNDED_SUM, BLOCK_K
+        )
+        inv = _inv_rms(ss, K, tl.cast(eps, tl.float32))
+    return inv
 
 
 @triton.jit
