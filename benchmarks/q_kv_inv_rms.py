@@ -8,6 +8,8 @@ differing in one step each:
 * ``exact``: 1/rms with correctly rounded steps, as every fusion_ops norm kernel computes it
   (kernels._inv_rms: RN(1 / RN(sqrt(RN(ss / K) + eps))));
 * ``exact, ss·(1/K)``: the mean as a product with 1/K, exact for a power-of-two K (the same bits);
+* ``exact by FMA``: the same steps from rsqrt/rcp seeds and FMA corrections, without branches
+  (kernels._inv_rms's BY_FMA, the same bits);
 * ``rsqrt.approx``: vLLM's ``rsqrt(ss / K + eps)`` (other bits: not usable, shown as the bound);
 * ``exact, outputs given``: the outputs allocated once, outside the timed call.
 Timing: CUDA-graph replay, median of three interleaved rounds (benchmarks/kernels.py).
@@ -33,7 +35,7 @@ from fusion_ops.triton_backend.kernels import _inv_rms, _pdl_start
 
 ops = torch.ops.fusion_ops
 EPS = 1e-6
-INV_EXACT, INV_POW2_PRODUCT, INV_RSQRT_APPROX = 0, 1, 2
+INV_EXACT, INV_POW2_PRODUCT, INV_RSQRT_APPROX, INV_BY_FMA = 0, 1, 2, 3
 
 
 @triton.jit
@@ -43,7 +45,9 @@ def _row(row, x_ptr, w, y_ptr, stride, K, inv_k, eps, BLOCK: tl.constexpr, INV: 
     x = tl.load(x_ptr + row * stride + cols, mask=mask, other=0.0)
     xs = tl.load(x_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
     ss = tl.sum(xs * xs, axis=0)
-    if INV == 2:
+    if INV == 3:
+        inv = _inv_rms(ss, K, eps, True)
+    elif INV == 2:
         inv = tl.rsqrt(ss / K + eps)
     elif INV == 1:
         inv = tl.math.div_rn(1.0, tl.sqrt_rn(ss * inv_k + eps))
@@ -77,19 +81,21 @@ def q_kv_variant_kernel(q_ptr, qw_ptr, y_ptr, kv_ptr, kvw_ptr, kv_out_ptr, M, q_
               INV_KV)  # fmt: skip
 
 
-def variant(inv: int, outputs: tuple[torch.Tensor, torch.Tensor] | None = None) -> Callable:
+def variant(
+    inv: int, outputs: tuple[torch.Tensor, torch.Tensor] | None = None, rows: int | None = None
+) -> Callable:
     def run(q, wq, kv, wkv):  # type: ignore[no-untyped-def]
         m, kq, kkv = q.shape[0], q.shape[1], kv.shape[1]
         bq, bkv = triton.next_power_of_2(kq), triton.next_power_of_2(kkv)
         y, kv_out = outputs or (q.new_empty((m, kq)), kv.new_empty((m, kkv)))
-        rows = _q_kv_rows_per_program(bq, m, False)
+        per_program = rows or _q_kv_rows_per_program(bq, m, False)
 
         def inv_of(k: int) -> int:  # the product only where it is exact
             return INV_EXACT if inv == INV_POW2_PRODUCT and k & (k - 1) else inv
 
-        q_kv_variant_kernel[((m + rows - 1) // rows, 2)](
+        q_kv_variant_kernel[((m + per_program - 1) // per_program, 2)](
             q, wq, y, kv, wkv, kv_out, m, q.stride(0), kv.stride(0), kq, kkv, 1.0 / kq, 1.0 / kkv,
-            EPS, BLOCK_Q=bq, BLOCK_KV=bkv, ROWS=rows, INV_Q=inv_of(kq), INV_KV=inv_of(kkv),
+            EPS, BLOCK_Q=bq, BLOCK_KV=bkv, ROWS=per_program, INV_Q=inv_of(kq), INV_KV=inv_of(kkv),
             num_warps=_num_warps(bq, m), launch_pdl=True,
         )  # fmt: skip
         return y, kv_out
@@ -108,6 +114,9 @@ def bench_shape(vllm: Any, q_lora: int, t: int) -> dict[str, Any]:
         "exact": variant(INV_EXACT),
         "exact, ss*(1/K)": variant(INV_POW2_PRODUCT),
         "rsqrt.approx": variant(INV_RSQRT_APPROX),
+        "exact by FMA": variant(INV_BY_FMA),
+        "exact by FMA, 1 row/program": variant(INV_BY_FMA, rows=1),
+        "exact by FMA, 2 rows/program": variant(INV_BY_FMA, rows=2),
         "exact, outputs given": variant(INV_EXACT, given),
     }
     fns: dict[str, Callable[[], Any]] = {
@@ -136,9 +145,8 @@ def main() -> None:
     vllm = load_vllm_kernel(args.vllm_source)
     warm_up()
     torch.manual_seed(0)
-    rows = [
-        bench_shape(vllm, q_lora, t) for q_lora in (1024, 1536) for t in (1, 16, 128, 1024, 8192)
-    ]
+    tokens = (1, 16, 128, 1024, 2048, 4096, 8192)
+    rows = [bench_shape(vllm, q_lora, t) for q_lora in (1024, 1536) for t in tokens]
     meta = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,

@@ -147,7 +147,13 @@ def lower_fused_norm_quant(graph: torch.fx.Graph) -> int:
         triton_kernel_wrapper_functional,
     )
 
-    from fusion_ops.triton_backend import _num_warps, _pieces, next_power_of_2, scheme_constants
+    from fusion_ops.triton_backend import (
+        _num_warps,
+        _pieces,
+        inv_rms_by_fma,
+        next_power_of_2,
+        scheme_constants,
+    )
 
     lowered = 0
     for node in list(graph.nodes):
@@ -209,6 +215,7 @@ def lower_fused_norm_quant(graph: torch.fx.Graph) -> int:
                 "WEIGHTLESS": False,  # wrap_triton needs every argument, defaulted ones too
                 **dict(zip(("PIECE0", "PIECE1", "PIECE2"), pieces, strict=True)),
                 "PREFETCH_W": False,  # without PDL the order of the loads does not matter
+                "INV_BY_FMA": inv_rms_by_fma(float(eps)),
             }
             # a symbolic row count is known >= 2 here, at a width where the warps of every
             # count >= 2 are the same (_lowerable)

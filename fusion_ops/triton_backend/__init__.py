@@ -24,7 +24,7 @@ from ..reference.norm import NormNumerics, split_fused_params
 from ..schemes import SCHEMES
 from . import all_reduce
 from . import kernels as k
-from .launch import Launcher, next_power_of_2
+from .launch import Launcher, inv_rms_by_fma, next_power_of_2
 
 IS_HIP = torch.version.hip is not None
 FNUZ = torch.float8_e4m3fnuz
@@ -221,6 +221,7 @@ def _norm_quant(
                 ("PIECE1", pieces[1]),
                 ("PIECE2", pieces[2]),
                 ("PREFETCH_W", weight is not None and _prefetch_weight(device)),
+                ("INV_BY_FMA", inv_rms_by_fma(eps)),
                 ("num_warps", _num_warps(block_k, m, residual is not None)),
                 ("launch_pdl", pdl),
             ),
@@ -317,6 +318,7 @@ def _q_kv_norm(
                 ("PIECE0", pieces[0]),
                 ("PIECE1", pieces[1]),
                 ("PIECE2", pieces[2]),
+                ("INV_BY_FMA", inv_rms_by_fma(q_eps, kv_eps)),
                 ("num_warps", warps),
                 ("launch_pdl", pdl),
             ),
@@ -568,6 +570,7 @@ def _rope_cache(
         flags = (
             ("HIP", IS_HIP),
             ("USE_PDL", pdl),
+            ("INV_BY_FMA", inv_rms_by_fma(q_eps)),
             # the standalone weightless norm's warps for its t·h rows: same sums
             ("num_warps", _num_warps(block, t * h)),
             ("launch_pdl", pdl),
@@ -636,6 +639,7 @@ def rms_norm_rope_mla_cache_write(
                 ("BLOCK_D", block),
                 ("HIP", IS_HIP),
                 ("USE_PDL", pdl),
+                ("INV_BY_FMA", inv_rms_by_fma(eps)),
                 ("num_warps", _num_warps(block, t)),  # the standalone norm's: same sums
                 ("launch_pdl", pdl),
             ),

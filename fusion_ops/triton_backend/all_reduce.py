@@ -29,7 +29,7 @@ import torch
 import torch.distributed.distributed_c10d as c10d
 
 from . import kernels as k
-from .launch import Launcher, next_power_of_2
+from .launch import Launcher, inv_rms_by_fma, next_power_of_2
 
 ONE_SHOT_ENV = "FUSION_OPS_AR_ONE_SHOT_BYTES"
 ONE_SHOT_MAX_BYTES = 16 * 2**20  # x's bytes up to which the one-shot kernel runs (measured)
@@ -186,6 +186,7 @@ def one_shot(
             ("ALIGNED", (kdim * x.element_size()) % 16 == 0),
             ("USE_PDL", pdl),
             ("SPLIT", split),
+            ("INV_BY_FMA", inv_rms_by_fma(eps)),
             ("num_warps", num_warps),
             ("launch_pdl", pdl),
         ),

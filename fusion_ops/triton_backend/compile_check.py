@@ -142,6 +142,33 @@ def _norm_quant_cases() -> Iterator[Case]:
                     {"num_warps": 4},
                     hip_only_fnuz=fnuz,
                 )
+    yield Case(  # an eps below 2⁻⁴⁰: the correctly rounded instructions on every target
+        "norm_quant_kernel[none, bf16, rms, tiny eps]",
+        k.norm_quant_kernel,
+        {
+            **{p: "*bf16" for p in ("x_ptr", "r_ptr", "w_ptr", "y_ptr", "res_ptr", "q_ptr")},
+            "s_ptr": "*bf16",
+            **{p: "i32" for p in ("x_stride", "r_stride", "K")},
+            **{p: "fp32" for p in ("eps", "fp8_max", "min_scale")},
+        },
+        {
+            "HAS_RES": False,
+            "DO_NORM": True,
+            "WRITE_Y": True,
+            "SCHEME": k.SCHEME_NONE,
+            "GROUP": 1,
+            "UE8M0": False,
+            "BLOCK_K": 8192,
+            "USE_PDL": False,
+            "WEIGHT_AFTER_ROUNDING": False,
+            "UNROUNDED_SUM": False,
+            "WEIGHTLESS": False,
+            **_NO_PIECES,
+            "PREFETCH_W": False,
+            "INV_BY_FMA": False,
+        },
+        {"num_warps": 8},
+    )
     for dtype in ("bf16", "fp16"):  # weightless_rms_norm: the norm without a weight
         yield Case(
             f"norm_quant_kernel[none, {dtype}, weightless rms]",
@@ -465,6 +492,9 @@ def compile_to_isa(case: Case, target: GPUTarget, with_cubin: bool) -> dict[str,
     constexprs = dict(case.constexprs)
     if "HIP" in case.kernel.arg_names:  # the kernel's vendor switch follows the target
         constexprs["HIP"] = target.backend == "hip"
+    if "INV_BY_FMA" in case.kernel.arg_names and "INV_BY_FMA" not in constexprs:
+        # as the launchers choose for an eps ≥ 2⁻⁴⁰ (launch.inv_rms_by_fma): NVIDIA only
+        constexprs["INV_BY_FMA"] = target.backend == "cuda"
     signature.update({name: "constexpr" for name in constexprs})
     src = ASTSource(fn=case.kernel, signature=signature, constexprs=constexprs)
     options = dict(case.options)

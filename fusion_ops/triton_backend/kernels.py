@@ -86,13 +86,53 @@ def _sum_of_squares_of(
 
 
 @triton.jit
-def _inv_rms(ss, K, eps):
+def _inv_rms(ss, K, eps, BY_FMA: tl.constexpr = False):
     """1 / sqrt(Σx²/K + eps), each step correctly rounded, so every vendor and the reference
-    round alike. Its dependent chain costs 0.05–0.07 µs per launch at decode sizes against an
-    approximate rsqrt (H100, benchmarks/q_kv_inv_rms.py); cheaper exact chains tried are in
-    benchmarks/RESULTS.md (one Newton step from rsqrt is not exact)."""
+    round alike: RN(1 / RN(sqrt(RN(ss / K) + eps))).
+
+    BY_FMA (NVIDIA with eps ≥ 2⁻⁴⁰ only: the launchers' ``inv_rms_by_fma``): the same bits from
+    hardware seeds and FMA corrections, without the range checks and branches of ``div.rn`` /
+    ``sqrt.rn`` (_mean_by_fma, _rcp_sqrt_by_fma; tests/gpu/test_inv_rms_steps.py checks every
+    fp32 sum of squares). The correctly rounded instructions cost 0.05–0.07 µs per launch at
+    decode sizes against vLLM's approximate rsqrt (H100, benchmarks/q_kv_inv_rms.py)."""
+    if BY_FMA:
+        return _rcp_sqrt_by_fma(_mean_by_fma(ss, K) + eps, ss)
     mean = tl.math.div_rn(ss, tl.cast(K, tl.float32))
     return tl.math.div_rn(1.0, tl.sqrt_rn(mean + eps))
+
+
+@triton.jit
+def _mean_by_fma(ss, K):
+    """RN(ss / K) for a sum of squares ss ≥ 2⁻⁹⁰ (Markstein: q = RN(ss·RN(1/K)) corrected by one
+    FMA with the exact remainder), NaN for inf. Below 2⁻⁹⁰ its magnitude stays under 2⁻⁸⁹, so
+    RN(mean + eps) = eps = RN(RN(ss / K) + eps) for every eps ≥ 2⁻⁴⁰ (under half an ulp of eps)."""
+    k = tl.cast(K, tl.float32)
+    rk = _rcp_by_fma(k)  # the row's data does not reach it: off the dependent chain
+    q = ss * rk
+    return tl.fma(tl.fma(-k, q, ss), rk, q)
+
+
+@triton.jit
+def _rcp_sqrt_by_fma(v, ss):
+    """RN(1 / RN(sqrt(v))) for v in [2⁻⁴⁰, FLT_MAX] (NaN for NaN), 0 where ss is inf: CUDA's
+    own fast path of ``sqrt.rn`` (rsqrt seed, one FMA correction of v·seed), then _rcp_by_fma."""
+    y = _approx_f32("rsqrt.approx.ftz.f32 $0, $1;", v)
+    s0 = v * y
+    s = tl.fma(tl.fma(-s0, s0, v), 0.5 * y, s0)
+    return tl.where(ss == float("inf"), 0.0, _rcp_by_fma(s))
+
+
+@triton.jit
+def _rcp_by_fma(s):
+    """RN(1 / s) for s in [2⁻¹²⁵, 2¹²⁶]: CUDA's own fast path of ``rcp.rn`` (reciprocal seed, one
+    FMA correction), whose slow path serves the rest of the range."""
+    z = _approx_f32("rcp.approx.ftz.f32 $0, $1;", s)
+    return tl.fma(z, tl.fma(-s, z, 1.0), z)
+
+
+@triton.jit
+def _approx_f32(asm: tl.constexpr, x):
+    return tl.inline_asm_elementwise(asm, "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
 
 
 # --- norm + quant: one row per program -------------------------------------------------------
@@ -126,6 +166,7 @@ def norm_quant_kernel(
     PIECE1: tl.constexpr = 0,
     PIECE2: tl.constexpr = 0,
     PREFETCH_W: tl.constexpr = False,
+    INV_BY_FMA: tl.constexpr = False,
 ):
     """One row per program: [x + r →] rms_norm → [quant]; the flags select other libraries'
     rounding points (fusion_ops.reference.norm): the weight applied after rounding the normed
@@ -133,14 +174,15 @@ def norm_quant_kernel(
     (``weightless_rms_norm``; w_ptr is not read). PIECE0..2 (speed only, same bytes): the row
     after its sum of squares as up to three unpadded power-of-two pieces (_norm_quant_pieces).
     PREFETCH_W: the one-block path loads the weight before the PDL wait (see
-    _pdl_start_with_weight); pieces are for many rows, where that wait hides nothing."""
+    _pdl_start_with_weight); pieces are for many rows, where that wait hides nothing.
+    INV_BY_FMA: the 1/rms steps by FMA corrections (_inv_rms; same bytes)."""
     row = tl.program_id(0).to(tl.int64)
     if PIECE0 == 0:
         w = _pdl_start_with_weight(w_ptr, K, BLOCK_K, USE_PDL, PREFETCH_W, PREFETCH_W)
         _norm_quant_row(
             row, x_ptr, r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr, x_stride, r_stride, K,
             eps, fp8_max, min_scale, HAS_RES, DO_NORM, WRITE_Y, SCHEME, GROUP, UE8M0, BLOCK_K,
-            WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM, WEIGHTLESS, w, PREFETCH_W,
+            WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM, WEIGHTLESS, w, PREFETCH_W, INV_BY_FMA,
         )  # fmt: skip
     else:
         if USE_PDL:  # see _pdl_start
@@ -148,7 +190,7 @@ def norm_quant_kernel(
         _norm_quant_pieces(
             row, x_ptr, r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr, x_stride, r_stride, K,
             eps, fp8_max, min_scale, HAS_RES, DO_NORM, WRITE_Y, SCHEME, GROUP, UE8M0, BLOCK_K,
-            WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM, WEIGHTLESS, PIECE0, PIECE1, PIECE2,
+            WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM, WEIGHTLESS, PIECE0, PIECE1, PIECE2, INV_BY_FMA,
         )  # fmt: skip
 
 
@@ -201,14 +243,16 @@ def _norm_quant_row(
     WEIGHTLESS: tl.constexpr = False,
     w=0,
     W_LOADED: tl.constexpr = False,
+    INV_BY_FMA: tl.constexpr = False,
 ):
     """norm_quant_kernel's work on one row (also the tail of all_reduce_norm_quant_kernel);
-    W_LOADED: ``w`` is the weight row, already loaded."""
+    W_LOADED: ``w`` is the weight row, already loaded; INV_BY_FMA: see _inv_rms."""
     cols = tl.arange(0, BLOCK_K)
     x = tl.load(x_ptr + row * x_stride + cols, mask=cols < K, other=0.0)
     inv = _row_inv_rms(
-        x_ptr, r_ptr, row, x_stride, r_stride, K, eps, HAS_RES, DO_NORM, UNROUNDED_SUM, BLOCK_K
-    )
+        x_ptr, r_ptr, row, x_stride, r_stride, K, eps, HAS_RES, DO_NORM, UNROUNDED_SUM, BLOCK_K,
+        INV_BY_FMA,
+    )  # fmt: skip
     _norm_quant_part(
         x, 0, inv, row, r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr, r_stride, K, fp8_max,
         min_scale, HAS_RES, DO_NORM, WRITE_Y, SCHEME, GROUP, UE8M0, BLOCK_K,
@@ -223,6 +267,7 @@ def _norm_quant_pieces(
     SCHEME: tl.constexpr, GROUP: tl.constexpr, UE8M0: tl.constexpr, BLOCK_K: tl.constexpr,
     WEIGHT_AFTER_ROUNDING: tl.constexpr, UNROUNDED_SUM: tl.constexpr, WEIGHTLESS: tl.constexpr,
     PIECE0: tl.constexpr, PIECE1: tl.constexpr, PIECE2: tl.constexpr,
+    INV_BY_FMA: tl.constexpr = False,
 ):  # fmt: skip
     """_norm_quant_row's bytes, with the row after its sum of squares handled as up to three
     power-of-two pieces at columns 0, PIECE0 and PIECE0 + PIECE1 (PIECEi = 0: none) instead of
@@ -236,8 +281,9 @@ def _norm_quant_pieces(
     if PIECE2 > 0:
         x2 = _load_piece(x_ptr, row, x_stride, K, PIECE0 + PIECE1, PIECE2)
     inv = _row_inv_rms(
-        x_ptr, r_ptr, row, x_stride, r_stride, K, eps, HAS_RES, DO_NORM, UNROUNDED_SUM, BLOCK_K
-    )
+        x_ptr, r_ptr, row, x_stride, r_stride, K, eps, HAS_RES, DO_NORM, UNROUNDED_SUM, BLOCK_K,
+        INV_BY_FMA,
+    )  # fmt: skip
     _norm_quant_part(
         x0, 0, inv, row, r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr, r_stride, K, fp8_max,
         min_scale, HAS_RES, DO_NORM, WRITE_Y, SCHEME, GROUP, UE8M0, PIECE0,
@@ -260,16 +306,16 @@ def _norm_quant_pieces(
 @triton.jit
 def _row_inv_rms(
     x_ptr, r_ptr, row, x_stride, r_stride, K, eps, HAS_RES: tl.constexpr, DO_NORM: tl.constexpr,
-    UNROUNDED_SUM: tl.constexpr, BLOCK_K: tl.constexpr,
+    UNROUNDED_SUM: tl.constexpr, BLOCK_K: tl.constexpr, INV_BY_FMA: tl.constexpr,
 ):  # fmt: skip
     """The row's 1/rms from its dedicated sum-of-squares load (_sum_of_squares); 0.0 without a
-    norm."""
+    norm. INV_BY_FMA: see _inv_rms."""
     inv = 0.0
     if DO_NORM:
         ss = _sum_of_squares(
             x_ptr, r_ptr, row, x_stride, r_stride, K, HAS_RES, UNROUNDED_SUM, BLOCK_K
         )
-        inv = _inv_rms(ss, K, tl.cast(eps, tl.float32))
+        inv = _inv_rms(ss, K, tl.cast(eps, tl.float32), INV_BY_FMA)
     return inv
 
 
@@ -384,13 +430,14 @@ def q_kv_norm_quant_kernel(
     PIECE0: tl.constexpr = 0,
     PIECE1: tl.constexpr = 0,
     PIECE2: tl.constexpr = 0,
+    INV_BY_FMA: tl.constexpr = False,
 ):
     """Programs (i, 0): rms_norm of q's rows i·ROWS … i·ROWS + ROWS - 1 [→ quant]; programs
     (i, 1): rms_norm of the same kv rows. Each row is norm_quant_kernel's row work (same helper,
     same flags), so with the standalone kernels' warp count both halves round exactly as two
     standalone launches would. ROWS > 1 (many short rows) loads the weight once for them;
     PREFETCH_W: see _pdl_start_with_weight; PIECE0..2: q's rows as norm_quant_kernel's pieces
-    (one row per program)."""
+    (one row per program); INV_BY_FMA: see _inv_rms (both eps allow it)."""
     LOAD_W: tl.constexpr = PREFETCH_W or ROWS > 1
     first = tl.program_id(0).to(tl.int64) * ROWS
     if tl.program_id(1) == 0 and PIECE0 > 0:
@@ -399,7 +446,7 @@ def q_kv_norm_quant_kernel(
         _norm_quant_pieces(
             first, q_ptr, q_ptr, qw_ptr, y_ptr, y_ptr, codes_ptr, scales_ptr, q_stride, q_stride,
             K_Q, q_eps, fp8_max, min_scale, False, True, WRITE_Y, SCHEME, GROUP, UE8M0, BLOCK_Q,
-            WEIGHT_AFTER_ROUNDING, False, False, PIECE0, PIECE1, PIECE2,
+            WEIGHT_AFTER_ROUNDING, False, False, PIECE0, PIECE1, PIECE2, INV_BY_FMA,
         )  # fmt: skip
     elif tl.program_id(1) == 0:
         qw = _pdl_start_with_weight(qw_ptr, K_Q, BLOCK_Q, USE_PDL, LOAD_W, PREFETCH_W)
@@ -409,7 +456,7 @@ def q_kv_norm_quant_kernel(
                     first + i, q_ptr, q_ptr, qw_ptr, y_ptr, y_ptr, codes_ptr, scales_ptr,
                     q_stride, q_stride, K_Q, q_eps, fp8_max, min_scale, False, True, WRITE_Y,
                     SCHEME, GROUP, UE8M0, BLOCK_Q, WEIGHT_AFTER_ROUNDING, False, False, qw,
-                    LOAD_W,
+                    LOAD_W, INV_BY_FMA,
                 )  # fmt: skip
     else:
         kvw = _pdl_start_with_weight(kvw_ptr, K_KV, BLOCK_KV, USE_PDL, LOAD_W, PREFETCH_W)
@@ -419,7 +466,7 @@ def q_kv_norm_quant_kernel(
                     first + i, kv_ptr, kv_ptr, kvw_ptr, kv_out_ptr, kv_out_ptr, kv_out_ptr,
                     kv_out_ptr, kv_stride, kv_stride, K_KV, kv_eps, fp8_max, min_scale, False,
                     True, True, 0, 1, False, BLOCK_KV, False, False, False, kvw,
-                    LOAD_W,  # SCHEME 0: none
+                    LOAD_W, INV_BY_FMA,  # SCHEME 0: none
                 )  # fmt: skip
 
 
@@ -459,8 +506,10 @@ def all_reduce_norm_quant_kernel(
     ALIGNED: tl.constexpr,
     USE_PDL: tl.constexpr = False,
     SPLIT: tl.constexpr = 1,
+    INV_BY_FMA: tl.constexpr = False,
 ):
-    """Σ over the ranks of x, then norm_quant_kernel's row work, in one launch.
+    """Σ over the ranks of x, then norm_quant_kernel's row work, in one launch (INV_BY_FMA: see
+    _inv_rms).
 
     Every rank's symmetric buffer holds ``[3 sets][WORLD sources][slot_elems]`` elements (rows
     of K), every element not yet written holding the *empty* pattern (all bits set: a NaN);
@@ -510,7 +559,8 @@ def all_reduce_norm_quant_kernel(
         # the part's columns again (arrived: the whole row has), summed the same way
         part = _await_sum(own, cur, slot_elems, row, K, pcols, pmask, WORLD, ALIGNED, BITS)
         _norm_quant_part(
-            part.to(dtype), col0, _inv_rms(ss, K, tl.cast(eps, tl.float32)), row.to(tl.int64),
+            part.to(dtype), col0, _inv_rms(ss, K, tl.cast(eps, tl.float32), INV_BY_FMA),
+            row.to(tl.int64),
             r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr, r_stride, K, fp8_max, min_scale,
             HAS_RES, DO_NORM, WRITE_Y, SCHEME, GROUP, UE8M0, PART, WEIGHT_AFTER_ROUNDING,
             UNROUNDED_SUM,
@@ -526,7 +576,7 @@ def all_reduce_norm_quant_kernel(
             _norm_quant_row(
                 row.to(tl.int64), red_ptr, r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr, K,
                 r_stride, K, eps, fp8_max, min_scale, HAS_RES, DO_NORM, WRITE_Y, SCHEME, GROUP,
-                UE8M0, BLOCK_K, WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM,
+                UE8M0, BLOCK_K, WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM, INV_BY_FMA=INV_BY_FMA,
             )  # fmt: skip
     # empty what the previous call used in set (c + 2) % 3: its bytes, whatever its K and dtype
     # were, as int32 words of all bits set
@@ -966,6 +1016,7 @@ def norm_rope_cache_kernel(
     BLOCK_D: tl.constexpr,
     HIP: tl.constexpr,
     USE_PDL: tl.constexpr,
+    INV_BY_FMA: tl.constexpr = False,
 ):
     """One token per program: rms_norm (norm_quant_kernel's row work, stored to the output row
     in its dtype: the cast), rope in place, then the cache write of the row. Compiled with FP
@@ -977,7 +1028,7 @@ def norm_rope_cache_kernel(
     _norm_quant_row(
         t, x_ptr, x_ptr, w_ptr, kv_out_ptr, kv_out_ptr, kv_out_ptr, kv_out_ptr, x_stride,
         x_stride, D, eps, 0.0, 0.0, False, True, True, 0, 1, False, BLOCK_D, False,
-        False,
+        False, INV_BY_FMA=INV_BY_FMA,
     )  # fmt: skip
     tl.debug_barrier()  # the normed row is re-read by other threads of this program
     row = kv_out_ptr + t * D
@@ -1013,6 +1064,7 @@ def qnorm_rope_cache_kernel(
     BLOCK_D: tl.constexpr,
     HIP: tl.constexpr,
     USE_PDL: tl.constexpr,
+    INV_BY_FMA: tl.constexpr = False,
 ):
     """Programs (t, h < HEADS): weightless rms_norm of q head h (norm_quant_kernel's row work,
     stored to the output row), then its rope in place. Program (t, HEADS): rope kv, then write
@@ -1029,6 +1081,7 @@ def qnorm_rope_cache_kernel(
         _norm_quant_row(
             0, src, src, src, row, row, row, row, 0, 0, D, q_eps, 0.0, 0.0, False, True,
             True, 0, 1, False, BLOCK_D, False, False, True,  # SCHEME 0, WEIGHTLESS
+            INV_BY_FMA=INV_BY_FMA,
         )  # fmt: skip
         tl.debug_barrier()  # the normed row is re-read by other threads of this program
         _rope_row(row, row, cs_ptr, pos, D, ROPE, IS_NEOX, BLOCK_D, True, HIP)
