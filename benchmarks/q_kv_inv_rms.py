@@ -82,7 +82,10 @@ def q_kv_variant_kernel(q_ptr, qw_ptr, y_ptr, kv_ptr, kvw_ptr, kv_out_ptr, M, q_
 
 
 def variant(
-    inv: int, outputs: tuple[torch.Tensor, torch.Tensor] | None = None, rows: int | None = None
+    inv: int,
+    outputs: tuple[torch.Tensor, torch.Tensor] | None = None,
+    rows: int | None = None,
+    warps: int | None = None,
 ) -> Callable:
     def run(q, wq, kv, wkv):  # type: ignore[no-untyped-def]
         m, kq, kkv = q.shape[0], q.shape[1], kv.shape[1]
@@ -96,7 +99,7 @@ def variant(
         q_kv_variant_kernel[((m + per_program - 1) // per_program, 2)](
             q, wq, y, kv, wkv, kv_out, m, q.stride(0), kv.stride(0), kq, kkv, 1.0 / kq, 1.0 / kkv,
             EPS, BLOCK_Q=bq, BLOCK_KV=bkv, ROWS=per_program, INV_Q=inv_of(kq), INV_KV=inv_of(kkv),
-            num_warps=_num_warps(bq, m), launch_pdl=True,
+            num_warps=warps or _num_warps(bq, m), launch_pdl=True,
         )  # fmt: skip
         return y, kv_out
 
@@ -137,13 +140,35 @@ def bench_shape(vllm: Any, q_lora: int, t: int) -> dict[str, Any]:
     return {"q_lora": q_lora, "tokens": t, "us": times, "equal_to_op": equal}
 
 
+def warps_grid_shape(q_lora: int, t: int) -> None:
+    """Rows per program × warps of the variant kernel (other bytes where the warp count differs
+    from the op's: the sum order follows it)."""
+    proj = torch.randn(t, q_lora + 512, device="cuda").to(torch.bfloat16)
+    q, kv = proj.split([q_lora, 512], dim=-1)
+    wq = (1 + 0.1 * torch.randn(q_lora, device="cuda")).to(torch.bfloat16)
+    wkv = (1 + 0.1 * torch.randn(512, device="cuda")).to(torch.bfloat16)
+    fns: dict[str, Callable[[], Any]] = {"op": lambda: ops.q_kv_rms_norm(q, wq, EPS, kv, wkv, EPS)}
+    for inv in (INV_EXACT, INV_BY_FMA):
+        for rows in (1, 2, 4):
+            for warps in (2, 4, 8):
+                fn = variant(inv, rows=rows, warps=warps)
+                fns[f"inv{inv} r{rows} w{warps}"] = lambda fn=fn: fn(q, wq, kv, wkv)
+    times = bench_interleaved(fns)
+    print(q_lora, t, " ".join(f"{k}={v:.2f}" for k, v in times.items()), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vllm-source", required=True, help="vLLM's fused_qk_rmsnorm.py")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--warps-grid", action="store_true", help="rows × warps near 1024 rows")
     args = parser.parse_args()
     vllm = load_vllm_kernel(args.vllm_source)
     warm_up()
+    if args.warps_grid:  # near 1024 rows
+        for q_lora, t in ((1024, 512), (1024, 1024), (1024, 1536), (1536, 1024), (1536, 1536)):
+            warps_grid_shape(q_lora, t)
+        return
     torch.manual_seed(0)
     tokens = (1, 16, 128, 1024, 2048, 4096, 8192)
     rows = [bench_shape(vllm, q_lora, t) for q_lora in (1024, 1536) for t in tokens]
