@@ -142,36 +142,15 @@ def _norm_quant_cases() -> Iterator[Case]:
                     {"num_warps": 4},
                     hip_only_fnuz=fnuz,
                 )
-    yield Case(  # an eps below 2⁻⁴⁰: the correctly rounded instructions on every target
-        "norm_quant_kernel[none, bf16, rms, tiny eps]",
-        k.norm_quant_kernel,
-        {
-            **{p: "*bf16" for p in ("x_ptr", "r_ptr", "w_ptr", "y_ptr", "res_ptr", "q_ptr")},
-            "s_ptr": "*bf16",
-            **{p: "i32" for p in ("x_stride", "r_stride", "K")},
-            **{p: "fp32" for p in ("eps", "fp8_max", "min_scale")},
-        },
-        {
-            "HAS_RES": False,
-            "DO_NORM": True,
-            "WRITE_Y": True,
-            "SCHEME": k.SCHEME_NONE,
-            "GROUP": 1,
-            "UE8M0": False,
-            "BLOCK_K": 8192,
-            "USE_PDL": False,
-            "WEIGHT_AFTER_ROUNDING": False,
-            "UNROUNDED_SUM": False,
-            "WEIGHTLESS": False,
-            **_NO_PIECES,
-            "PREFETCH_W": False,
-            "INV_BY_FMA": False,
-        },
-        {"num_warps": 8},
-    )
-    for dtype in ("bf16", "fp16"):  # weightless_rms_norm: the norm without a weight
+    # the norm alone: weightless_rms_norm (no weight), and an eps below 2⁻⁴⁰ (the correctly
+    # rounded division instructions, on every target)
+    for dtype, weightless, label, extra in (
+        ("bf16", True, "weightless rms", {}),
+        ("fp16", True, "weightless rms", {}),
+        ("bf16", False, "rms, tiny eps", {"INV_BY_FMA": False}),
+    ):
         yield Case(
-            f"norm_quant_kernel[none, {dtype}, weightless rms]",
+            f"norm_quant_kernel[none, {dtype}, {label}]",
             k.norm_quant_kernel,
             {
                 **{p: f"*{dtype}" for p in ("x_ptr", "r_ptr", "w_ptr", "y_ptr", "res_ptr")},
@@ -186,15 +165,16 @@ def _norm_quant_cases() -> Iterator[Case]:
                 "SCHEME": k.SCHEME_NONE,
                 "GROUP": 1,
                 "UE8M0": False,
-                "BLOCK_K": 512,
+                "BLOCK_K": 512 if weightless else 8192,
                 "USE_PDL": False,
                 "WEIGHT_AFTER_ROUNDING": False,
                 "UNROUNDED_SUM": False,
-                "WEIGHTLESS": True,
+                "WEIGHTLESS": weightless,
                 **_NO_PIECES,
                 "PREFETCH_W": False,
+                **extra,
             },
-            {"num_warps": 4},
+            {"num_warps": 4 if weightless else 8},
         )
 
 
