@@ -204,7 +204,10 @@ def offer_plan(
     nothing, computing nothing) once per float argument with that argument changed: a
     parameter that takes exactly the changed value is that argument, one that never changes is
     a constant, and anything else (a parameter computed from a float, launches that depend on
-    one) gets no plan.
+    one) gets no plan. The plan admits a float argument from ``launch.INV_RMS_BY_FMA_MIN_EPS``
+    on (the floats are eps values; below that the norm kernels take other 1/rms steps, a
+    constexpr): one more dry run at that value must give the same launches, and a run with a
+    smaller value gets no plan.
     """
     from .. import backends
     from ..triton_backend import launch
@@ -226,22 +229,22 @@ def offer_plan(
         return base
     floats = [i for i, a in enumerate(args) if isinstance(a, float)]
     float_params: dict[tuple[int, int], int] = {}  # (launch, parameter) -> float argument
+    float_min = launch.INV_RMS_BY_FMA_MIN_EPS
     for i in floats:
+        if not args[i] >= float_min:
+            return f"float argument {i} is {args[i]}, below {float_min}"
         changed = list(args)
         changed[i] = abs(args[i]) * 2 + 0.5 + 0.125 * i
         if not changed[i] > args[i]:  # inf: no other value to tell it by
             return f"float argument {i} is {args[i]}"
-        aten = _AtenOps(dry=True)
-        try:
-            with launch.recording(dry=True) as dry_launches, aten:
-                dry_out = kernel(*changed)
-        except Exception as e:  # _NotReplayable, or the kernel refused the value
-            return f"with another value of float argument {i}: {type(e).__name__}: {e}"
-        other = _encode_run(changed, dry_out, dry_launches)
+        lowest = list(args)
+        lowest[i] = float_min
+        other = _dry_run(kernel, changed, base)
         if isinstance(other, str):
             return f"with another value of float argument {i}: {other}"
-        if [(h, [k for k, _ in p]) for h, p in other] != [(h, [k for k, _ in p]) for h, p in base]:
-            return f"float argument {i} changes the launches"
+        at_min = _dry_run(kernel, lowest, base)
+        if isinstance(at_min, str):
+            return f"with float argument {i} at {float_min}: {at_min}"
         for li, ((_, p0), (_, p1)) in enumerate(zip(base, other, strict=True)):
             for pi, ((kind, a0), (_, a1)) in enumerate(zip(p0, p1, strict=True)):
                 if a0 == a1:
@@ -266,8 +269,27 @@ def offer_plan(
             ints += [kind, int(a)]
     outputs = _outputs(out)
     assert not isinstance(outputs, str)
-    torch.ops.fusion_ops_native.offer_plan(ints, consts, list(outputs), floats)
+    torch.ops.fusion_ops_native.offer_plan(ints, consts, list(outputs), floats, float_min)
     return None
+
+
+def _dry_run(kernel: Any, args: list[Any], base: Any) -> Any:
+    """The encoded launches of ``kernel(*args)`` run dry, or why they cannot stand for ``base``'s
+    (another launch sequence, kernel or parameter kinds)."""
+    from ..triton_backend import launch
+
+    aten = _AtenOps(dry=True)
+    try:
+        with launch.recording(dry=True) as dry_launches, aten:
+            dry_out = kernel(*args)
+    except Exception as e:  # _NotReplayable, or the kernel refused the value
+        return f"{type(e).__name__}: {e}"
+    run = _encode_run(args, dry_out, dry_launches)
+    if isinstance(run, str):
+        return run
+    if [(h, [k for k, _ in p]) for h, p in run] != [(h, [k for k, _ in p]) for h, p in base]:
+        return "it changes the launches"
+    return run
 
 
 def _outputs(out: Any) -> tuple[torch.Tensor, ...] | str:

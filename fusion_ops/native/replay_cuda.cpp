@@ -24,8 +24,8 @@
 // The fast path is taken only where the Python kernel would run Triton too: no backend other
 // than `triton` forced (FUSION_OPS_BACKEND read per call, the API's override forwarded by
 // set_forced), no index-value checks asked for (FUSION_OPS_CHECK_INDICES=1: the Python kernel
-// runs them) and float arguments that pass the op's checks (the registered ops' floats are
-// eps values: >= 0).
+// runs them) and float arguments at or above the plan's float_min (the registered ops' floats
+// are eps values; the plan's Python side sets the value from which its launches hold).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/DeviceGuard.h>
@@ -75,7 +75,8 @@ struct Plan {
   std::vector<std::pair<at::ScalarType, std::vector<int64_t>>> outputs;
   std::vector<Launch> launches;
   std::vector<double> float_consts;
-  std::vector<int64_t> nonneg_float_args;  // stack indices of floats that must be >= 0
+  std::vector<int64_t> checked_float_args;  // stack indices of floats that must be >= float_min
+  double float_min = 0.0;
 };
 
 using Signature = std::vector<int64_t>;
@@ -229,8 +230,8 @@ void run_launch(const Launch& l, const Plan& plan, const torch::jit::Stack& stac
 #endif
 
 bool floats_pass(const Plan& plan, const torch::jit::Stack& stack, size_t first) {
-  for (int64_t i : plan.nonneg_float_args) {
-    if (!(stack[first + i].toDouble() >= 0)) return false;  // NaN fails too
+  for (int64_t i : plan.checked_float_args) {
+    if (!(stack[first + i].toDouble() >= plan.float_min)) return false;  // NaN fails too
   }
   return true;
 }
@@ -319,7 +320,8 @@ bool wants_plan() { return plan_wanted; }
 
 // The Python kernel's record of one call (encoding: fusion_ops/native/__init__.py, offer_plan)
 void offer_plan(std::vector<int64_t> launch_ints, std::vector<double> float_consts,
-                std::vector<at::Tensor> outputs, std::vector<int64_t> nonneg_float_args) {
+                std::vector<at::Tensor> outputs, std::vector<int64_t> checked_float_args,
+                double float_min) {
   if (!plan_wanted) return;
   auto plan = std::make_shared<Plan>();
   size_t i = 0;
@@ -346,7 +348,8 @@ void offer_plan(std::vector<int64_t> launch_ints, std::vector<double> float_cons
     plan->outputs.emplace_back(t.scalar_type(), t.sizes().vec());
   }
   plan->float_consts = std::move(float_consts);
-  plan->nonneg_float_args = std::move(nonneg_float_args);
+  plan->checked_float_args = std::move(checked_float_args);
+  plan->float_min = float_min;
 #ifdef FUSION_OPS_HAVE_CUDA_H
   plan->replayable = true;
 #endif
@@ -383,7 +386,7 @@ TORCH_LIBRARY_FRAGMENT(fusion_ops_native, m) {
   m.def("wants_plan() -> bool", &wants_plan);
   m.def(
       "offer_plan(int[] launch_ints, float[] float_consts, Tensor[] outputs, "
-      "int[] nonneg_float_args) -> ()",
+      "int[] checked_float_args, float float_min) -> ()",
       &offer_plan);
   m.def("plan_count(str name) -> int", &plan_count);
   m.def("launch_stream(int device_index) -> int", &launch_stream);

@@ -126,31 +126,38 @@ def _as_tuple(t: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor,
     return tuple(t) if isinstance(t, (tuple, list)) else (t,)
 
 
-_OPS = {
-    "rms_norm": lambda x, w: ops.rms_norm(x, w, 1e-6),
-    "weightless_rms_norm": lambda x, w: ops.weightless_rms_norm(x, 1e-6),
-    "fused_add_rms_norm": lambda x, w: ops.fused_add_rms_norm(x, x.flip(0), w, 1e-5),
-    "q_kv_rms_norm": lambda x, w: ops.q_kv_rms_norm(x, w, 1e-6, x[:, :512], w[:512], 1e-6),
-    "rms_norm_fp8_group_quant": lambda x, w: ops.rms_norm_fp8_group_quant(
-        x, w, 1e-6, 128, True, torch.float8_e4m3fn, True
-    ),
-    "q_kv_rms_norm_fp8_group_quant": lambda x, w: ops.q_kv_rms_norm_fp8_group_quant(
-        x, w, 1e-6, x[:, :512], w[:512], 1e-6, 128, True, torch.float8_e4m3fn
-    ),
+_FP8 = (128, True, torch.float8_e4m3fn)
+_CALLS = {  # op -> its arguments from (x, w)
+    "rms_norm": lambda x, w: (x, w, 1e-6),
+    "weightless_rms_norm": lambda x, w: (x, 1e-6),
+    "fused_add_rms_norm": lambda x, w: (x, x.flip(0), w, 1e-5),
+    "q_kv_rms_norm": lambda x, w: (x, w, 1e-6, x[:, :512], w[:512], 1e-6),
+    "rms_norm_fp8_group_quant": lambda x, w: (x, w, 1e-6, *_FP8, True),
+    "q_kv_rms_norm_fp8_group_quant": lambda x, w: (x, w, 1e-6, x[:, :512], w[:512], 1e-6, *_FP8),
 }
 ops = torch.ops.fusion_ops
 
 
 @pytest.mark.parametrize("tokens", [1, 300, 2048])
-@pytest.mark.parametrize("op", sorted(_OPS))
+@pytest.mark.parametrize("op", sorted(_CALLS))
 def test_ops_by_fma_equal_the_division_instructions(op: str, tokens: int, monkeypatch) -> None:
     # one token: a row of small values (2^-65 … ), whose squares need the mean's correction
     x = _rows_of_every_magnitude(max(tokens, 3), 1536)[:tokens] if tokens > 1 else None
     x = _rows_of_every_magnitude(300, 1536)[87:88] if x is None else x
     w = (1 + 0.1 * torch.randn(1536, device="cuda")).to(torch.bfloat16)
+    args = _CALLS[op](x, w)
+    # the Python kernel (a C++ replay of the first call would not choose the steps again)
+    python_kernel = getattr(ops, f"_python_{op}", None) or getattr(ops, op)
     assert triton_backend.inv_rms_by_fma(1e-6, 1e-5)
-    by_fma = _OPS[op](x, w)
-    monkeypatch.setattr(triton_backend, "inv_rms_by_fma", lambda *eps: False)
-    by_division = _OPS[op](x, w)
+    by_fma = python_kernel(*args)
+    asked: list[tuple[float, ...]] = []
+
+    def division_steps(*eps: float) -> bool:
+        asked.append(eps)
+        return False
+
+    monkeypatch.setattr(triton_backend, "inv_rms_by_fma", division_steps)
+    by_division = python_kernel(*args)
+    assert asked, "the second call did not choose its 1/rms steps"
     for a, b in zip(_as_tuple(by_fma), _as_tuple(by_division), strict=True):
         assert _nan_or_equal(a, b)

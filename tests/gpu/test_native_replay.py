@@ -12,6 +12,7 @@ import torch
 import fusion_ops
 from fusion_ops import backends, native
 from fusion_ops.library import NATIVE_KERNELS
+from fusion_ops.triton_backend.launch import INV_RMS_BY_FMA_MIN_EPS
 from fusion_passes.testing import assert_bitwise_equal
 
 pytestmark = [
@@ -77,6 +78,25 @@ def test_replayed_calls_equal_the_python_kernel(op: str, rest: tuple, tokens: in
         assert fusion_ops.last_backend(op) == "triton"
         assert_bitwise_equal(got, python_kernel(op)(*args))
     assert native.plan_count(op) == before + 1
+
+
+def test_an_eps_below_the_fma_floor_runs_the_python_kernel() -> None:
+    """Plans admit eps from INV_RMS_BY_FMA_MIN_EPS on: below it the norm kernels take the
+    division steps (another compiled kernel), so such a call of a replayed signature runs the
+    Python kernel, and a signature first seen with such an eps gets no plan."""
+    args = call_args("rms_norm", (), 9, 1e-6, seed=5)  # 9 and 10 tokens: no other test's
+    before = native.plan_count("rms_norm")
+    ops.rms_norm(*args)
+    assert native.plan_count("rms_norm") == before + 1
+    for eps in (INV_RMS_BY_FMA_MIN_EPS / 2, 0.0):
+        small = (args[0], args[1], eps)
+        ran_before = native.last_run("rms_norm")[0]
+        got = ops.rms_norm(*small)
+        assert native.last_run("rms_norm")[0] == ran_before  # not replayed
+        assert_bitwise_equal(got, python_kernel("rms_norm")(*small))
+    ops.rms_norm(*call_args("rms_norm", (), 10, 0.0, seed=6))
+    assert native.plan_count("rms_norm") == before + 1
+    assert "below" in native.REFUSALS.get("rms_norm", ""), native.REFUSALS.get("rms_norm")
 
 
 def test_bad_input_and_forced_backends_reach_python() -> None:
@@ -204,7 +224,8 @@ def test_a_constant_equal_to_eps_is_told_apart() -> None:
 TOKENS = 11  # a row count no other test uses: each op's first call here is a new signature
 # (q eps, kv eps) per call: equal in the first call (which parameter is which is found by dry
 # runs, not by value), then every order of two different values
-EPS_CALLS = [(1e-6, 1e-6), (1e-5, 0.25), (0.25, 1e-5), (0.0, 3.0)]
+# the smallest eps a plan admits included (test_an_eps_below_the_fma_floor_runs_the_python_kernel)
+EPS_CALLS = [(1e-6, 1e-6), (1e-5, 0.25), (0.25, 1e-5), (INV_RMS_BY_FMA_MIN_EPS, 3.0)]
 
 
 def op_args(op: str, seed: int, eps: tuple[float, float]) -> tuple:
