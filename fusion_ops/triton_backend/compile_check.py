@@ -58,6 +58,9 @@ class Case:
 
 
 _NO_PIECES = {"PIECE0": 0, "PIECE1": 0, "PIECE2": 0}
+# the norm kernels' 1/rms steps as the launchers choose them for an eps >= 2^-40
+# (launch.inv_rms_by_fma): compile_to_isa keeps the FMA steps for NVIDIA targets only
+_INV_BY_FMA = {"INV_BY_FMA": True}
 
 
 def _norm_quant_cases() -> Iterator[Case]:
@@ -119,6 +122,7 @@ def _norm_quant_cases() -> Iterator[Case]:
             "WEIGHTLESS": False,
             **_NO_PIECES,
             "PREFETCH_W": pdl,
+            **_INV_BY_FMA,
         }
         fnuz = q_ty == _FP8["e4m3fnuz"]
         yield Case(
@@ -172,6 +176,7 @@ def _norm_quant_cases() -> Iterator[Case]:
                 "WEIGHTLESS": weightless,
                 **_NO_PIECES,
                 "PREFETCH_W": False,
+                **_INV_BY_FMA,
                 **extra,
             },
             {"num_warps": 4 if weightless else 8},
@@ -229,6 +234,7 @@ def _all_reduce_cases() -> Iterator[Case]:
                 "ALIGNED": True,
                 "USE_PDL": False,
                 "SPLIT": split,
+                **_INV_BY_FMA,
             },
             {"num_warps": 8},
             hip_only_fnuz=q_ty == _FP8["e4m3fnuz"],
@@ -343,6 +349,7 @@ def _q_kv_cases() -> Iterator[Case]:
                 "ROWS": 1 if pdl or pieces else 2,  # many rows: two per program
                 "PREFETCH_W": pdl,
                 **({"PIECE0": 1024, "PIECE1": 512, "PIECE2": 0} if pieces else _NO_PIECES),
+                **_INV_BY_FMA,
             },
             {"num_warps": 4, "launch_pdl": pdl},
             hip_only_fnuz=q_ty == _FP8["e4m3fnuz"],
@@ -380,6 +387,7 @@ def _norm_rope_cache_cases() -> Iterator[Case]:
                 "BLOCK_D": 512,
                 "HIP": False,  # set per target by compile_to_isa
                 "USE_PDL": False,
+                **_INV_BY_FMA,
             },
             {"num_warps": 4},
         )
@@ -411,6 +419,7 @@ def _qnorm_rope_cache_cases() -> Iterator[Case]:
                 "BLOCK_D": 512,
                 "HIP": False,  # set per target by compile_to_isa
                 "USE_PDL": False,
+                **_INV_BY_FMA,
             },
             {"num_warps": 4},
         )
@@ -472,8 +481,7 @@ def compile_to_isa(case: Case, target: GPUTarget, with_cubin: bool) -> dict[str,
     constexprs = dict(case.constexprs)
     if "HIP" in case.kernel.arg_names:  # the kernel's vendor switch follows the target
         constexprs["HIP"] = target.backend == "hip"
-    if "INV_BY_FMA" in case.kernel.arg_names and "INV_BY_FMA" not in constexprs:
-        # as the launchers choose for an eps ≥ 2⁻⁴⁰ (launch.inv_rms_by_fma): NVIDIA only
+    if constexprs.get("INV_BY_FMA"):  # PTX seeds: the launchers choose them on NVIDIA only
         constexprs["INV_BY_FMA"] = target.backend == "cuda"
     signature.update({name: "constexpr" for name in constexprs})
     src = ASTSource(fn=case.kernel, signature=signature, constexprs=constexprs)
