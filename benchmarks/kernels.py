@@ -71,6 +71,20 @@ def bench_interleaved(fns: dict[str, Callable[[], Any]], rounds: int = 3) -> dic
     return {name: statistics.median(ts) if ts else None for name, ts in times.items()}
 
 
+def report(rows: list[dict[str, Any]], json_path: str | None) -> None:
+    """Print the device and versions; write ``{"meta": …, "rows": rows}`` to ``json_path``."""
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+    }
+    print(json.dumps(meta))
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+
+
 def copy_bandwidth() -> float:
     """GB/s of a large device-to-device copy, counting bytes read + written."""
     src = torch.empty(1 << 30, dtype=torch.uint8, device=DEV)

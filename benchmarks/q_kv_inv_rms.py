@@ -18,8 +18,6 @@ Timing: CUDA-graph replay, median of three interleaved rounds (benchmarks/kernel
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +27,7 @@ import triton.language as tl
 
 import fusion_ops  # noqa: F401  (registers the ops)
 from benchmarks.deeper_fusions import load_vllm_kernel, vllm_q_kv
-from benchmarks.kernels import bench_interleaved, warm_up
+from benchmarks.kernels import bench_interleaved, report, warm_up
 from fusion_ops.triton_backend import _num_warps, _q_kv_rows_per_program
 from fusion_ops.triton_backend.kernels import _inv_rms, _pdl_start
 
@@ -172,16 +170,7 @@ def main() -> None:
     torch.manual_seed(0)
     tokens = (1, 16, 128, 1024, 2048, 4096, 8192)
     rows = [bench_shape(vllm, q_lora, t) for q_lora in (1024, 1536) for t in tokens]
-    meta = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-    }
-    print(json.dumps(meta))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+    report(rows, args.json)
 
 
 if __name__ == "__main__":

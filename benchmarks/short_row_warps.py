@@ -12,17 +12,14 @@ Timing: CUDA-graph replay, median of three interleaved rounds (benchmarks/kernel
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 from collections.abc import Callable
 from typing import Any
 
 import torch
-import triton
 
 import fusion_ops  # noqa: F401  (registers the ops)
 import fusion_ops.triton_backend as triton_backend
-from benchmarks.kernels import bench_interleaved, warm_up
+from benchmarks.kernels import bench_interleaved, report, warm_up
 
 ops = torch.ops.fusion_ops
 EPS = 1e-6
@@ -94,16 +91,7 @@ def main() -> None:
                 flush=True,
             )
             rows.append({"op": name, "tokens": t, "us_by_warps": times})
-    meta = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-    }
-    print(json.dumps(meta))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+    report(rows, args.json)
 
 
 if __name__ == "__main__":
