@@ -9,7 +9,7 @@ differing in one step each:
   (kernels._inv_rms: RN(1 / RN(sqrt(RN(ss / K) + eps))));
 * ``exact, ss·(1/K)``: the mean as a product with 1/K, exact for a power-of-two K (the same bits);
 * ``exact by FMA``: the same steps from rsqrt/rcp seeds and FMA corrections, without branches
-  (kernels._inv_rms's BY_FMA, the same bits);
+  (kernels._inv_rms's INV_BY_FMA, the same bits);
 * ``rsqrt.approx``: vLLM's ``rsqrt(ss / K + eps)`` (other bits: not usable, shown as the bound);
 * ``exact, outputs given``: the outputs allocated once, outside the timed call.
 Timing: CUDA-graph replay, median of three interleaved rounds (benchmarks/kernels.py).

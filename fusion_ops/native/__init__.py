@@ -204,13 +204,13 @@ def offer_plan(
     nothing, computing nothing) once per float argument with that argument changed: a
     parameter that takes exactly the changed value is that argument, one that never changes is
     a constant, and anything else (a parameter computed from a float, launches that depend on
-    one) gets no plan. The plan admits a float argument from ``launch.INV_RMS_BY_FMA_MIN_EPS``
+    one) gets no plan. The plan admits a float argument from ``INV_RMS_BY_FMA_MIN_EPS``
     on (the floats are eps values; below that the norm kernels take other 1/rms steps, a
     constexpr): one more dry run at that value must give the same launches, and a run with a
     smaller value gets no plan.
     """
     from .. import backends
-    from ..triton_backend import launch
+    from ..triton_backend import INV_RMS_BY_FMA_MIN_EPS
 
     if not aten_ops <= _ALLOCATIONS_AND_VIEWS:
         return f"the Python kernel ran aten ops {sorted(aten_ops - _ALLOCATIONS_AND_VIEWS)}"
@@ -229,7 +229,7 @@ def offer_plan(
         return base
     floats = [i for i, a in enumerate(args) if isinstance(a, float)]
     float_params: dict[tuple[int, int], int] = {}  # (launch, parameter) -> float argument
-    float_min = launch.INV_RMS_BY_FMA_MIN_EPS
+    float_min = INV_RMS_BY_FMA_MIN_EPS
     for i in floats:
         if not args[i] >= float_min:
             return f"float argument {i} is {args[i]}, below {float_min}"

@@ -24,7 +24,7 @@ from ..reference.norm import NormNumerics, split_fused_params
 from ..schemes import SCHEMES
 from . import all_reduce
 from . import kernels as k
-from .launch import Launcher, inv_rms_by_fma, next_power_of_2
+from .launch import Launcher, next_power_of_2
 
 IS_HIP = torch.version.hip is not None
 FNUZ = torch.float8_e4m3fnuz
@@ -73,6 +73,17 @@ def _prefetch_weight(device_index: int) -> bool:
     """With PDL, norm kernels load their weight before the PDL wait (kernels._pdl_start_with_weight)
     unless FUSION_OPS_PDL_PREFETCH_WEIGHT=0. Read once per device."""
     return _pdl_supported(device_index) and os.environ.get(PREFETCH_ENV, "1") != "0"
+
+
+# from this eps on, kernels._inv_rms by FMA corrections equals the correctly rounded steps
+INV_RMS_BY_FMA_MIN_EPS = 2.0**-40
+
+
+def inv_rms_by_fma(*eps: float) -> bool:
+    """The norm kernels' INV_BY_FMA for a launch with these eps (speed only: the same bits): on
+    NVIDIA (the seeds are PTX) when every eps is at least 2⁻⁴⁰, where the FMA steps equal the
+    correctly rounded ones on every fp32 sum of squares (tests/gpu/test_inv_rms_steps.py)."""
+    return not IS_HIP and min(eps) >= INV_RMS_BY_FMA_MIN_EPS
 
 
 # from this many rows on, rows of 4097–8192 columns without a residual take 4 warps, not 8
@@ -447,6 +458,7 @@ def _all_reduce_norm_quant(
         numerics,
         _num_warps(block_k, m, residual is not None),
         _pdl_supported(x.get_device()),
+        inv_rms_by_fma(eps),
     )
     if done is None:
         return None

@@ -29,7 +29,7 @@ import torch
 import torch.distributed.distributed_c10d as c10d
 
 from . import kernels as k
-from .launch import Launcher, inv_rms_by_fma, next_power_of_2
+from .launch import Launcher, next_power_of_2
 
 ONE_SHOT_ENV = "FUSION_OPS_AR_ONE_SHOT_BYTES"
 ONE_SHOT_MAX_BYTES = 16 * 2**20  # x's bytes up to which the one-shot kernel runs (measured)
@@ -127,6 +127,7 @@ def one_shot(
     numerics: Any,
     num_warps: int,
     pdl: bool,
+    inv_by_fma: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
     """Run the fused kernel when x fits the workspace; returns (y or None, residual_out), or
     None when the caller must take the all-reduce + fused-op path."""
@@ -186,7 +187,7 @@ def one_shot(
             ("ALIGNED", (kdim * x.element_size()) % 16 == 0),
             ("USE_PDL", pdl),
             ("SPLIT", split),
-            ("INV_BY_FMA", inv_rms_by_fma(eps)),
+            ("INV_BY_FMA", inv_by_fma),
             ("num_warps", num_warps),
             ("launch_pdl", pdl),
         ),

@@ -59,7 +59,7 @@ class Case:
 
 _NO_PIECES = {"PIECE0": 0, "PIECE1": 0, "PIECE2": 0}
 # the norm kernels' 1/rms steps as the launchers choose them for an eps >= 2^-40
-# (launch.inv_rms_by_fma): compile_to_isa keeps the FMA steps for NVIDIA targets only
+# (triton_backend.inv_rms_by_fma): compile_to_isa keeps the FMA steps for NVIDIA targets only
 _INV_BY_FMA = {"INV_BY_FMA": True}
 
 

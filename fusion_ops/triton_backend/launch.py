@@ -155,14 +155,3 @@ def next_power_of_2(n: int) -> int:
     """Smallest power of two >= n (``triton.next_power_of_2`` is a constexpr function since
     Triton 3.5, costing microseconds per host call)."""
     return 1 << (n - 1).bit_length() if n > 1 else 1
-
-
-# from this eps on, kernels._inv_rms by FMA corrections equals the correctly rounded steps
-INV_RMS_BY_FMA_MIN_EPS = 2.0**-40
-
-
-def inv_rms_by_fma(*eps: float) -> bool:
-    """The norm kernels' INV_BY_FMA for a launch with these eps (speed only: the same bits): on
-    NVIDIA (the seeds are PTX) when every eps is at least 2⁻⁴⁰, where the FMA steps equal the
-    correctly rounded ones on every fp32 sum of squares (tests/gpu/test_inv_rms_steps.py)."""
-    return not IS_HIP and min(eps) >= INV_RMS_BY_FMA_MIN_EPS

@@ -1,4 +1,4 @@
-"""The norm kernels' 1/rms by FMA corrections (kernels._inv_rms with BY_FMA) equals the correctly
+"""The norm kernels' 1/rms by FMA corrections (kernels._inv_rms, INV_BY_FMA) equals the correctly
 rounded steps bit for bit on every fp32 sum of squares, at row widths and eps values of real
 models and at the smallest eps the launchers allow (pytest -m gpu; NVIDIA: the seeds are PTX).
 
@@ -17,8 +17,9 @@ import triton.language as tl
 
 import fusion_ops  # noqa: F401  (registers the ops)
 import fusion_ops.triton_backend as triton_backend
+from fusion_ops.triton_backend import INV_RMS_BY_FMA_MIN_EPS
 from fusion_ops.triton_backend.kernels import _inv_rms, _rcp_by_fma, _rcp_sqrt_by_fma
-from fusion_ops.triton_backend.launch import INV_RMS_BY_FMA_MIN_EPS
+from fusion_passes.testing import assert_bitwise_equal
 
 pytestmark = [
     pytest.mark.gpu,
@@ -111,21 +112,6 @@ def _rows_of_every_magnitude(tokens: int, k: int) -> torch.Tensor:
     return x.to(torch.bfloat16)
 
 
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.uint8)
-
-
-def _nan_or_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype.is_floating_point and a.element_size() > 1:
-        both_nan = a.float().isnan() & b.float().isnan()
-        return bool(((a == b) | both_nan).all()) and torch.equal(a.isnan(), b.isnan())
-    return torch.equal(_bytes(a), _bytes(b))
-
-
-def _as_tuple(t: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    return tuple(t) if isinstance(t, (tuple, list)) else (t,)
-
-
 _FP8 = (128, True, torch.float8_e4m3fn)
 _CALLS = {  # op -> its arguments from (x, w)
     "rms_norm": lambda x, w: (x, w, 1e-6),
@@ -159,5 +145,4 @@ def test_ops_by_fma_equal_the_division_instructions(op: str, tokens: int, monkey
     monkeypatch.setattr(triton_backend, "inv_rms_by_fma", division_steps)
     by_division = python_kernel(*args)
     assert asked, "the second call did not choose its 1/rms steps"
-    for a, b in zip(_as_tuple(by_fma), _as_tuple(by_division), strict=True):
-        assert _nan_or_equal(a, b)
+    assert_bitwise_equal(by_fma, by_division, op)
