@@ -141,16 +141,23 @@ def row(
     return r
 
 
-def bench_norm_quant(tokens_list: list[int], hiddens: list[int], copy_gbs: float) -> list[dict]:
+def bench_norm_quant(
+    tokens_list: list[int], hiddens: list[int], copy_gbs: float, only: list[str] | None = None
+) -> list[dict]:
+    """The norm → quant rows; ``only``: the cases whose label holds one of these strings."""
     rows = []
     cases = [
         ("rms_norm→mxfp4", "mxfp4", (), False),
         ("rms_norm→mxfp8", "mxfp8", (), False),
         ("rms_norm→fp8_group128", "fp8_group", (128, False, FN), False),
+        ("rms_norm→fp8_group128_ue8m0", "fp8_group", (128, True, FN), False),
+        ("rms_norm→fp8_per_token", "fp8_per_token", (False, FN), False),
         ("add_rms_norm→mxfp4", "mxfp4", (), True),
         ("add_rms_norm→fp8_group128", "fp8_group", (128, False, FN), True),
     ]
     for label, scheme, params, add in cases:
+        if only and not any(o in label for o in only):
+            continue
         s = fusion_ops.SCHEMES[scheme]
         quant, ref_q = getattr(ops, s.quant_op), s.reference
         fused = getattr(ops, s.add_rms_op if add else s.rms_op)
@@ -319,6 +326,9 @@ def main() -> None:
         help="unpacked amd-aiter wheel: also time AITER's fused_rms_mxfp4_quant",
     )
     parser.add_argument("--only-aiter", action="store_true", help="only the AITER comparison")
+    parser.add_argument(
+        "--only", nargs="+", default=None, help="only the norm → quant cases naming one of these"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     warm_up()
@@ -332,9 +342,11 @@ def main() -> None:
     copy_gbs = copy_bandwidth()
     print(f"device copy bandwidth: {copy_gbs:.0f} GB/s (read + write)")
     print(HEAD)
-    rows = bench_norm_quant(tokens, hiddens, copy_gbs)
-    rows += bench_rope_cache([1, 16, 128] if args.quick else [1, 16, 128, 1024, 8192], 64, copy_gbs)
-    rows += bench_dequant([64] if args.quick else [64, 1024, 8192], copy_gbs)
+    rows = bench_norm_quant(tokens, hiddens, copy_gbs, args.only)
+    if not args.only:
+        rope_tokens = [1, 16, 128] if args.quick else [1, 16, 128, 1024, 8192]
+        rows += bench_rope_cache(rope_tokens, 64, copy_gbs)
+        rows += bench_dequant([64] if args.quick else [64, 1024, 8192], copy_gbs)
     meta = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,

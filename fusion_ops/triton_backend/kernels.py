@@ -766,17 +766,50 @@ def _fp8_groups(
     yg = tl.reshape(y, (NG, GROUP))
     has_nan = tl.max((yg != yg).to(tl.int32), axis=1) > 0
     amax = tl.max(tl.abs(yg), axis=1)
-    s = tl.maximum(tl.math.div_rn(amax, fp8_max), min_scale)
-    if UE8M0:
-        finite = s != float("inf")
-        s = tl.where(finite, _pow2(_ceil_log2(tl.where(finite, s, 1.0))), s)
-    s = tl.where(has_nan, float("nan"), s)
-    q = _clamp_keep_nan(tl.math.div_rn(yg, s[:, None]), -fp8_max, fp8_max)
+    s = _fp8_scale(amax, has_nan, fp8_max, min_scale, UE8M0)
+    q = _fp8_values(yg, s[:, None], fp8_max)
     grp = col0 // GROUP + tl.arange(0, NG)
     idx = grp[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     n_groups = tl.maximum(K // GROUP, 1)  # per-token: one group (GROUP = the padded row)
     tl.store(q_ptr + row * K + idx, q.to(q_ptr.dtype.element_ty), mask=idx < K)
     tl.store(s_ptr + row * n_groups + grp, s, mask=grp < n_groups)
+
+
+@triton.jit
+def _fp8_scale(amax, has_nan, fp8_max, min_scale, UE8M0: tl.constexpr):
+    """A group's FP8 scale: max(amax / fp8_max, min_scale) [rounded up to a power of two], NaN
+    for a group holding a NaN."""
+    s = tl.maximum(tl.math.div_rn(amax, fp8_max), min_scale)
+    if UE8M0:
+        finite = s != float("inf")
+        s = tl.where(finite, _pow2(_ceil_log2(tl.where(finite, s, 1.0))), s)
+    return tl.where(has_nan, float("nan"), s)
+
+
+@triton.jit
+def _fp8_values(y, s, fp8_max, BY_RCP: tl.constexpr = True):
+    """clamp(y / s, ±fp8_max) (NaN kept), what the FP8 codes are cast from; s is the group's
+    scale (one per group, broadcast over its values). BY_RCP: the quotient from one reciprocal
+    per group (_div_by_rcp: the same codes); else ``div_rn`` per value (the tests' yardstick)."""
+    if BY_RCP:
+        q = _div_by_rcp(y, s, tl.math.div_rn(1.0, s))
+    else:
+        q = tl.math.div_rn(y, s)
+    return _clamp_keep_nan(q, -fp8_max, fp8_max)
+
+
+@triton.jit
+def _div_by_rcp(y, s, r):
+    """y / s for FP8 codes, given r = RN(1 / s): q = RN(y·r) corrected by one FMA with the exact
+    remainder y − q·s (Markstein), the correctly rounded quotient — the bits of ``div_rn(y, s)``
+    without its per-element reciprocal, range check and branch — for every finite s > 0 wherever
+    |y / s| ≥ 2⁻⁶⁰ (smaller quotients may differ in their last fp32 bits: the remainder can
+    underflow; both become the same FP8 zero). Where y·r is ±0 it is the result: a zero y keeps
+    its sign (the corrected sum would turn −0 into +0), and s = inf gives y·0 = ±0 as y / s
+    (NaN for an infinite y). NaN in, NaN out. tests/gpu/test_fp8_quotient.py checks every bf16
+    and fp16 y against every scale a bf16 / fp16 group can get."""
+    q = y * r
+    return tl.where(q == 0.0, q, tl.fma(tl.fma(-q, s, y), r, q))
 
 
 # --- RoPE (compile with enable_fp_fusion=False) -------------------------------------------------
