@@ -256,6 +256,22 @@ def _q_kv_rows_per_program(block_q: int, rows: int, quant: bool, q_in_pieces: bo
     return 2 if rows >= (1024 if block_q <= 1024 and not quant else 2048) else 1
 
 
+def _q_kv_load_choices(
+    block_q: int, rows: int, quant: bool, prefetch_w: bool, inv_by_fma: bool
+) -> tuple[bool, bool]:
+    """(PREFETCH_W, INV_BY_FMA) of a q_kv launch, from the launchers' defaults (speed only: the
+    same bytes). Measured on the H100 at q_lora 1024 + kv 512 without a quant, in three processes
+    alike (benchmarks/q_kv_launch_choices.py, RESULTS.md): at 768–1024 rows the weight loaded
+    after the PDL wait is 0.1–0.35 µs faster, at 1025–1536 rows the division steps 0.2–0.25 µs;
+    outside those bands, and at other widths, the defaults are as fast or faster."""
+    if block_q == 1024 and not quant:
+        if 768 <= rows <= 1024:
+            return False, inv_by_fma
+        if 1024 < rows <= 1536:
+            return prefetch_w, False
+    return prefetch_w, inv_by_fma
+
+
 def _q_kv_norm(
     q: torch.Tensor,
     q_weight: torch.Tensor,
@@ -294,6 +310,10 @@ def _q_kv_norm(
         consts = scheme_constants(scheme, params, block_q)
         pieces = _pieces(k_q, block_q, m, scheme, params, False)
         rows = _q_kv_rows_per_program(block_q, m, scheme is not None, pieces[0] > 0)
+        prefetch_w, inv_by_fma = _q_kv_load_choices(
+            block_q, m, scheme is not None, _prefetch_weight(q.get_device()),
+            inv_rms_by_fma(q_eps, kv_eps),
+        )  # fmt: skip
         _q_kv_launch(
             ((m + rows - 1) // rows, 2),
             (
@@ -325,11 +345,11 @@ def _q_kv_norm(
                 ("USE_PDL", pdl),
                 ("WEIGHT_AFTER_ROUNDING", numerics.weight_after_rounding),
                 ("ROWS", rows),
-                ("PREFETCH_W", _prefetch_weight(q.get_device())),
+                ("PREFETCH_W", prefetch_w),
                 ("PIECE0", pieces[0]),
                 ("PIECE1", pieces[1]),
                 ("PIECE2", pieces[2]),
-                ("INV_BY_FMA", inv_rms_by_fma(q_eps, kv_eps)),
+                ("INV_BY_FMA", inv_by_fma),
                 ("num_warps", warps),
                 ("launch_pdl", pdl),
             ),

@@ -36,13 +36,15 @@ def split_projection(tokens: int, kq: int, kkv: int, seed: int):
 # MANY_ROWS rows (same bytes either way); from 1024 rows (1024 wide) / 2048 (1536 wide) a program
 # takes two rows, an odd count leaves the last program one; a quantized q of 1536 or 7168 columns
 # takes norm_quant_kernel's pieces where the standalone launch does (FP8 groups from 1024 rows,
-# MXFP4/MXFP8 from MANY_ROWS)
+# MXFP4/MXFP8 from MANY_ROWS); a plain 1024-wide q at 768–1024 rows loads its weight after the
+# PDL wait, at 1025–1536 rows takes the division steps (_q_kv_load_choices)
 SHAPES = [
     (1, 1024, 512),
     (7, 1536, 512),
     (128, 1024, 512),
     (300, 1536, 512),
     (3, 7168, 512),
+    (1024, 1024, 512),
     (1025, 1024, 512),
     (1100, 1536, 512),
     (2049, 1536, 512),
