@@ -80,6 +80,18 @@ def vllm_q_kv(kernel: Any, qr, kv, q_w, kv_w, eps: float, pdl: bool):  # type: i
     return q_out, kv_out
 
 
+def split_projection(
+    tokens: int, q_lora: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, q weight, kv, kv weight): the two parts of one random bf16 ``wq_a | wkv`` output
+    [tokens, q_lora + 512] (views, as in DSV4) and norm weights near 1."""
+    proj = torch.randn(tokens, q_lora + 512, device=DEV).to(torch.bfloat16)
+    q, kv = proj.split([q_lora, 512], dim=-1)
+    wq = (1 + 0.1 * torch.randn(q_lora, device=DEV)).to(torch.bfloat16)
+    wkv = (1 + 0.1 * torch.randn(512, device=DEV)).to(torch.bfloat16)
+    return q, wq, kv, wkv
+
+
 def bench_q_kv(tokens_list: list[int], q_loras: list[int], vllm: Any | None) -> list[dict]:
     rows = []
     head = f"{'q_kv_norm':24s} {'tokens':>7s} {'ours':>7s} {'2 launches':>10s} {'Inductor':>9s}"
@@ -88,10 +100,7 @@ def bench_q_kv(tokens_list: list[int], q_loras: list[int], vllm: Any | None) -> 
     plain = inductor(lambda q, wq, kv, wkv: ref_norm.q_kv_rms_norm(q, wq, EPS, kv, wkv, EPS))
     for q_lora in q_loras:
         for t in tokens_list:
-            proj = torch.randn(t, q_lora + 512, device=DEV).to(torch.bfloat16)
-            q, kv = proj.split([q_lora, 512], dim=-1)
-            wq = (1 + 0.1 * torch.randn(q_lora, device=DEV)).to(torch.bfloat16)
-            wkv = (1 + 0.1 * torch.randn(512, device=DEV)).to(torch.bfloat16)
+            q, wq, kv, wkv = split_projection(t, q_lora)
             r: dict[str, Any] = {"q_lora": q_lora, "tokens": t}
             # ours and vLLM's kernel (the must-show pair): three interleaved rounds
             head_to_head = {"ours_us": lambda: ops.q_kv_rms_norm(q, wq, EPS, kv, wkv, EPS)}

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 import fusion_ops  # noqa: F401  (registers the ops)
-from benchmarks.deeper_fusions import load_vllm_kernel, vllm_q_kv
+from benchmarks.deeper_fusions import load_vllm_kernel, split_projection, vllm_q_kv
 from benchmarks.kernels import bench_interleaved, report, warm_up
 from fusion_ops.triton_backend import _num_warps, _q_kv_rows_per_program
 from fusion_ops.triton_backend.kernels import _inv_rms, _pdl_start
@@ -105,10 +105,7 @@ def variant(
 
 
 def bench_shape(vllm: Any, q_lora: int, t: int) -> dict[str, Any]:
-    proj = torch.randn(t, q_lora + 512, device="cuda").to(torch.bfloat16)
-    q, kv = proj.split([q_lora, 512], dim=-1)
-    wq = (1 + 0.1 * torch.randn(q_lora, device="cuda")).to(torch.bfloat16)
-    wkv = (1 + 0.1 * torch.randn(512, device="cuda")).to(torch.bfloat16)
+    q, wq, kv, wkv = split_projection(t, q_lora)
     ours = ops.q_kv_rms_norm(q, wq, EPS, kv, wkv, EPS)
     given = (torch.empty_like(q), torch.empty_like(kv))
     variants = {
@@ -141,10 +138,7 @@ def bench_shape(vllm: Any, q_lora: int, t: int) -> dict[str, Any]:
 def warps_grid_shape(q_lora: int, t: int) -> None:
     """Rows per program × warps of the variant kernel (other bytes where the warp count differs
     from the op's: the sum order follows it)."""
-    proj = torch.randn(t, q_lora + 512, device="cuda").to(torch.bfloat16)
-    q, kv = proj.split([q_lora, 512], dim=-1)
-    wq = (1 + 0.1 * torch.randn(q_lora, device="cuda")).to(torch.bfloat16)
-    wkv = (1 + 0.1 * torch.randn(512, device="cuda")).to(torch.bfloat16)
+    q, wq, kv, wkv = split_projection(t, q_lora)
     fns: dict[str, Callable[[], Any]] = {"op": lambda: ops.q_kv_rms_norm(q, wq, EPS, kv, wkv, EPS)}
     for inv in (INV_EXACT, INV_BY_FMA):
         for rows in (1, 2, 4):

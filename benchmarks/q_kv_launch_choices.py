@@ -25,7 +25,7 @@ import torch
 
 import fusion_ops  # noqa: F401  (registers the ops)
 import fusion_ops.triton_backend as triton_backend
-from benchmarks.deeper_fusions import load_vllm_kernel, vllm_q_kv
+from benchmarks.deeper_fusions import load_vllm_kernel, split_projection, vllm_q_kv
 from benchmarks.kernels import bench_interleaved, report, warm_up
 
 ops = torch.ops.fusion_ops
@@ -64,10 +64,7 @@ def variant_calls(q_lora: int, t: int) -> dict[str, dict[str, Any]]:
 
 
 def bench_shape(vllm: Any, q_lora: int, t: int) -> dict[str, Any]:
-    proj = torch.randn(t, q_lora + 512, device="cuda").to(torch.bfloat16)
-    q, kv = proj.split([q_lora, 512], dim=-1)
-    wq = (1 + 0.1 * torch.randn(q_lora, device="cuda")).to(torch.bfloat16)
-    wkv = (1 + 0.1 * torch.randn(512, device="cuda")).to(torch.bfloat16)
+    q, wq, kv, wkv = split_projection(t, q_lora)
     python_op = ops._python_q_kv_rms_norm
     fns: dict[str, Callable[[], Any]] = {}
     same: dict[str, bool] = {}

@@ -19,6 +19,7 @@ import torch
 
 import fusion_ops  # noqa: F401  (registers the ops)
 import fusion_ops.triton_backend as triton_backend
+from benchmarks.deeper_fusions import split_projection
 from benchmarks.kernels import bench_interleaved, report, warm_up
 
 ops = torch.ops.fusion_ops
@@ -38,10 +39,7 @@ def op_calls(t: int) -> dict[str, Callable[[], Any]]:
     rms_fp8 = python_kernel("rms_norm_fp8_group_quant")
     q_kv_fp8 = python_kernel("q_kv_rms_norm_fp8_group_quant")
     for q_lora in (1024, 1536):
-        proj = torch.randn(t, q_lora + 512, device="cuda").to(torch.bfloat16)
-        q, kv = proj.split([q_lora, 512], dim=-1)
-        wq = (1 + 0.1 * torch.randn(q_lora, device="cuda")).to(torch.bfloat16)
-        wkv = (1 + 0.1 * torch.randn(512, device="cuda")).to(torch.bfloat16)
+        q, wq, kv, wkv = split_projection(t, q_lora)
         calls[f"rms_norm {q_lora}"] = lambda q=q, wq=wq: rms_norm(q, wq, EPS)
         calls[f"q_kv {q_lora}+512"] = lambda q=q, wq=wq, kv=kv, wkv=wkv: q_kv(
             q, wq, EPS, kv, wkv, EPS

@@ -787,15 +787,11 @@ def _fp8_scale(amax, has_nan, fp8_max, min_scale, UE8M0: tl.constexpr):
 
 
 @triton.jit
-def _fp8_values(y, s, fp8_max, BY_RCP: tl.constexpr = True):
+def _fp8_values(y, s, fp8_max):
     """clamp(y / s, ±fp8_max) (NaN kept), what the FP8 codes are cast from; s is the group's
-    scale (one per group, broadcast over its values). BY_RCP: the quotient from one reciprocal
-    per group (_div_by_rcp: the same codes); else ``div_rn`` per value (the tests' yardstick)."""
-    if BY_RCP:
-        q = _div_by_rcp(y, s, tl.math.div_rn(1.0, s))
-    else:
-        q = tl.math.div_rn(y, s)
-    return _clamp_keep_nan(q, -fp8_max, fp8_max)
+    scale (one per group, broadcast over its values), the quotient from one reciprocal per
+    group (_div_by_rcp: the codes of ``div_rn`` per value)."""
+    return _clamp_keep_nan(_div_by_rcp(y, s, tl.math.div_rn(1.0, s)), -fp8_max, fp8_max)
 
 
 @triton.jit
