@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
-from torch._inductor.utils import fresh_cache
+import torch._functorch.config
 
 from .accounting import count_fusion_ops
 from .fusion_pass import FusionPass
@@ -33,9 +33,18 @@ class PassDidNotRun(AssertionError):
 
 @contextlib.contextmanager
 def fresh_inductor() -> Iterator[None]:
-    """Dynamo reset + a fresh Inductor cache dir + caches disabled, for the duration."""
+    """Dynamo reset, and the caches that serve a compiled graph without running post-grad passes
+    off (Inductor's FX graph cache, AOTAutograd's cache), for the duration.
+
+    Inductor's code caches stay on: a generated kernel whose source was compiled before is
+    loaded, not rebuilt by the C++ compiler (they never skip a pass: a graph the pass rewrote
+    generates other source)."""
     torch._dynamo.reset()
-    with fresh_cache(), torch._inductor.config.patch(force_disable_caches=True):
+    graph_caches = {"fx_graph_cache": False, "fx_graph_remote_cache": False}
+    with (
+        torch._inductor.config.patch(graph_caches),
+        torch._functorch.config.patch(enable_autograd_cache=False),
+    ):
         yield
     torch._dynamo.reset()
 
@@ -76,7 +85,7 @@ def run_compiled(
         raise PassDidNotRun(
             "the fusion pass saw no graph: the compiled code came from a warm Inductor/AOTAutograd "
             "cache (post-grad passes do not run then) — compile under fusion_passes.testing."
-            "fresh_inductor() or torch._inductor.config.patch(force_disable_caches=True)"
+            "fresh_inductor() or torch._inductor.config.patch(fx_graph_cache=False)"
         )
     return out
 
