@@ -27,7 +27,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fusion_ops
 import patterns
-from patterns import FAMILIES, GraphPatternSpec, PatternSpec, quant_variants
+from patterns import FAMILIES, GraphPatternSpec, PatternSpec, plain_norms, quant_variants
 from patterns.base import HOPS, val
 
 from .accounting import GraphRecord, count_fusion_ops
@@ -36,6 +36,14 @@ from .inductor_launch import lower_fused_norm_quant
 
 ALL_SCHEMES = tuple(fusion_ops.SCHEMES)
 ALL_FUSIONS = tuple(FAMILIES)
+NUMERICS = ("exact", "tolerant")
+
+
+def tolerant_label(label: str) -> str:
+    """The label of a match made by the tolerant step: ``<family>/<variant>+tolerant/<dtype>``
+    (its ``weight_after_rounding`` comes from a plain norm, not from vLLM IR's)."""
+    family, variant, dtype = label.split("/")
+    return f"{family}/{variant.replace('+vllm_ir', '')}+tolerant/{dtype}"
 
 
 def _source_files() -> tuple[str, ...]:
@@ -62,12 +70,14 @@ class FusionPass(CustomGraphPass):
             norm+quant op's Triton kernel to Inductor (it launches it like its own kernels,
             without the op call's host cost; :mod:`fusion_passes.inductor_launch`). Accounting
             counts them as the fused ops.
-        plain_torch_norms: also fuse norms written in plain PyTorch where a family can take
-            them (``qnorm_rope_cache``: DeepSeek-V4's per-head q norm as
-            ``x.float() * rsqrt(x.float().square().mean(-1) + eps)`` cast back). Off by default:
-            the fused kernel sums the squares in another order than Inductor's own reduction,
-            so results may differ from the compile without the pass in the last bit (the
-            ``weightless_rms_norm`` op never does).
+        numerics: ``"exact"`` (default): every rewrite is bit-equal to the compile without
+            the pass. ``"tolerant"``: also fuse RMSNorms written in plain PyTorch
+            (transformers' classes, ``torch.nn.RMSNorm``, ``F.rms_norm``, weightless; after a
+            plain ``x + r`` or not; :mod:`patterns.plain_norms`), which no fused kernel can
+            reproduce bit for bit (Inductor reduces the squares in its own order): the normed
+            value may differ in its last bit, quant codes only where it does, residual sums
+            never (the bound and its tests: ``docs/numerics.md``). Exact rewrites are applied
+            first; matches of the tolerant step are labelled ``+tolerant``.
     """
 
     def __init__(
@@ -77,14 +87,20 @@ class FusionPass(CustomGraphPass):
         dump_dir: str | os.PathLike[str] | None = None,
         keep_graphs: bool = False,
         inductor_launch: bool = False,
-        plain_torch_norms: bool = False,
+        numerics: str = "exact",
     ) -> None:
         self.fusions = _validated("fusions", fusions, ALL_FUSIONS)
         self.schemes = _validated("schemes", schemes, ALL_SCHEMES)
         self.dump_dir = resolve_dump_dir(dump_dir)
         self.keep_graphs = keep_graphs
         self.inductor_launch = bool(inductor_launch)
-        self.plain_torch_norms = bool(plain_torch_norms)
+        if numerics not in NUMERICS:
+            raise ValueError(
+                f"FusionPass: numerics={numerics!r}; expected one of {NUMERICS} "
+                '("exact": bit-equal to the compile without the pass; "tolerant": also fuse '
+                "plain-PyTorch norms within a tested bound)"
+            )
+        self.numerics = numerics
         self.match_table: dict[str, int] = {}
         self.graphs: list[GraphRecord] = []
         self._matchers: dict[str, pm.PatternMatcherPass] = {}
@@ -103,9 +119,9 @@ class FusionPass(CustomGraphPass):
     def _register_family(self, family: str) -> None:
         matcher = pm.PatternMatcherPass(pass_name=f"fusion_passes.{family}")
         specs = FAMILIES[family].pattern_specs(self.schemes)
-        plain_specs = getattr(FAMILIES[family], "plain_torch_specs", None)
-        if self.plain_torch_norms and plain_specs is not None:
-            specs = [*specs, *plain_specs(self.schemes)]
+        tolerant_specs = getattr(FAMILIES[family], "tolerant_specs", None)
+        if self.numerics == "tolerant" and tolerant_specs is not None:
+            specs = [*specs, *tolerant_specs(self.schemes)]
         for spec in specs:
             if isinstance(spec, GraphPatternSpec):
                 pm.register_graph_pattern(spec.pattern, extra_check=spec.check, pass_dict=matcher)(
@@ -150,15 +166,16 @@ class FusionPass(CustomGraphPass):
         code_before = readable(graph) if capture else None
         start = time.perf_counter()  # the rewrite and its accounting; rendering dumps excluded
         ops_before = count_fusion_ops(graph)
-        for family in self.fusions:
-            FAMILIES[family].prepare(graph, self.schemes)
         existing = set(graph.nodes)
-
-        for matcher in self._matchers.values():
-            matcher.apply(graph)
-            # a multi-output replacement is inserted at its first output, possibly before an
-            # input of it; the next family's matcher expects def-before-use
-            pm.stable_topological_sort(graph)
+        self._match(graph)
+        tolerant: set[torch.fx.Node] = set()
+        if self.numerics == "tolerant":  # plain-PyTorch norms as our ops, then match again
+            plain = plain_norms.canonicalize(graph)
+            if plain:
+                before_tolerant = set(graph.nodes)
+                self._match(graph)
+                tolerant = set(graph.nodes) - before_tolerant
+                plain_norms.restore(graph, plain)  # those no pattern took, as they were
         for family in self.fusions:  # graph rewrites (horizontal fusions) after every matcher
             rewrite = getattr(FAMILIES[family], "rewrite", None)
             if rewrite is not None:
@@ -172,12 +189,12 @@ class FusionPass(CustomGraphPass):
 
         matches: Counter[str] = Counter()
         for node in new_nodes:
-            if node.graph is not graph:  # erased by DCE
+            if node._erased:  # erased by DCE
                 continue
             for family in self.fusions:
                 label = FAMILIES[family].label(node)
                 if label is not None:
-                    matches[label] += 1
+                    matches[tolerant_label(label) if node in tolerant else label] += 1
         near_misses = [
             miss for f in self.fusions for miss in FAMILIES[f].near_misses(graph, self.schemes)
         ]
@@ -203,6 +220,16 @@ class FusionPass(CustomGraphPass):
         for label, n in matches.items():
             self.match_table[label] = self.match_table.get(label, 0) + n
         self._emit(record, code_before, code_after)
+
+    def _match(self, graph: torch.fx.Graph) -> None:
+        """Every family's canonicalization, then every family's matcher, in registry order."""
+        for family in self.fusions:
+            FAMILIES[family].prepare(graph, self.schemes)
+        for matcher in self._matchers.values():
+            matcher.apply(graph)
+            # a multi-output replacement is inserted at its first output, possibly before an
+            # input of it; the next family's matcher expects def-before-use
+            pm.stable_topological_sort(graph)
 
     def _emit(self, record: GraphRecord, before: str | None, after: str | None) -> None:
         if torch._logging._internal.trace_log.handlers:  # TORCH_TRACE is on
@@ -250,7 +277,7 @@ class FusionPass(CustomGraphPass):
             "schemes": list(self.schemes),
             "dump_dir": str(self.dump_dir) if self.dump_dir is not None else None,
             "inductor_launch": self.inductor_launch,
-            "plain_torch_norms": self.plain_torch_norms,
+            "numerics": self.numerics,
             "norm_sources": list(quant_variants.sources()),
         }
 
@@ -270,7 +297,7 @@ class FusionPass(CustomGraphPass):
     def __repr__(self) -> str:
         return (
             f"FusionPass(fusions={list(self.fusions)}, schemes={list(self.schemes)}, "
-            f"matched_count={self.matched_count})"
+            f"numerics={self.numerics!r}, matched_count={self.matched_count})"
         )
 
 

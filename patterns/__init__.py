@@ -2,9 +2,11 @@
 
 ``FAMILIES`` is the single registry, in the order the pass applies them (``qnorm_rope_cache``
 before ``rope_cache``, which takes the ropes and writes it leaves; ``ar_add_rms_quant`` last: it
-folds an all-reduce into the add-norm ops the others leave or create). A family may
-also define ``rewrite(graph, schemes)``: a graph rewrite run after every family's matcher
-(``q_kv_norm``, a horizontal fusion of what the matchers leave or create).
+folds an all-reduce into the add-norm ops the others leave or create; ``add_rms`` after the
+norm+quant families, which take a norm that feeds a quant op first). A family may also define
+``rewrite(graph, schemes)``: a graph rewrite run after every family's matcher (``q_kv_norm``, a
+horizontal fusion of what the matchers leave or create), and ``tolerant_specs(schemes)``: specs
+registered only with ``FusionPass(numerics="tolerant")`` (:mod:`patterns.plain_norms`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from . import (
+    add_rms,
     add_rms_quant,
     ar_add_rms_quant,
     dequant_fp8,
@@ -32,6 +35,7 @@ FAMILIES: dict[str, ModuleType] = {
         rope_cache,
         norm_rope_cache,
         dequant_fp8,
+        add_rms,
         q_kv_norm,
         ar_add_rms_quant,
     )

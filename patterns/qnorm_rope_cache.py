@@ -11,14 +11,14 @@ functionalization's order), like ``rope_cache``, whose canonicalization it share
 
 The norm must be the ``weightless_rms_norm`` op: a norm written in plain PyTorch is reduced by
 Inductor in its own order, which the fused kernel cannot reproduce bit for bit, so it is left
-alone unless the pass is built with ``plain_torch_norms=True`` (:func:`plain_torch_specs`).
+alone unless the pass is built with ``numerics="tolerant"``, which turns it into that op first
+(:mod:`patterns.plain_norms`).
 The normed q must have no other user (a pattern's inner nodes never do).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch._higher_order_ops.auto_functionalize import auto_functionalized_v2
@@ -91,54 +91,6 @@ def pattern_specs(schemes: Sequence[str]) -> list[PatternSpec]:
     ]
 
 
-def _plain_weightless_rms(x: torch.Tensor, eps: float, square_by_pow: bool) -> torch.Tensor:
-    """The per-head q norm as DeepSeek-V4 reference code writes it in plain PyTorch."""
-    xf = x.float()
-    sq = xf.pow(2) if square_by_pow else xf * xf
-    return (xf * torch.rsqrt(sq.mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def _plain_spec(is_neox: bool, layout: str, v2: bool, square_by_pow: bool) -> PatternSpec:
-    """The plain-PyTorch norm before the ropes and the write (``plain_torch_norms=True``)."""
-    base = _spec(is_neox, layout, v2)
-
-    def search(positions, q, kv, cos_sin_cache, kv_cache, slot_mapping, q_eps, rope_dim):  # type: ignore[no-untyped-def]
-        return _ropes_and_write(
-            _plain_weightless_rms(q, q_eps, square_by_pow), positions, kv, cos_sin_cache,
-            kv_cache, slot_mapping, rope_dim, is_neox, layout, v2,
-        )  # fmt: skip
-
-    def casts_back(match: Any) -> bool:
-        """The matcher ignores dtype literals: the norm must upcast a 16-bit q and cast back to
-        q's own dtype (the op's contract), not to another one."""
-        q_dtype = val(match.kwargs["q"]).dtype
-        q_rot = match.output_nodes()[1]
-        return q_dtype in (torch.bfloat16, torch.float16) and val(q_rot).dtype == q_dtype
-
-    square = "pow" if square_by_pow else "mul"
-    return PatternSpec(
-        NAME,
-        f"{base.variant}_plain_torch_{square}",
-        search,
-        base.replace,
-        base.example_inputs,
-        base.scalar_workaround,
-        check=casts_back,
-    )
-
-
-def plain_torch_specs(schemes: Sequence[str]) -> list[PatternSpec]:
-    """Registered only with ``FusionPass(plain_torch_norms=True)``: they change the q norm's
-    summation order (Inductor's reduction → the fused kernel's)."""
-    return [
-        _plain_spec(is_neox, layout, v2, by_pow)
-        for by_pow in (True, False)
-        for v2 in (False, True)
-        for layout in CACHE_LAYOUTS
-        for is_neox in (False, True)
-    ]
-
-
 def _is_rope(node: torch.fx.Node) -> bool:
     return op_name(node) == "rope"
 
@@ -193,8 +145,8 @@ def near_misses(graph: torch.fx.Graph, schemes: Sequence[str]) -> list[NearMiss]
             reason = (
                 "its q is an RMS norm written in plain PyTorch (Inductor reduces it in its own "
                 "order, which a fused kernel cannot reproduce bit for bit): write it as "
-                "fusion_ops.weightless_rms_norm, or build FusionPass(plain_torch_norms=True) to "
-                "fuse it anyway (last-bit differences)"
+                "fusion_ops.weightless_rms_norm, or build FusionPass(numerics=\"tolerant\") to "
+                "fuse it anyway (last-bit differences within a tested bound)"
             )
             out.append(NearMiss(NAME, fused.name, "rope_mla_cache_write", reason))
     return out

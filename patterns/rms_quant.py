@@ -13,7 +13,7 @@ import torch
 
 from fusion_ops import SCHEMES
 
-from . import canonical
+from . import canonical, plain_norms
 from . import quant_variants as qv
 from .base import NearMiss, PatternSpec, dtype_name, find_calls, op_name, users_by_op, val
 
@@ -29,6 +29,17 @@ def pattern_specs(schemes: Sequence[str]) -> list[PatternSpec]:
     return [
         qv.norm_quant_spec(NAME, v, add=False, keep_normed=keep_normed, source=source)
         for source in qv.sources()
+        for keep_normed in (False, True)
+        for v in qv.variants(schemes)
+    ]
+
+
+def tolerant_specs(schemes: Sequence[str]) -> list[PatternSpec]:
+    """With ``numerics="tolerant"``: the norm with the weight after the cast back (plain
+    PyTorch, canonicalized by :mod:`patterns.plain_norms`) → quant."""
+    return [
+        qv.norm_quant_spec(NAME, v, add=False, keep_normed=keep_normed, source=source)
+        for source in qv.TOLERANT_SOURCES[False]
         for keep_normed in (False, True)
         for v in qv.variants(schemes)
     ]
@@ -54,18 +65,37 @@ def near_misses(graph: torch.fx.Graph, schemes: Sequence[str]) -> list[NearMiss]
         if qv.is_norm(node, add=False) and op_name(node) is None and feeds_quant(node):
             reason = explain_norm_output(node, schemes)
             out.append(NearMiss(NAME, node.name, "vllm_ir.rms_norm", reason))
+    plain = {norm[3]: norm[0] for norm in plain_norms.find(graph)}  # output -> spelling
     for node in graph.nodes:
         name = op_name(node) or ""
         if name.endswith("_quant") and name.removesuffix("_quant") in SCHEMES:
-            if _plain_torch_norm(node.args[0]):
+            src, _ = canonical.view_chain(node.args[0])
+            if plain.get(src) == "weightless":
+                out.append(NearMiss(NAME, node.name, name, WEIGHTLESS_REASON))
+            elif src in plain:
                 out.append(NearMiss(NAME, node.name, name, PLAIN_NORM_REASON))
+            elif _plain_torch_norm(node.args[0]):
+                out.append(NearMiss(NAME, node.name, name, UNKNOWN_NORM_REASON))
     return out
+
+
+WEIGHTLESS_REASON = (
+    "its input is a weightless RMSNorm in plain PyTorch: no fused norm+quant op takes a norm "
+    "without a weight"
+)
+UNKNOWN_NORM_REASON = (
+    "its input looks like an RMSNorm in plain PyTorch (rsqrt of a mean) but not one of the "
+    'spellings numerics="tolerant" fuses (patterns.plain_norms: 16-bit x upcast, the mean '
+    "of its squares over the last dim, one weight per column); an intermediate with other "
+    "users or a mean over another dim also stops it"
+)
 
 
 PLAIN_NORM_REASON = (
     "its input is an RMSNorm written in plain PyTorch (rsqrt of a mean): not fused, because "
-    "Inductor computes that reduction in its own order and drops intermediate roundings inside "
-    "its kernel, which no fused op reproduces bit for bit; use fusion_ops.rms_norm (or vLLM IR's)"
+    "Inductor computes that reduction in its own order, which no fused op reproduces bit for "
+    'bit; build FusionPass(numerics="tolerant") to fuse it within a tested bound, or use '
+    "fusion_ops.rms_norm (or vLLM IR's)"
 )
 _POINTWISE = {
     torch.ops.aten.mul.Tensor,

@@ -345,6 +345,7 @@ def test_dumps_summary_and_graphs(tmp_path: Path) -> None:
         "rope_cache",
         "norm_rope_cache",
         "dequant_fp8",
+        "add_rms",
         "q_kv_norm",
         "ar_add_rms_quant",
     ]
@@ -352,7 +353,7 @@ def test_dumps_summary_and_graphs(tmp_path: Path) -> None:
     assert "# rms_quant/mxfp4" in patterns_py and "# rope_cache/gptj_dsv4_fp8_v2" in patterns_py
     sections = re.findall(
         r"^# (?:add_rms_quant|rms_quant|qnorm_rope_cache|rope_cache|norm_rope_cache|dequant_fp8"
-        r"|ar_add_rms_quant)/",
+        r"|add_rms|ar_add_rms_quant)/",
         patterns_py,
         flags=re.MULTILINE,
     )
@@ -364,7 +365,7 @@ def expected_pattern_count(schemes: list[str]) -> int:
     variant per MX scheme, 2 (ue8m0) x 2 (FP8 dtype) per FP8 scheme; rms_quant per norm source
     x (plain, +normed); add_rms_quant per norm source and plain ``x + r`` x (normed kept or not)
     x (residual kept or not); rope_cache and qnorm_rope_cache (neox or not) x 2 cache layouts x
-    (v1, v2) each (the plain-PyTorch q norm's patterns only with plain_torch_norms=True);
+    (v1, v2) each; add_rms (residual kept or not);
     norm_rope_cache (neox or not) x 2 cache layouts x (v1, v2) x (cast to what the cache stores,
     or none); dequant_fp8 2 cache layouts x 2 FP8 dtypes;
     q_kv_norm none (a graph rewrite); ar_add_rms_quant one graph pattern (the all-reduce,
@@ -375,7 +376,8 @@ def expected_pattern_count(schemes: list[str]) -> int:
     add = (norm_sources + 1) * 2 * 2 * variants
     norm_rope_cache = 2 * 2 * 2 * 2
     rope_cache = qnorm_rope_cache = 2 * 2 * 2
-    return rms + add + rope_cache + qnorm_rope_cache + norm_rope_cache + 2 * 2 + 1
+    add_rms = 2
+    return rms + add + rope_cache + qnorm_rope_cache + norm_rope_cache + 2 * 2 + add_rms + 1
 
 
 def test_dump_dir_from_environment(tmp_path: Path, monkeypatch) -> None:
