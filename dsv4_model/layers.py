@@ -14,7 +14,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 import fusion_ops  # noqa: F401  (defines torch.ops.fusion_ops)
-from fusion_ops.formats import FP4_VALUES
+from fusion_ops import linear
 
 ops = torch.ops.fusion_ops
 GROUP = 128  # FP8 block linears quantize activations per 1x128
@@ -33,19 +33,7 @@ def quantize(x: torch.Tensor, scheme: str, fp8_dtype: torch.dtype) -> tuple[torc
 
 def dequantize(q: torch.Tensor, s: torch.Tensor, scheme: str, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of :func:`quantize` in plain torch (GEMM emulation)."""
-    if scheme == "fp8_group":
-        k = q.shape[-1]
-        blocks = q.float().unflatten(-1, (k // GROUP, GROUP)) * s.unsqueeze(-1)
-        return blocks.flatten(-2).to(dtype)
-    scale = torch.exp2(s.float() - 127).unsqueeze(-1)  # E8M0 per 32 values
-    if scheme == "mxfp8":
-        vals = q.float()
-    else:  # mxfp4: two E2M1 codes per byte, even element in the low nibble
-        codes = torch.stack((q & 0xF, q >> 4), dim=-1).flatten(-2).long()
-        lut = torch.tensor(FP4_VALUES, device=q.device)
-        vals = lut[codes & 7] * (1 - 2 * (codes >> 3)).float()
-    k = vals.shape[-1]
-    return (vals.unflatten(-1, (k // 32, 32)) * scale).flatten(-2).to(dtype)
+    return linear.dequantize(q, s, scheme, dtype, GROUP)
 
 
 @dataclass(frozen=True)

@@ -76,8 +76,8 @@ class FusionPass(CustomGraphPass):
             plain ``x + r`` or not; :mod:`patterns.plain_norms`), which no fused kernel can
             reproduce bit for bit (Inductor reduces the squares in its own order): the normed
             value may differ in its last bit, quant codes only where it does, residual sums
-            never (the bound and its tests: ``docs/numerics.md``). Exact rewrites are applied
-            first; matches of the tolerant step are labelled ``+tolerant``.
+            never (the bound and its tests: ``docs/numerics.md``). Matches that took such a
+            norm are labelled ``+tolerant``.
     """
 
     def __init__(
@@ -167,20 +167,22 @@ class FusionPass(CustomGraphPass):
         start = time.perf_counter()  # the rewrite and its accounting; rendering dumps excluded
         ops_before = count_fusion_ops(graph)
         existing = set(graph.nodes)
-        self._match(graph)
-        tolerant: set[torch.fx.Node] = set()
-        if self.numerics == "tolerant":  # plain-PyTorch norms as our ops, then match again
-            plain = plain_norms.canonicalize(graph)
-            if plain:
-                before_tolerant = set(graph.nodes)
-                self._match(graph)
-                tolerant = set(graph.nodes) - before_tolerant
-                plain_norms.restore(graph, plain)  # those no pattern took, as they were
+        # tolerant: plain-PyTorch norms become ops of the same definition before matching
+        plain = plain_norms.canonicalize(graph) if self.numerics == "tolerant" else []
+        for family in self.fusions:
+            FAMILIES[family].prepare(graph, self.schemes)
+        for matcher in self._matchers.values():
+            matcher.apply(graph)
+            # a multi-output replacement is inserted at its first output, possibly before an
+            # input of it; the next family's matcher expects def-before-use
+            pm.stable_topological_sort(graph)
         for family in self.fusions:  # graph rewrites (horizontal fusions) after every matcher
             rewrite = getattr(FAMILIES[family], "rewrite", None)
             if rewrite is not None:
                 rewrite(graph, self.schemes)
+        plain_norms.restore(graph, plain)  # the norms no pattern took, as they were
         new_nodes = [n for n in graph.nodes if n not in existing]
+        tolerant = plain_norms.fused_from(plain, new_nodes)
         _rebuild_eager_input_vals(new_nodes)
         # multi-output replacements are inserted at their first output; restore def-before-use
         # (Inductor sorts again after custom passes) so DCE's lint passes
@@ -220,16 +222,6 @@ class FusionPass(CustomGraphPass):
         for label, n in matches.items():
             self.match_table[label] = self.match_table.get(label, 0) + n
         self._emit(record, code_before, code_after)
-
-    def _match(self, graph: torch.fx.Graph) -> None:
-        """Every family's canonicalization, then every family's matcher, in registry order."""
-        for family in self.fusions:
-            FAMILIES[family].prepare(graph, self.schemes)
-        for matcher in self._matchers.values():
-            matcher.apply(graph)
-            # a multi-output replacement is inserted at its first output, possibly before an
-            # input of it; the next family's matcher expects def-before-use
-            pm.stable_topological_sort(graph)
 
     def _emit(self, record: GraphRecord, before: str | None, after: str | None) -> None:
         if torch._logging._internal.trace_log.handlers:  # TORCH_TRACE is on

@@ -250,3 +250,25 @@ def restore(graph: torch.fx.Graph, records: list[PlainNorm]) -> int:
         graph.erase_node(node)
         done += 1
     return done
+
+
+def fused_from(records: list[PlainNorm], nodes: list[torch.fx.Node]) -> set[torch.fx.Node]:
+    """The nodes of ``nodes`` that took a canonical op of ``records`` (a pattern consumed it):
+    those whose arguments hold its input (for a norm of a plain add the pattern consumed too,
+    both operands of the add)."""
+    keys = []
+    for record in records:
+        if not record.canonical._erased:
+            continue
+        x = record.inputs[0]
+        plain_add = x._erased and x.target is aten.add.Tensor
+        keys.append({a for a in x.args[:2] if isinstance(a, torch.fx.Node)} if plain_add else {x})
+    out = set()
+    for node in nodes:
+        if node._erased or not keys:
+            continue
+        args: set[torch.fx.Node] = set()
+        torch.fx.node.map_arg((node.args, node.kwargs), args.add)
+        if any(key <= args for key in keys):
+            out.add(node)
+    return out
