@@ -40,10 +40,9 @@ NUMERICS = ("exact", "tolerant")
 
 
 def tolerant_label(label: str) -> str:
-    """The label of a match made by the tolerant step: ``<family>/<variant>+tolerant/<dtype>``
-    (its ``weight_after_rounding`` comes from a plain norm, not from vLLM IR's)."""
+    """A match that took a plain-PyTorch norm: ``<family>/<variant>+tolerant/<dtype>``."""
     family, variant, dtype = label.split("/")
-    return f"{family}/{variant.replace('+vllm_ir', '')}+tolerant/{dtype}"
+    return f"{family}/{variant}+tolerant/{dtype}"
 
 
 def _source_files() -> tuple[str, ...]:
@@ -119,9 +118,6 @@ class FusionPass(CustomGraphPass):
     def _register_family(self, family: str) -> None:
         matcher = pm.PatternMatcherPass(pass_name=f"fusion_passes.{family}")
         specs = FAMILIES[family].pattern_specs(self.schemes)
-        tolerant_specs = getattr(FAMILIES[family], "tolerant_specs", None)
-        if self.numerics == "tolerant" and tolerant_specs is not None:
-            specs = [*specs, *tolerant_specs(self.schemes)]
         for spec in specs:
             if isinstance(spec, GraphPatternSpec):
                 pm.register_graph_pattern(spec.pattern, extra_check=spec.check, pass_dict=matcher)(

@@ -163,3 +163,46 @@ def assert_bitwise_equal(actual: Any, expected: Any, name: str = "output") -> No
         return
     if actual != expected:
         raise AssertionError(f"{name}: {actual!r} != {expected!r}")
+
+
+def ulp(reference: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One unit in the last place of ``dtype`` at each value of ``reference`` (fp64; subnormal
+    values get the smallest normal's)."""
+    info = torch.finfo(dtype)
+    exponent = torch.floor(torch.log2(reference.double().abs().clamp_min(info.tiny)))
+    return torch.exp2(exponent) * info.eps
+
+
+def excess_ulps(fused: torch.Tensor, unfused: torch.Tensor, reference: torch.Tensor) -> float:
+    """How much further from ``reference`` (an fp64 evaluation of the same math) ``fused`` is
+    than ``unfused``, at worst over the elements, in units in the last place of their dtype."""
+    if fused.dtype != unfused.dtype or fused.shape != unfused.shape:
+        raise ValueError(
+            f"excess_ulps: fused {fused.dtype}{tuple(fused.shape)} vs unfused "
+            f"{unfused.dtype}{tuple(unfused.shape)}"
+        )
+    ref = reference.double()
+    gap = (fused.double() - ref).abs() - (unfused.double() - ref).abs()
+    return float((gap / ulp(ref, fused.dtype)).max()) if gap.numel() else 0.0
+
+
+def assert_within_tolerance(
+    fused: torch.Tensor,
+    unfused: torch.Tensor,
+    reference: torch.Tensor,
+    ulps: float | None = None,
+    name: str = "normed",
+) -> None:
+    """The tolerant-numerics contract on a normed value: ``fused`` is at most ``ulps`` (default
+    :data:`patterns.plain_norms.BOUND_ULPS`) units in the last place further from the fp64
+    ``reference`` than ``unfused`` (the compile without the pass) is, everywhere."""
+    from patterns.plain_norms import BOUND_ULPS
+
+    bound = BOUND_ULPS if ulps is None else ulps
+    excess = excess_ulps(fused, unfused, reference)
+    if not excess <= bound:
+        differ = int((_bits(fused) != _bits(unfused)).sum())
+        raise AssertionError(
+            f"{name}: {excess:.3g} ulps further from the fp64 reference than the compile "
+            f"without the pass (bound {bound}); {differ} of {fused.numel()} elements differ"
+        )

@@ -5,8 +5,7 @@ before ``rope_cache``, which takes the ropes and writes it leaves; ``ar_add_rms_
 folds an all-reduce into the add-norm ops the others leave or create; ``add_rms`` after the
 norm+quant families, which take a norm that feeds a quant op first). A family may also define
 ``rewrite(graph, schemes)``: a graph rewrite run after every family's matcher (``q_kv_norm``, a
-horizontal fusion of what the matchers leave or create), and ``tolerant_specs(schemes)``: specs
-registered only with ``FusionPass(numerics="tolerant")`` (:mod:`patterns.plain_norms`).
+horizontal fusion of what the matchers leave or create).
 """
 
 from __future__ import annotations

@@ -38,20 +38,6 @@ def pattern_specs(schemes: Sequence[str]) -> list[PatternSpec]:
     ]
 
 
-def tolerant_specs(schemes: Sequence[str]) -> list[PatternSpec]:
-    """With ``numerics="tolerant"``: plain ``x + r`` → the norm with the weight after the cast
-    back (plain PyTorch, canonicalized by :mod:`patterns.plain_norms`) → quant."""
-    return [
-        qv.norm_quant_spec(
-            NAME, v, add=True, keep_normed=normed, keep_residual=residual, source=source
-        )
-        for source in qv.TOLERANT_SOURCES[True]
-        for normed in (False, True)
-        for residual in (True, False)
-        for v in qv.variants(schemes)
-    ]
-
-
 def prepare(graph: torch.fx.Graph, schemes: Sequence[str]) -> int:
     """``quant(fused_add_rms_norm(…)[0].reshape(…))`` → the quant on item 0, then the view."""
     return qv.sink_quant_views(graph, schemes, _is_normed_item)

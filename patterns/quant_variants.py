@@ -18,7 +18,7 @@ import torch
 
 from fusion_ops import SCHEMES
 
-from . import canonical, plain_norms
+from . import canonical
 from .base import PatternSpec, dtype_name, op_args, op_name, val
 
 FP8_NAMES = {torch.float8_e4m3fn: "e4m3fn", torch.float8_e4m3fnuz: "e4m3fnuz"}
@@ -105,17 +105,10 @@ def sources() -> tuple[str, ...]:
     return ("fusion_ops", "vllm_ir") if vllm_ir_available() else ("fusion_ops",)
 
 
-#: norm sources registered only with ``FusionPass(numerics="tolerant")``: the canonical forms of
-#: plain-PyTorch norms (:mod:`patterns.plain_norms`) that our ``rms_norm`` does not cover
-TOLERANT_SOURCES = {False: ("cast_then_weight",), True: ("plain_add_cast_then_weight",)}
-
-
 def is_norm(node: torch.fx.Node, add: bool) -> bool:
     """``node`` calls a matched source's ``fused_add_rms_norm`` (``add``) or ``rms_norm``."""
     if node.op != "call_function":
         return False
-    if not add and node.target is plain_norms.cast_then_weight:
-        return True
     return any(node.target is _norm_ops(src)[int(add)] for src in sources())
 
 
@@ -142,23 +135,13 @@ def norm_quant_spec(
     then reproduces: ``weight_after_rounding``, and for the add ``norm_unrounded_sum``) or, for
     the add, ``plain_add`` (``x + residual`` in plain torch then our ``rms_norm``: the custom op
     reads the sum as a stored, rounded tensor, which is the fused op's ``residual_out``, so the
-    rewrite is exact by construction). Tolerant sources (:data:`TOLERANT_SOURCES`): the
-    canonical op of a plain-PyTorch norm with the weight after the cast back
-    (:data:`patterns.plain_norms.cast_then_weight`, the fused op's ``weight_after_rounding``),
-    after a plain add for the add family.
+    rewrite is exact by construction).
     """
     scheme = SCHEMES[v.scheme]
     quant = v.quant()
     fused = getattr(torch.ops.fusion_ops, scheme.add_rms_op if add else scheme.rms_op).default
     rms, norm = _norm_ops("vllm_ir" if source == "vllm_ir" else "fusion_ops")
-    plain_add = source in ("plain_add", "plain_add_cast_then_weight")
-    if source in ("cast_then_weight", "plain_add_cast_then_weight"):
-        rms = plain_norms.cast_then_weight
-    numerics = {
-        "vllm_ir": (True, True) if add else (True,),
-        "cast_then_weight": (True,),
-        "plain_add_cast_then_weight": (True, False),
-    }.get(source, ())
+    numerics = () if source != "vllm_ir" else ((True, True) if add else (True,))
 
     def outputs(q: Any, s: Any, y: Any, residual_out: Any) -> tuple[Any, ...]:
         out = (q, s)
@@ -167,10 +150,10 @@ def norm_quant_spec(
         return out + ((y,) if keep_normed else ())
 
     def search_impl(tensors: tuple[Any, ...], eps: float, group_size: int) -> Any:
-        if plain_add:  # x + residual in plain torch, then the norm
+        if source == "plain_add":  # x + residual in plain torch, then our rms_norm
             x, residual, weight = tensors
             residual_out = torch.ops.aten.add.Tensor(x, residual)
-            y = rms(residual_out, weight, eps)
+            y = torch.ops.fusion_ops.rms_norm.default(residual_out, weight, eps)
         elif add:
             y, residual_out = norm(*tensors, eps)
         else:

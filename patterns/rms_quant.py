@@ -34,17 +34,6 @@ def pattern_specs(schemes: Sequence[str]) -> list[PatternSpec]:
     ]
 
 
-def tolerant_specs(schemes: Sequence[str]) -> list[PatternSpec]:
-    """With ``numerics="tolerant"``: the norm with the weight after the cast back (plain
-    PyTorch, canonicalized by :mod:`patterns.plain_norms`) → quant."""
-    return [
-        qv.norm_quant_spec(NAME, v, add=False, keep_normed=keep_normed, source=source)
-        for source in qv.TOLERANT_SOURCES[False]
-        for keep_normed in (False, True)
-        for v in qv.variants(schemes)
-    ]
-
-
 def prepare(graph: torch.fx.Graph, schemes: Sequence[str]) -> int:
     """``quant(rms_norm(x).reshape(…))`` → the quant on the norm's output, then the view."""
     return qv.sink_quant_views(graph, schemes, lambda n: qv.is_norm(n, add=False))
