@@ -39,8 +39,10 @@ def pattern_specs(schemes: Sequence[str]) -> list[PatternSpec]:
 
 
 def prepare(graph: torch.fx.Graph, schemes: Sequence[str]) -> int:
-    """``quant(fused_add_rms_norm(…)[0].reshape(…))`` → the quant on item 0, then the view."""
-    return qv.sink_quant_views(graph, schemes, _is_normed_item)
+    """Duplicate quant calls merged; ``quant(fused_add_rms_norm(…)[0].reshape(…))`` → the
+    quant on item 0, then the view."""
+    merged = qv.merge_duplicate_quants(graph, schemes)
+    return merged + qv.sink_quant_views(graph, schemes, _is_normed_item)
 
 
 def _is_normed_item(node: torch.fx.Node) -> bool:

@@ -10,6 +10,7 @@ import functools
 import importlib
 import importlib.util
 import itertools
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -230,3 +231,34 @@ def sink_quant_views(
     quant_ops = {getattr(torch.ops.fusion_ops, SCHEMES[s].quant_op).default for s in schemes}
     quants = [n for n in graph.nodes if n.op == "call_function" and n.target in quant_ops]
     return sum(canonical.sink_below_views(q, is_normed) for q in quants)
+
+
+def merge_duplicate_quants(graph: torch.fx.Graph, schemes: Sequence[str]) -> int:
+    """Calls of one enabled quant op on the same input with the same parameters become one (the
+    op is a pure function: exact). Two quantized linears reading one normed value (an MLA
+    layer's q-lora and kv projections, an MLP's gate and up) then leave one quant op for the
+    norm to fuse with, instead of a fused op that also returns the normed value for the other.
+    The number merged."""
+    quant_ops = {getattr(torch.ops.fusion_ops, SCHEMES[s].quant_op).default for s in schemes}
+    first: dict[tuple[Any, ...], torch.fx.Node] = {}
+    merged = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in quant_ops:
+            continue
+        key = (node.target, node.args, tuple(sorted(node.kwargs.items())))
+        try:
+            kept = first.setdefault(key, node)
+        except TypeError:  # an unhashable argument: leave it
+            continue
+        if kept is not node:
+            node.replace_all_uses_with(kept)
+            graph.erase_node(node)
+            merged += 1
+            items: dict[Any, torch.fx.Node] = {}
+            for user in list(kept.users):  # one getitem per output, as a pattern expects
+                if user.target is operator.getitem:
+                    first_item = items.setdefault(user.args[1], user)
+                    if first_item is not user:
+                        user.replace_all_uses_with(first_item)
+                        graph.erase_node(user)
+    return merged

@@ -35,8 +35,10 @@ def pattern_specs(schemes: Sequence[str]) -> list[PatternSpec]:
 
 
 def prepare(graph: torch.fx.Graph, schemes: Sequence[str]) -> int:
-    """``quant(rms_norm(x).reshape(…))`` → the quant on the norm's output, then the view."""
-    return qv.sink_quant_views(graph, schemes, lambda n: qv.is_norm(n, add=False))
+    """Duplicate quant calls merged (:func:`patterns.quant_variants.merge_duplicate_quants`);
+    ``quant(rms_norm(x).reshape(…))`` → the quant on the norm's output, then the view."""
+    merged = qv.merge_duplicate_quants(graph, schemes)
+    return merged + qv.sink_quant_views(graph, schemes, lambda n: qv.is_norm(n, add=False))
 
 
 def label(node: torch.fx.Node) -> str | None:

@@ -252,6 +252,10 @@ def test_random_program_is_bit_exact_and_fuses_what_it_should(program) -> None: 
         for name in ins_a:
             assert_bitwise_equal(ins_a[name], ins_b[name], f"{name} (caches are written in place)")
     expected = Counter(family(b) for b in blocks if b.fuses)
+    # a plain x + r whose norm does not fuse with its quant still fuses with the norm (add_rms)
+    expected += Counter(
+        "add_rms" for b in blocks if isinstance(b, NormBlock) and b.add == "plain" and not b.fuses
+    )
     assert Counter(fused_pass.family_counts()) + Counter() == expected + Counter(), blocks
     for record in fused_pass.graphs:
         left = sum(record.ops_after.get(op, 0) for op in ANCHORS)
