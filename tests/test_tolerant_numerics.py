@@ -54,7 +54,7 @@ def nn_rms_norm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _module_of(w: torch.Tensor) -> None:
-    module = torch.nn.RMSNorm(K, eps=EPS, dtype=w.dtype)
+    module = torch.nn.RMSNorm(K, eps=EPS, dtype=w.dtype, device=w.device)
     module.weight.data.copy_(w)
     _MODULES[w.dtype] = module.requires_grad_(False)
 
@@ -88,12 +88,14 @@ CASES = [
 ]
 
 
-def inputs(dtype: torch.dtype, tokens: int = 24, seed: int = 0) -> tuple[torch.Tensor, ...]:
+def inputs(
+    dtype: torch.dtype, tokens: int = 24, seed: int = 0, device: str = "cpu"
+) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
     x = (3 * torch.randn(tokens, K, generator=g)).to(dtype)
     r = torch.randn(tokens, K, generator=g).to(dtype)
     w = (1 + 0.2 * torch.randn(K, generator=g)).to(dtype)
-    return x, r, w
+    return x.to(device), r.to(device), w.to(device)
 
 
 def fp64_norm(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -122,17 +124,21 @@ def codes_of(q: torch.Tensor) -> torch.Tensor:
     return q.view(torch.uint8) if q.element_size() == 1 else q
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("spelling", "add", "dtype", "scheme", "dynamic", "normed"), CASES)
 def test_plain_norm_fuses_within_the_contract(
-    spelling: str, add: bool, dtype: str, scheme: str, dynamic: bool, normed: bool
+    spelling: str, add: bool, dtype: str, scheme: str, dynamic: bool, normed: bool, device: str
 ) -> None:
     """``dynamic``: a second call with another token count recompiles with dynamic tokens
     (torch.compile's automatic dynamic shapes; ``dynamic=True`` would also turn the eps global
     into a graph input, which no fused op can take as its float eps)."""
     fn = case_fn(spelling, add, scheme, normed)
-    x, r, w = inputs(DTYPES[dtype])
+    x, r, w = inputs(DTYPES[dtype], device=device)
     _module_of(w)
-    more = [inputs(DTYPES[dtype], tokens=9, seed=1)] if dynamic else []
+    more = [inputs(DTYPES[dtype], tokens=9, seed=1, device=device)] if dynamic else []
     unfused = run_compiled(fn, x, r, w, fusion_pass=None)
     exact = FusionPass(numerics="exact", keep_graphs=True)
     assert_bitwise_equal(run_compiled(fn, x, r, w, fusion_pass=exact), unfused)
