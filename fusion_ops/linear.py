@@ -33,6 +33,8 @@ from .schemes import SCHEMES
 ops = torch.ops.fusion_ops
 #: the weight block of block-wise FP8 GEMMs (activation groups of 1×WEIGHT_BLOCK)
 WEIGHT_BLOCK = 128
+#: block-wise FP8 GEMMs run on at least this many rows (fewer are padded with zero codes)
+MIN_BLOCKWISE_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -142,10 +144,15 @@ class ActQuantLinear(nn.Module):
             return nn.functional.linear(xd, self.weight, self.bias)
         lead = x.shape[:-1]
         q2, s2 = q.reshape(-1, q.shape[-1]), s.reshape(-1, s.shape[-1])
+        rows = q2.shape[0]
         if self.kind == "rowwise":
             sa = s2.contiguous()  # [M, 1]
         else:  # block-wise: activation scales column-major, weight scales transposed
-            sa = s2.t().contiguous().t()
+            # cuBLAS has no block-wise kernel for a single row (CUBLAS_STATUS_NOT_SUPPORTED,
+            # torch 2.11, H200): pad to MIN_BLOCKWISE_ROWS rows of zero codes
+            pad = max(MIN_BLOCKWISE_ROWS - rows, 0)
+            q2 = nn.functional.pad(q2.view(torch.uint8), (0, 0, 0, pad)).view(q2.dtype)
+            sa = nn.functional.pad(s2, (0, 0, 0, pad), value=1.0).t().contiguous().t()
         y = torch._scaled_mm(
             q2,
             self.weight_fp8.t(),
@@ -154,7 +161,7 @@ class ActQuantLinear(nn.Module):
             bias=self.bias,
             out_dtype=x.dtype,
         )
-        return y.reshape(*lead, self.out_features)
+        return y[:rows].reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         gemm = f"torch._scaled_mm {self.kind}" if self.kind else "dequantized activation"

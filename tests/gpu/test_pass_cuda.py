@@ -58,6 +58,7 @@ def test_all_families_on_cuda(v2: bool) -> None:
         "rope_cache": 1,
         "norm_rope_cache": 0,  # no kv-only chain, no pair of norms of one projection here
         "dequant_fp8": 1,
+        "add_rms": 0,  # the plain add feeds a norm that feeds a quant: add_rms_quant's
         "q_kv_norm": 0,
         "ar_add_rms_quant": 0,  # no all-reduce in this graph
     }
