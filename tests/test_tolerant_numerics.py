@@ -226,9 +226,21 @@ def _mean_of_another_tensor(x, w):  # type: ignore[no-untyped-def]
     return w * (xf * torch.rsqrt(other + EPS)).to(x.dtype)
 
 
+def _mean_without_keepdim(x, w):  # type: ignore[no-untyped-def]
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1)[:, None] + EPS)).to(x.dtype)
+
+
+def _two_dim_weight(x, w):  # type: ignore[no-untyped-def]
+    xf = x.float()
+    return w[None, :] * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS)).to(x.dtype)
+
+
 @pytest.mark.parametrize(
     "norm",
     [
+        _mean_without_keepdim,
+        _two_dim_weight,
         _mean_over_rows,
         _fp32_normed_also_returned,
         _sum_of_squares_also_returned,
@@ -247,6 +259,16 @@ def test_never_fused_where_the_meaning_changes(norm) -> None:  # type: ignore[no
     out = run_compiled(fn, x, w, fusion_pass=p)
     assert p.match_table == {}
     assert_bitwise_equal(out, run_compiled(fn, x, w, fusion_pass=None))
+
+
+def test_eps_as_a_graph_input_is_left_alone() -> None:
+    """``dynamic=True`` makes the eps global a graph input: no fused op takes a tensor eps."""
+    x, _, w = inputs(torch.bfloat16)
+    p = FusionPass(numerics="tolerant", keep_graphs=True)
+    fn = lambda x, w: ops.mxfp4_quant(hf_pow(x, w))  # noqa: E731
+    out = run_compiled(fn, x, w, fusion_pass=p, dynamic=True)
+    assert p.match_table == {}
+    assert_bitwise_equal(out, run_compiled(fn, x, w, fusion_pass=None, dynamic=True))
 
 
 def test_fp32_activations_are_left_alone() -> None:
