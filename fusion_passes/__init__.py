@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .accounting import GraphRecord, count_fusion_ops
 from .dumps import ENV_DUMP_DIR
-from .fusion_pass import ALL_FUSIONS, ALL_SCHEMES, FusionPass
+from .fusion_pass import ALL_FUSIONS, ALL_SCHEMES, NUMERICS, FusionPass, ServedFromCache
 
 __all__ = [
     "ALL_FUSIONS",
@@ -18,5 +18,7 @@ __all__ = [
     "ENV_DUMP_DIR",
     "FusionPass",
     "GraphRecord",
+    "NUMERICS",
+    "ServedFromCache",
     "count_fusion_ops",
 ]

@@ -41,6 +41,10 @@ class Dumper:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
+        # the directory describes one pass object: graphs an earlier one wrote would sit
+        # beside a summary.json that does not list them
+        for stale in self.directory.glob("graph_*.*.py"):
+            stale.unlink()
 
     def write_graph(self, index: int, stage: str, code: str) -> Path:
         path = self.directory / f"graph_{index}.{stage}.py"

@@ -15,6 +15,8 @@ import inspect
 import json
 import os
 import time
+import warnings
+import weakref
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -51,6 +53,49 @@ def _source_files() -> tuple[str, ...]:
     files = sorted(str(p) for d in dirs for p in d.glob("*.py"))
     ops_dir = Path(fusion_ops.__file__).parent
     return (*files, *(str(ops_dir / f) for f in ("library.py", "schemes.py", "formats.py")))
+
+
+class ServedFromCache(UserWarning):
+    """A compile that asked for a FusionPass got graphs from a cache: the pass did not run on
+    them, so they are not in its counts (the compiled code itself is the one the pass made)."""
+
+
+def _cache_hits() -> tuple[int, int]:
+    """Lookups served so far by Inductor's FX graph cache and by AOTAutograd's cache (a graph
+    AOTAutograd's cache serves is usually counted by both)."""
+    counters = torch._dynamo.utils.counters
+    return counters["inductor"]["fxgraph_cache_hit"], counters["aot_autograd"]["autograd_cache_hit"]
+
+
+class _CacheWatch:
+    """Tells each pass whose ``uuid()`` a Dynamo compile asked for (Inductor asks before it looks
+    a graph up in its caches) whether a cache served graphs of that compile: the cache-hit
+    counters at the first ask against those at the end of the compile (Dynamo's end-of-compile
+    callback, installed again after each ``torch._dynamo.reset()``, which clears callbacks)."""
+
+    def __init__(self) -> None:
+        self.asked: weakref.WeakKeyDictionary[FusionPass, tuple[int, int]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def ask(self, fusion_pass: FusionPass) -> None:
+        handler = getattr(getattr(torch._dynamo, "callback", None), "callback_handler", None)
+        if handler is None:  # a torch without compile callbacks: nothing to watch with
+            return
+        if self.end not in handler.end_callbacks:
+            handler.register_end_callback(self.end)
+        self.asked.setdefault(fusion_pass, _cache_hits())
+
+    def end(self, *_: Any) -> None:
+        hits = _cache_hits()
+        for fusion_pass, at_ask in list(self.asked.items()):
+            served = max(now - then for now, then in zip(hits, at_ask, strict=True))
+            if served > 0:
+                fusion_pass._served_from_cache(served)
+        self.asked.clear()
+
+
+_WATCH = _CacheWatch()
 
 
 class FusionPass(CustomGraphPass):
@@ -102,6 +147,8 @@ class FusionPass(CustomGraphPass):
         self.numerics = numerics
         self.match_table: dict[str, int] = {}
         self.graphs: list[GraphRecord] = []
+        #: graphs that compiles asking for this pass got from a cache (the pass did not run)
+        self.cache_hits = 0
         self._matchers: dict[str, pm.PatternMatcherPass] = {}
         self._pattern_text: list[str] = []
         start = time.perf_counter()
@@ -228,8 +275,25 @@ class FusionPass(CustomGraphPass):
             self._dumper.write_graph(record.index, "after", after or "")
             self._dumper.write_summary(self.summary())
 
+    def _served_from_cache(self, hits: int) -> None:
+        self.cache_hits += hits
+        warnings.warn(
+            f"FusionPass: {hits} graph(s) of this compile came from Inductor's FX graph cache or "
+            "AOTAutograd's cache, so the pass did not run on them and match_table does not count "
+            "them (their compiled code is the one the pass made when it was cached). Compile "
+            "under fusion_passes.testing.fresh_inductor(), or with "
+            "torch._inductor.config.fx_graph_cache=False and "
+            "torch._functorch.config.enable_autograd_cache=False, to count them",
+            ServedFromCache,
+            stacklevel=2,
+        )
+        if self._dumper is not None:
+            self._dumper.write_summary(self.summary())
+
     def uuid(self) -> str:
-        """Changes with the configuration, the source of the rewrite and the torch version."""
+        """Changes with the configuration, the source of the rewrite and the torch version.
+        Inductor asks for it on every graph it compiles or looks up with this pass."""
+        _WATCH.ask(self)
         digest = hashlib.sha256()
         digest.update(json.dumps(self.config_dict(), sort_keys=True).encode())
         digest.update(f"torch={torch.__version__}".encode())
@@ -258,6 +322,7 @@ class FusionPass(CustomGraphPass):
         """Forget the accounting (registered patterns stay)."""
         self.match_table.clear()
         self.graphs.clear()
+        self.cache_hits = 0
 
     def config_dict(self) -> dict[str, Any]:
         return {
@@ -279,6 +344,7 @@ class FusionPass(CustomGraphPass):
             "registration_s": round(self.registration_s, 3),
             "matched_count": self.matched_count,
             "match_table": dict(sorted(self.match_table.items())),
+            "graphs_from_cache": self.cache_hits,
             "graphs": [g.as_dict() for g in self.graphs],
         }
 

@@ -18,6 +18,7 @@ import torch
 
 import fusion_ops
 from fusion_passes import ENV_DUMP_DIR, FusionPass
+from fusion_passes.fusion_pass import ServedFromCache
 from fusion_passes.testing import (
     PassDidNotRun,
     assert_bitwise_equal,
@@ -243,9 +244,13 @@ def test_warm_cache_is_reported_not_silently_zero(tmp_path: Path, monkeypatch) -
         run_compiled(fn, x, w, fusion_pass=p, fresh=False)
         assert p.matched_count == 1
         torch._dynamo.reset()
-        with pytest.raises(PassDidNotRun, match="warm Inductor/AOTAutograd cache"):
+        with (
+            pytest.raises(PassDidNotRun, match="warm Inductor/AOTAutograd cache"),
+            pytest.warns(ServedFromCache, match="1 graph"),
+        ):
             run_compiled(fn, x, w, fusion_pass=p, fresh=False)
     assert p.matched_count == 1
+    assert p.cache_hits == 1 and p.summary()["graphs_from_cache"] == 1
     run_compiled(fn, x, w, fusion_pass=p)  # fresh (the default) runs the pass again
     assert p.matched_count == 2
 
@@ -427,3 +432,15 @@ def test_fully_replaced_helper_reports_leftovers(full_pass) -> None:
 def test_vllm_adapter_without_vllm_says_what_to_install() -> None:
     with pytest.raises(ModuleNotFoundError, match=r"fusion_passes\.vllm needs vLLM.*\[vllm\]"):
         importlib.import_module("fusion_passes.vllm")
+
+
+def test_a_new_pass_object_clears_stale_graph_dumps(tmp_path: Path) -> None:
+    """summary.json and the graph files describe one pass object: a new one with the same
+    dump directory removes the graphs an earlier one wrote."""
+    x, w = x_w()
+    fn = lambda x, w: ops.mxfp4_quant(ops.rms_norm(x, w, 1e-6))  # noqa: E731
+    run_compiled(fn, x, w, fusion_pass=FusionPass(fusions=["rms_quant"], dump_dir=tmp_path))
+    assert (tmp_path / "graph_0.after.py").exists()
+    FusionPass(fusions=["rms_quant"], dump_dir=tmp_path)
+    assert not list(tmp_path.glob("graph_*.py"))
+    assert json.loads((tmp_path / "summary.json").read_text())["graphs"] == []
