@@ -29,7 +29,14 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fusion_ops
 import patterns
-from patterns import FAMILIES, GraphPatternSpec, PatternSpec, plain_norms, quant_variants
+from patterns import (
+    FAMILIES,
+    GraphPatternSpec,
+    PatternSpec,
+    plain_norms,
+    quant_variants,
+    vllm_quant,
+)
 from patterns.base import HOPS, val
 
 from .accounting import GraphRecord, count_fusion_ops
@@ -210,7 +217,9 @@ class FusionPass(CustomGraphPass):
         start = time.perf_counter()  # the rewrite and its accounting; rendering dumps excluded
         ops_before = count_fusion_ops(graph)
         existing = set(graph.nodes)
-        # tolerant: plain-PyTorch norms become ops of the same definition before matching
+        # vLLM's native FP8 group quant becomes our quant op (exact); tolerant: plain-PyTorch
+        # norms become ops of the same definition; both before matching, put back if unfused
+        quants = vllm_quant.canonicalize(graph)
         plain = plain_norms.canonicalize(graph) if self.numerics == "tolerant" else []
         for family in self.fusions:
             FAMILIES[family].prepare(graph, self.schemes)
@@ -223,7 +232,7 @@ class FusionPass(CustomGraphPass):
             rewrite = getattr(FAMILIES[family], "rewrite", None)
             if rewrite is not None:
                 rewrite(graph, self.schemes)
-        plain_norms.restore(graph, plain)  # the norms no pattern took, as they were
+        plain_norms.restore(graph, [*plain, *quants])  # what no pattern took, as it was
         new_nodes = [n for n in graph.nodes if n not in existing]
         tolerant = plain_norms.fused_from(plain, new_nodes)
         _rebuild_eager_input_vals(new_nodes)

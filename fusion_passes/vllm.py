@@ -33,7 +33,7 @@ except ModuleNotFoundError as missing:
         raise  # vLLM is there but one of its own imports failed: show that error
     raise ModuleNotFoundError(
         "fusion_passes.vllm needs vLLM's vllm.compilation.passes.inductor_pass (tested with "
-        "vllm==0.32.0): pip install 'fusion-passes[vllm]'",
+        "vllm==0.33.0): pip install 'fusion-passes[vllm]'",
         name="vllm",
     ) from missing
 

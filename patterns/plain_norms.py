@@ -46,14 +46,16 @@ BOUND_ULPS = 1
 
 
 @dataclass
-class PlainNorm:
-    """One recognized norm: its canonical node, and the original nodes kept aside as a graph
-    (placeholders ``x`` and, if any, ``weight``) to put back if no pattern consumed it."""
+class Canonical:
+    """One canonicalized region: its canonical op call, the original nodes kept aside as a graph
+    (placeholders for ``inputs``) to put back if no pattern consumed the op, and the nodes that
+    stand for the original outputs (the canonical op itself unless given)."""
 
-    spelling: str  # "cast_then_weight", "weight_in_product", "weightless"
+    spelling: str  # "cast_then_weight", "weight_in_product", "weightless", ...
     canonical: torch.fx.Node
     original: torch.fx.Graph
     inputs: tuple[torch.fx.Node, ...]
+    replacements: tuple[torch.fx.Node, ...] = ()
 
 
 def _val(node: object) -> object:
@@ -192,7 +194,7 @@ def find(graph: torch.fx.Graph) -> list[tuple[str, list[torch.fx.Node], tuple, t
     return found
 
 
-def canonicalize(graph: torch.fx.Graph) -> list[PlainNorm]:
+def canonicalize(graph: torch.fx.Graph) -> list[Canonical]:
     """Replace every plain RMSNorm by its canonical op; the records :func:`restore` needs."""
     records = []
     for spelling, nodes, args, out in find(graph):
@@ -204,14 +206,17 @@ def canonicalize(graph: torch.fx.Graph) -> list[PlainNorm]:
         out.replace_all_uses_with(canonical)
         for node in reversed(nodes):
             graph.erase_node(node)
-        records.append(PlainNorm(spelling, canonical, original, tensors))
+        records.append(Canonical(spelling, canonical, original, tensors))
     return records
 
 
 def _set_aside(
-    nodes: list[torch.fx.Node], inputs: tuple[torch.fx.Node, ...], out: torch.fx.Node
+    nodes: list[torch.fx.Node],
+    inputs: tuple[torch.fx.Node, ...],
+    out: torch.fx.Node | tuple[torch.fx.Node, ...],
 ) -> torch.fx.Graph:
-    """``nodes`` copied into a graph of their own, ``inputs`` its placeholders."""
+    """``nodes`` copied into a graph of their own, ``inputs`` its placeholders, ``out`` (one
+    node or a tuple) its output."""
     original = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     for t, name in zip(inputs, ("x", "weight"), strict=False):
@@ -219,11 +224,11 @@ def _set_aside(
         env[t].meta = dict(t.meta)
     for node in nodes:
         env[node] = original.node_copy(node, env.__getitem__)
-    original.output(env[out])
+    original.output(tuple(env[o] for o in out) if isinstance(out, tuple) else env[out])
     return original
 
 
-def restore(graph: torch.fx.Graph, records: list[PlainNorm]) -> int:
+def restore(graph: torch.fx.Graph, records: list[Canonical]) -> int:
     """Put back the original nodes of every canonical op still in ``graph``; how many."""
     done = 0
     for record in records:
@@ -232,15 +237,25 @@ def restore(graph: torch.fx.Graph, records: list[PlainNorm]) -> int:
             continue
         placeholders = [n for n in record.original.nodes if n.op == "placeholder"]
         inputs = dict(zip(placeholders, record.inputs, strict=True))
-        with graph.inserting_before(node):
+        first = min((node, *record.replacements), key=_position)
+        with graph.inserting_before(first):
             out = graph.graph_copy(record.original, inputs)
-        node.replace_all_uses_with(out)
-        graph.erase_node(node)
+        replacements = record.replacements or (node,)
+        outs = out if isinstance(out, tuple) else (out,)
+        for replacement, original in zip(replacements, outs, strict=True):
+            replacement.replace_all_uses_with(original)
+        for dead in (*record.replacements, *list(node.users), node):
+            if not dead._erased and not dead.users:
+                graph.erase_node(dead)
         done += 1
     return done
 
 
-def fused_from(records: list[PlainNorm], nodes: list[torch.fx.Node]) -> set[torch.fx.Node]:
+def _position(node: torch.fx.Node) -> int:
+    return next(i for i, n in enumerate(node.graph.nodes) if n is node)
+
+
+def fused_from(records: list[Canonical], nodes: list[torch.fx.Node]) -> set[torch.fx.Node]:
     """The nodes of ``nodes`` that took a canonical op of ``records`` (a pattern consumed it):
     those whose arguments hold its input (for a norm of a plain add the pattern consumed too,
     both operands of the add)."""

@@ -145,7 +145,7 @@ def near_misses(graph: torch.fx.Graph, schemes: Sequence[str]) -> list[NearMiss]
             reason = (
                 "its q is an RMS norm written in plain PyTorch (Inductor reduces it in its own "
                 "order, which a fused kernel cannot reproduce bit for bit): write it as "
-                "fusion_ops.weightless_rms_norm, or build FusionPass(numerics=\"tolerant\") to "
+                'fusion_ops.weightless_rms_norm, or build FusionPass(numerics="tolerant") to '
                 "fuse it anyway (last-bit differences within a tested bound)"
             )
             out.append(NearMiss(NAME, fused.name, "rope_mla_cache_write", reason))

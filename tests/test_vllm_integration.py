@@ -1,5 +1,5 @@
-"""The vLLM adapter with real vLLM (0.32.0): vLLM's config takes the pass, vLLM's post-grad pass
-manager accepts it and runs it on the reference model's graphs.
+"""The vLLM adapter with real vLLM (0.33.0; 0.32.0 before): vLLM's config takes the pass, vLLM's
+post-grad pass manager accepts it and runs it on the reference model's graphs.
 
 Runs only where vLLM is installed (CI: its own venv, see README "vLLM integration"); elsewhere
 conftest.py leaves this file out, so ``pytest -m vllm`` there collects nothing and fails.
@@ -20,8 +20,7 @@ os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")  # lets VllmConfig() infer a 
 
 import pytest
 import torch
-from torch._inductor.custom_graph_pass import CustomGraphPass
-from vllm.compilation.passes.inductor_pass import InductorPass, pass_context
+from vllm.compilation.passes.inductor_pass import InductorPass
 from vllm.compilation.passes.pass_manager import PostGradPassManager
 from vllm.config import CompilationConfig, VllmConfig
 from vllm.config.utils import Range
@@ -31,6 +30,7 @@ from fusion_passes import FusionPass
 from fusion_passes.testing import assert_bitwise_equal, fresh_inductor
 from fusion_passes.vllm import VLLM_PASS_KEY, VllmFusionPass
 from tests.model_expectations import expected_leftover_ops, expected_matches
+from tests.vllm_support import VllmManagerHook
 
 pytestmark = pytest.mark.vllm
 
@@ -54,27 +54,6 @@ def configured_manager(config: VllmConfig) -> PostGradPassManager:
     if user_pass is not None:
         manager.add(user_pass)
     return manager
-
-
-class VllmManagerHook(CustomGraphPass):
-    """Inductor's post-grad hook running vLLM's configured manager under vLLM's pass context."""
-
-    def __init__(self, manager: PostGradPassManager, compile_range: Range) -> None:
-        self.manager = manager
-        self.compile_range = compile_range
-        self.fix_functionalization_missing_kernels = 0
-
-    def __call__(self, graph: torch.fx.Graph) -> None:
-        with pass_context(self.compile_range):
-            try:
-                self.manager(graph)
-            except AttributeError as error:  # FixFunctionalizationPass on a CPU-only machine
-                if "'_C'" not in str(error) or "rotary_embedding" not in str(error):
-                    raise
-                self.fix_functionalization_missing_kernels += 1
-
-    def uuid(self) -> None:
-        return None  # never cached: every compile runs the manager
 
 
 def compile_and_run(config: VllmConfig, manager: PostGradPassManager) -> tuple[dm.RunResult, int]:
