@@ -35,7 +35,7 @@ from patterns import (
     PatternSpec,
     plain_norms,
     quant_variants,
-    vllm_quant,
+    vllm_sources,
 )
 from patterns.base import HOPS, val
 
@@ -219,7 +219,7 @@ class FusionPass(CustomGraphPass):
         existing = set(graph.nodes)
         # vLLM's native FP8 group quant becomes our quant op (exact); tolerant: plain-PyTorch
         # norms become ops of the same definition; both before matching, put back if unfused
-        quants = vllm_quant.canonicalize(graph)
+        quants = vllm_sources.canonicalize(graph)
         plain = plain_norms.canonicalize(graph) if self.numerics == "tolerant" else []
         for family in self.fusions:
             FAMILIES[family].prepare(graph, self.schemes)

@@ -9,7 +9,7 @@ import fusion_ops  # noqa: F401  (defines torch.ops.fusion_ops)
 
 # The vLLM test imports vLLM at module level; without vLLM it is not collected at all, so that
 # `pytest -m vllm` in an environment lacking vLLM collects nothing and fails (exit code 5).
-VLLM_TEST_FILES = ["test_vllm_integration.py", "test_vllm_quant_fp8.py"]
+VLLM_TEST_FILES = ["test_vllm_integration.py", "test_vllm_quant_fp8.py", "test_vllm_all_reduce.py"]
 collect_ignore = [] if importlib.util.find_spec("vllm") else [*VLLM_TEST_FILES, "vllm_support.py"]
 
 

@@ -1,25 +1,33 @@
-"""vLLM's ``QuantFP8`` in its native form, recognized as our ``fp8_group_quant`` (exact).
+"""vLLM's own spellings in a post-grad graph, recognized as ours before matching.
 
-With Inductor and vLLM's default ``custom_ops=["none"]``, ``QuantFP8(static=False,
-group_shape=GroupShape(1, g))`` traces ``_quantize_group_native`` (vLLM 0.33,
-``model_executor/layers/quantization/input_quant_fp8.py``); a post-grad graph holds::
+1. ``QuantFP8`` in its native form, as our ``fp8_group_quant`` (exact). With Inductor and vLLM's
+   default ``custom_ops=["none"]``, ``QuantFP8(static=False, group_shape=GroupShape(1, g))``
+   traces ``_quantize_group_native`` (vLLM 0.33,
+   ``model_executor/layers/quantization/input_quant_fp8.py``); a post-grad graph holds::
 
-    xg = reshape(x, [-1, G, g])                                   x [..., K], K = G·g
-    s  = clamp_min(div(abs(xg).max(-1, keepdim)[0].float(), FP8_MAX), 1 / (FP8_MAX·512))
-    q  = clamp(div(xg, s), -FP8_MAX, FP8_MAX).to(fp8)             then views of q and of s
+       xg = reshape(x, [-1, G, g])                                   x [..., K], K = G·g
+       s  = clamp_min(div(abs(xg).max(-1, keepdim)[0].float(), FP8_MAX), 1 / (FP8_MAX·512))
+       q  = clamp(div(xg, s), -FP8_MAX, FP8_MAX).to(fp8)             then views of q and of s
 
-which is ``fusion_ops.fp8_group_quant(x, g, False, fp8)``'s definition step for step (the same
-scale rule, a correctly rounded quotient, the same clamp): :func:`canonicalize` replaces it by
-that op, keeping vLLM's tensors (``q`` and ``s`` in their ``[-1, G, g]`` / ``[-1, G, 1]``
-shapes, so the views and the scale layout vLLM applies after it, e.g. column-major, stay). The
-norm+quant families then fuse a norm in front of it (vLLM IR's ``rms_norm``:
-``rms_quant/…+vllm_ir``). A canonical op no pattern consumed is put back as the original
-nodes (:func:`patterns.plain_norms.restore`).
+   which is ``fusion_ops.fp8_group_quant(x, g, False, fp8)``'s definition step for step (the
+   same scale rule, a correctly rounded quotient, the same clamp). The replacement keeps vLLM's
+   tensors (``q`` and ``s`` in their ``[-1, G, g]`` / ``[-1, G, 1]`` shapes, so the views and
+   the scale layout vLLM applies after it, e.g. column-major, stay); the norm+quant families
+   then fuse a norm in front of it (vLLM IR's ``rms_norm``: ``rms_quant/…+vllm_ir``). Not
+   recognized (the bits would differ): UE8M0 scales (vLLM takes ``exp2(ceil(log2(s)))`` of a
+   float ``log2``, we round up from the bits), a padded last group, an FP8 max other than the
+   dtype's (vLLM clamps e4m3fnuz at 224, we at 240), the per-token form (vLLM multiplies by a
+   reciprocal of the scale instead of dividing).
+2. ``torch.ops.vllm.all_reduce(x, group_name)`` (what vLLM's ``tensor_model_parallel_all_reduce``
+   traces to where the platform uses custom-op collectives, CUDA among them), as the functional
+   ``wait_tensor(all_reduce(x, "sum", <the c10d name of that vLLM group's device group>))``, the
+   source ``ar_add_rms_quant`` folds into the add-norm op that reads it. The fused op sums over
+   the same process group in rank order (fp32): at 2 ranks that is any all-reduce's sum; at
+   more, our order, as for the functional source.
 
-Not recognized (the bits would differ): UE8M0 scales (vLLM takes ``exp2(ceil(log2(s)))`` of a
-float ``log2``, we round up from the bits), a padded last group, an FP8 max other than the
-dtype's (vLLM clamps e4m3fnuz at 224, we at 240), the per-token form (vLLM multiplies by a
-reciprocal of the scale instead of dividing).
+A canonical op no pattern consumed is put back as the original nodes
+(:func:`patterns.plain_norms.restore`): vLLM's own all-reduce (its custom kernels) and quant stay
+where nothing fuses.
 """
 
 from __future__ import annotations
@@ -117,6 +125,55 @@ def recognize(cast: torch.fx.Node) -> tuple[list[torch.fx.Node], tuple, torch.fx
 
 
 def canonicalize(graph: torch.fx.Graph) -> list[Canonical]:
+    """Both rewrites of this module; the records :func:`patterns.plain_norms.restore` needs."""
+    return [*_canonicalize_quants(graph), *_canonicalize_all_reduces(graph)]
+
+
+def _is_vllm_all_reduce(node: torch.fx.Node) -> bool:
+    target = node.target
+    return (
+        node.op == "call_function"
+        and isinstance(target, torch._ops.OpOverload)
+        and target.namespace == "vllm"
+        and target._opname == "all_reduce"
+    )
+
+
+def c10d_group_name(vllm_group: str) -> str | None:
+    """The c10d name of the device group of vLLM's group ``vllm_group`` (e.g. 'tp:0'), or None
+    when vLLM's parallel state does not know it."""
+    try:
+        from vllm.distributed import parallel_state
+    except ImportError:
+        return None
+    ref = parallel_state._groups.get(vllm_group)
+    coordinator = ref() if ref is not None else None
+    group = getattr(coordinator, "device_group", None)
+    return getattr(group, "group_name", None)
+
+
+def _canonicalize_all_reduces(graph: torch.fx.Graph) -> list[Canonical]:
+    records = []
+    c10d = torch.ops._c10d_functional
+    for node in [n for n in graph.nodes if _is_vllm_all_reduce(n)]:
+        args = dict(zip(("tensor", "group_name"), node.args, strict=False)) | dict(node.kwargs)
+        x, name = args.get("tensor"), args.get("group_name")
+        group = c10d_group_name(name) if isinstance(name, str) else None
+        if not isinstance(x, torch.fx.Node) or group is None:
+            continue
+        original = _set_aside([node], (x,), node)
+        with graph.inserting_before(node):
+            reduce = graph.call_function(c10d.all_reduce.default, (x, "sum", group))
+            wait = graph.call_function(c10d.wait_tensor.default, (reduce,))
+        for new in (reduce, wait):
+            new.meta = {k: v for k, v in node.meta.items() if k in ("val", "stack_trace")}
+        node.replace_all_uses_with(wait)
+        graph.erase_node(node)
+        records.append(Canonical("vllm_all_reduce", reduce, original, (x,), (wait,)))
+    return records
+
+
+def _canonicalize_quants(graph: torch.fx.Graph) -> list[Canonical]:
     """Replace every native group quant by ``fp8_group_quant`` with vLLM's output shapes."""
     records = []
     quant = torch.ops.fusion_ops.fp8_group_quant.default
