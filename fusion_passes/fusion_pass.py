@@ -236,6 +236,7 @@ class FusionPass(CustomGraphPass):
         new_nodes = [n for n in graph.nodes if n not in existing]
         tolerant = plain_norms.fused_from(plain, new_nodes)
         _rebuild_eager_input_vals(new_nodes)
+        _inherit_stack_traces(new_nodes)
         # multi-output replacements are inserted at their first output; restore def-before-use
         # (Inductor sorts again after custom passes) so DCE's lint passes
         pm.stable_topological_sort(graph)
@@ -422,3 +423,15 @@ def _rebuild_eager_input_vals(nodes: list[torch.fx.Node]) -> None:
             node.meta["eager_input_vals"] = torch.fx.node.map_aggregate(
                 (node.args, node.kwargs), value
             )
+
+
+def _inherit_stack_traces(nodes: list[torch.fx.Node]) -> None:
+    """A replacement's outputs get the stack trace of the nodes they replace (the pattern
+    matcher copies it), the fused op itself none: give it its outputs' (the model code of the
+    replaced quant call), so dumps and Inductor's generated code point back to the model."""
+    for node in nodes:
+        if node.meta.get("stack_trace") or node.op != "call_function":
+            continue
+        traces = [u.meta["stack_trace"] for u in node.users if u.meta.get("stack_trace")]
+        if traces:
+            node.meta["stack_trace"] = traces[0]

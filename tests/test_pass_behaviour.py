@@ -444,3 +444,18 @@ def test_a_new_pass_object_clears_stale_graph_dumps(tmp_path: Path) -> None:
     FusionPass(fusions=["rms_quant"], dump_dir=tmp_path)
     assert not list(tmp_path.glob("graph_*.py"))
     assert json.loads((tmp_path / "summary.json").read_text())["graphs"] == []
+
+
+def _model_code(x, w):  # type: ignore[no-untyped-def]
+    return ops.mxfp4_quant(ops.rms_norm(x, w, 1e-6))
+
+
+def test_fused_nodes_carry_the_model_code_they_replace() -> None:
+    """The dump of the rewritten graph names the model's line for the fused op, not
+    ``No stacktrace found``."""
+    p = FusionPass(fusions=["rms_quant"], keep_graphs=True)
+    run_compiled(_model_code, *x_w(), fusion_pass=p)
+    after = p.graphs[0].code_after
+    line = next(ln for ln in after.splitlines() if "rms_norm_mxfp4_quant.default(" in ln)
+    before_line = after.splitlines()[after.splitlines().index(line) - 1]
+    assert "in _model_code" in before_line and "mxfp4_quant" in before_line, before_line
