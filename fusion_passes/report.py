@@ -8,21 +8,27 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch and the package are imported after the arguments are checked
+    import torch
 
-import fusion_ops
-from patterns import FAMILIES
+    from .fusion_pass import FusionPass
 
-from .fusion_pass import FusionPass
-from .testing import fresh_inductor
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fusion_passes report", description=__doc__)
     p.add_argument("--preset", default="tiny", choices=["tiny", "flash", "pro"])
-    p.add_argument("--layers", type=int, default=None, help="number of layers (flash/pro)")
+    p.add_argument(
+        "--layers", type=_positive, default=None, help="number of layers (default: 3 tiny, 4 else)"
+    )
     p.add_argument(
         "--residual",
         default="add",
@@ -37,9 +43,9 @@ def _parser() -> argparse.ArgumentParser:
         help="decode also runs the prefill it continues from (eagerly if 'decode')",
     )
     p.add_argument("--device", default="cpu")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--prompt-len", type=int, default=130)
-    p.add_argument("--decode-steps", type=int, default=2)
+    p.add_argument("--batch", type=_positive, default=2)
+    p.add_argument("--prompt-len", type=_positive, default=130)
+    p.add_argument("--decode-steps", type=_positive, default=2)
     p.add_argument("--dump-dir", default="dumps")
     p.add_argument("--backend", default=None, help="force a fusion_ops backend")
     return p
@@ -49,9 +55,66 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _usable_dump_dir(parser: argparse.ArgumentParser, dump_dir: str) -> Path:
+    path = Path(dump_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".fusion_passes_write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        parser.error(f"--dump-dir {dump_dir}: cannot write there ({error.strerror or error})")
+    return path
+
+
+def _available_bytes(device: str) -> int | None:
+    """Free memory the model would live in (None: unknown)."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as fh:
+            fields = dict(line.split(":", 1) for line in fh)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _check_fits(parser: argparse.ArgumentParser, cfg: Any, device: str) -> None:
+    """Refuse, before building anything, a model whose weights (two copies: the eager and the
+    compiled run) do not fit in the device's free memory."""
+    import torch
+
+    from dsv4_model.model import DSV4Model
+
+    with torch.device("meta"):
+        weights = sum(p.numel() * p.element_size() for p in DSV4Model(cfg, seed=0).parameters())
+    need, have = 2 * weights, _available_bytes(device)
+    if have is not None and need > have:
+        parser.error(
+            f"--preset {cfg.name} with {cfg.n_layers} layers needs about {need / 1e9:.0f} GB on "
+            f"{device} (two copies of {weights / 1e9:.1f} GB of weights), {have / 1e9:.0f} GB "
+            "are free: use --preset tiny, fewer --layers, or a larger device"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    dump_dir = _usable_dump_dir(parser, args.dump_dir)
+    import torch
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
+    if not args.device.startswith(("cpu", "cuda")):
+        parser.error(f"--device {args.device}: expected cpu or cuda[:N]")
+
     import dsv4_model as dm
+    import fusion_ops
+
+    from .fusion_pass import FusionPass
+    from .testing import fresh_inductor
 
     if args.backend:
         fusion_ops.set_backend(args.backend)
@@ -61,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.preset == "tiny" and args.layers:  # cycle the layer kinds SWA, CSA, HCA
         ratios = tuple((1, 4, 128)[i % 3] for i in range(args.layers))
         cfg = cfg.replace(n_layers=args.layers, compress_ratios=ratios)
+    _check_fits(parser, cfg, args.device)
     kinds = ", ".join(cfg.layer_kind(i) for i in range(cfg.n_layers))
     _say(
         f"model: DeepSeek-V4 '{cfg.name}', {cfg.n_layers} layers ({kinds}), "
@@ -78,7 +142,6 @@ def main(argv: list[str] | None = None) -> int:
     eager = dm.run(caches, model, model, prompts, decode_ids)
     _say(f"      done in {time.perf_counter() - t0:.1f} s")
 
-    dump_dir = Path(args.dump_dir)
     fusion_pass = FusionPass(dump_dir=dump_dir)
     _say(
         f"[2/3] compiling with FusionPass ({fusion_pass.pattern_count} patterns registered in "
@@ -119,6 +182,8 @@ def _progress(compiled: Any, phase: str, t0: float) -> Any:
 
 
 def _print_table(p: FusionPass) -> None:
+    from patterns import FAMILIES
+
     before: dict[str, int] = defaultdict(int)
     after: dict[str, int] = defaultdict(int)
     for g in p.graphs:
