@@ -219,8 +219,9 @@ class FusionPass(CustomGraphPass):
         existing = set(graph.nodes)
         # vLLM's native FP8 group quant becomes our quant op (exact); tolerant: plain-PyTorch
         # norms become ops of the same definition; both before matching, put back if unfused
-        quants = vllm_sources.canonicalize(graph)
-        plain = plain_norms.canonicalize(graph) if self.numerics == "tolerant" else []
+        tolerant_mode = self.numerics == "tolerant"
+        quants, inexact_quants = vllm_sources.canonicalize(graph, tolerant_mode)
+        plain = [*inexact_quants, *(plain_norms.canonicalize(graph) if tolerant_mode else [])]
         for family in self.fusions:
             FAMILIES[family].prepare(graph, self.schemes)
         for matcher in self._matchers.values():

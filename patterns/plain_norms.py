@@ -257,15 +257,14 @@ def _position(node: torch.fx.Node) -> int:
 
 def fused_from(records: list[Canonical], nodes: list[torch.fx.Node]) -> set[torch.fx.Node]:
     """The nodes of ``nodes`` that took a canonical op of ``records`` (a pattern consumed it):
-    those whose arguments hold its input (for a norm of a plain add the pattern consumed too,
-    both operands of the add)."""
+    those whose arguments hold its input, or, where the pattern consumed that input too (a
+    plain add before a norm, vLLM IR's norm before a quant), that input's tensor inputs."""
     keys = []
     for record in records:
         if not record.canonical._erased:
             continue
-        x = record.inputs[0]
-        plain_add = x._erased and x.target is aten.add.Tensor
-        keys.append({a for a in x.args[:2] if isinstance(a, torch.fx.Node)} if plain_add else {x})
+        x = record.inputs[0]  # consumed too (a plain add, vLLM IR's norm): its tensor inputs
+        keys.append({a for a in x.args if isinstance(a, torch.fx.Node)} if x._erased else {x})
     out = set()
     for node in nodes:
         if node._erased or not keys:

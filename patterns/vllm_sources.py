@@ -33,6 +33,7 @@ where nothing fuses.
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
 
@@ -44,6 +45,7 @@ aten = torch.ops.aten
 _CAST = torch.ops.prims.convert_element_type.default
 _FP8 = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 _RESHAPES = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
+_HALF = (torch.bfloat16, torch.float16)
 
 
 def _is(node: object, target: object, nargs: int | None = None) -> bool:
@@ -66,9 +68,80 @@ def _f32(v: object) -> float | None:
     return float(torch.tensor(v, dtype=torch.float32))
 
 
-def recognize(cast: torch.fx.Node) -> tuple[list[torch.fx.Node], tuple, torch.fx.Node] | None:
-    """The native group quant ending in ``cast`` (the FP8 cast): (its nodes in graph order, the
-    arguments of ``fp8_group_quant``, the scale node ``s``), or None."""
+@dataclass
+class NativeQuant:
+    """One recognized native quant: its nodes (graph order), the input, the scheme, and whether
+    our op reproduces its bits (else only ``numerics="tolerant"`` takes it)."""
+
+    nodes: list[torch.fx.Node]
+    x: torch.fx.Node
+    group_size: int | None  # None: per token
+    use_ue8m0: bool
+    fp8: torch.dtype
+    codes: torch.fx.Node  # the FP8 cast
+    scales: torch.fx.Node  # the final scale
+    grouped: torch.fx.Node | None  # the [-1, G, g] view of a group quant
+
+    @property
+    def exact(self) -> bool:
+        return self.group_size is not None and not self.use_ue8m0
+
+
+def _scale(s: object, fp8: torch.dtype) -> tuple[torch.fx.Node, bool, list[torch.fx.Node]] | None:
+    """``clamp_min(div(amax_f32, FP8_MAX), 1/(FP8_MAX·512))``, optionally then
+    ``exp2(ceil(log2(·)))`` (UE8M0) → (amax_f32, use_ue8m0, the scale's nodes), or None."""
+    ue8m0 = _is(s, aten.exp2.default, 1)
+    chain: list[torch.fx.Node] = []
+    if ue8m0:
+        ceil = s.args[0]
+        log2 = ceil.args[0] if _is(ceil, aten.ceil.default, 1) else None
+        if not _is(log2, aten.log2.default, 1) or not (_single(ceil) and _single(log2)):
+            return None
+        chain, s = [log2, ceil, s], log2.args[0]
+    fmax = fp8_max(fp8)
+    if not _is(s, aten.clamp_min.default, 2) or _f32(s.args[1]) != _f32(fp8_min_scale(fp8)):
+        return None
+    s_div = s.args[0]
+    if not _is(s_div, aten.div.Tensor, 2) or _f32(s_div.args[1]) != fmax or not _single(s_div):
+        return None
+    amax_f32 = s_div.args[0]
+    if not _is(amax_f32, _CAST, 2) or amax_f32.args[1] != torch.float32:
+        return None
+    if ue8m0 and not _single(s):
+        return None
+    return amax_f32, ue8m0, [amax_f32, s_div, s, *chain]
+
+
+def _group_amax(amax_f32: torch.fx.Node) -> tuple[torch.fx.Node, list[torch.fx.Node]] | None:
+    """``max(abs(xg), -1, keepdim)[0]`` → (xg, its nodes)."""
+    item = amax_f32.args[0]
+    if not _is(item, operator.getitem, 2) or item.args[1] != 0:
+        return None
+    amax = item.args[0]
+    if not _is(amax, aten.max.dim, 3) or amax.args[1] not in (-1, 2) or amax.args[2] is not True:
+        return None
+    absolute = amax.args[0]
+    if not _is(absolute, aten.abs.default, 1):
+        return None
+    return absolute.args[0], [absolute, amax, item]
+
+
+def _token_amax(amax_f32: torch.fx.Node) -> tuple[torch.fx.Node, list[torch.fx.Node]] | None:
+    """``amax(abs(x), [-1]).unsqueeze(-1)`` → (x, its nodes)."""
+    unsqueeze = amax_f32.args[0]
+    if not _is(unsqueeze, aten.unsqueeze.default, 2) or unsqueeze.args[1] != -1:
+        return None
+    amax = unsqueeze.args[0]
+    if not _is(amax, aten.amax.default, 2) or list(amax.args[1]) != [-1]:
+        return None
+    absolute = amax.args[0]
+    if not _is(absolute, aten.abs.default, 1):
+        return None
+    return absolute.args[0], [absolute, amax, unsqueeze]
+
+
+def recognize(cast: torch.fx.Node) -> NativeQuant | None:
+    """The native quant ending in ``cast`` (the FP8 cast), or None."""
     if not _is(cast, _CAST, 2) or cast.args[1] not in _FP8:
         return None
     fp8 = cast.args[1]
@@ -79,54 +152,57 @@ def recognize(cast: torch.fx.Node) -> tuple[list[torch.fx.Node], tuple, torch.fx
     clamp_lo = clamp_hi.args[0]
     if not _is(clamp_lo, aten.clamp_min.default, 2) or _f32(clamp_lo.args[1]) != -fmax:
         return None
-    div = clamp_lo.args[0]
-    if not _is(div, aten.div.Tensor, 2):
+    tail = [clamp_lo, clamp_hi, cast]
+    quotient = clamp_lo.args[0]
+    if _is(quotient, aten.div.Tensor, 2):  # groups: xg / s
+        grouped, s = quotient.args
+        scale = _scale(s, fp8)
+        found = _group_amax(scale[0]) if scale is not None else None
+        if found is None or found[0] is not grouped or grouped.target not in _RESHAPES:
+            return None
+        x, reads = grouped.args[0], {found[1][0], quotient}
+        head = [grouped, *found[1]]
+        middle = [quotient]
+    elif _is(quotient, aten.mul.Tensor, 2):  # per token: x.float() * reciprocal(s)
+        xf, recip = quotient.args
+        if not _is(recip, aten.reciprocal.default, 1) or not _is(xf, _CAST, 2):
+            return None
+        scale = _scale(recip.args[0], fp8)
+        found = _token_amax(scale[0]) if scale is not None else None
+        if found is None or found[0] is not xf.args[0] or xf.args[1] != torch.float32:
+            return None
+        grouped, x = None, xf.args[0]
+        head, middle, reads = found[1], [xf, recip, quotient], None
+    else:
         return None
-    xg, s = div.args
-    if not (
-        isinstance(xg, torch.fx.Node)
-        and xg.target in _RESHAPES
-        and not xg.kwargs
-        and isinstance(s, torch.fx.Node)
-    ):
+    amax_f32, ue8m0, scale_nodes = scale
+    xv = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+    if not isinstance(xv, torch.Tensor) or xv.dtype not in (*_HALF, torch.float32):
         return None
-    # s = clamp_min(div(max(abs(xg), -1, keepdim)[0].float(), FP8_MAX), 1/(FP8_MAX·512))
-    if not _is(s, aten.clamp_min.default, 2) or _f32(s.args[1]) != _f32(fp8_min_scale(fp8)):
+    group_size = None
+    if grouped is not None:
+        gv = grouped.meta.get("val")
+        if not isinstance(gv, torch.Tensor) or gv.dim() != 3:
+            return None
+        groups, group_size = gv.shape[1], gv.shape[2]
+        if not isinstance(groups, int) or not isinstance(group_size, int):
+            return None
+        if xv.shape[-1] != groups * group_size or set(grouped.users) != reads:
+            return None
+    inner = [*head, *middle, amax_f32, clamp_lo, clamp_hi]
+    if any(not _single(n) for n in inner if n is not grouped):
         return None
-    s_div = s.args[0]
-    if not _is(s_div, aten.div.Tensor, 2) or _f32(s_div.args[1]) != fmax:
-        return None
-    amax_f32 = s_div.args[0]
-    if not _is(amax_f32, _CAST, 2) or amax_f32.args[1] != torch.float32:
-        return None
-    item = amax_f32.args[0]
-    if not _is(item, operator.getitem, 2) or item.args[1] != 0:
-        return None
-    amax = item.args[0]
-    if not _is(amax, aten.max.dim, 3) or amax.args[1] not in (-1, 2) or amax.args[2] is not True:
-        return None
-    absolute = amax.args[0]
-    if not _is(absolute, aten.abs.default, 1) or absolute.args[0] is not xg:
-        return None
-    x = xg.args[0]
-    xv, gv = (n.meta.get("val") if isinstance(n, torch.fx.Node) else None for n in (x, xg))
-    if not isinstance(xv, torch.Tensor) or not isinstance(gv, torch.Tensor) or gv.dim() != 3:
-        return None
-    groups, size = gv.shape[1], gv.shape[2]
-    if not isinstance(groups, int) or not isinstance(size, int) or xv.shape[-1] != groups * size:
-        return None
-    if xv.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        return None
-    inner = [absolute, amax, item, amax_f32, s_div, div, clamp_lo, clamp_hi]
-    if any(not _single(n) for n in inner) or set(xg.users) != {absolute, div}:
-        return None
-    nodes = [xg, absolute, amax, item, amax_f32, s_div, s, div, clamp_lo, clamp_hi, cast]
-    return nodes, (x, size, False, fp8), s
+    nodes = [*head, *scale_nodes, *middle, *tail]
+    order = {n: i for i, n in enumerate(cast.graph.nodes)}
+    nodes = sorted(set(nodes), key=order.__getitem__)
+    return NativeQuant(nodes, x, group_size, ue8m0, fp8, cast, scale_nodes[-1], grouped)
 
 
-def canonicalize(graph: torch.fx.Graph) -> list[Canonical]:
-    """Both rewrites of this module; the records :func:`patterns.plain_norms.restore` needs."""
-    return [*_canonicalize_quants(graph), *_canonicalize_all_reduces(graph)]
+def canonicalize(graph: torch.fx.Graph, tolerant: bool) -> tuple[list[Canonical], list[Canonical]]:
+    """Both rewrites of this module: (the exact records, the tolerant ones: quants whose bits our
+    op does not reproduce, canonicalized only when ``tolerant``)."""
+    exact, inexact = _canonicalize_quants(graph, tolerant)
+    return [*exact, *_canonicalize_all_reduces(graph)], inexact
 
 
 def _is_vllm_all_reduce(node: torch.fx.Node) -> bool:
@@ -173,41 +249,51 @@ def _canonicalize_all_reduces(graph: torch.fx.Graph) -> list[Canonical]:
     return records
 
 
-def _canonicalize_quants(graph: torch.fx.Graph) -> list[Canonical]:
-    """Replace every native group quant by ``fp8_group_quant`` with vLLM's output shapes."""
-    records = []
-    quant = torch.ops.fusion_ops.fp8_group_quant.default
+def _canonicalize_quants(
+    graph: torch.fx.Graph, tolerant: bool
+) -> tuple[list[Canonical], list[Canonical]]:
+    """Replace every native quant by our op with vLLM's output shapes (the inexact ones only
+    when ``tolerant``); (exact records, tolerant records)."""
+    exact: list[Canonical] = []
+    inexact: list[Canonical] = []
     for cast in [n for n in graph.nodes if n.target is _CAST]:
         found = recognize(cast)
-        if found is None:
+        if found is None or not (found.exact or tolerant):
             continue
-        nodes, args, s = found
-        x, xg = args[0], nodes[0]
-        original = _set_aside(nodes, (x,), (cast, s))
-        with graph.inserting_before(cast):
-            op = graph.call_function(quant, args)
-            codes = graph.call_function(operator.getitem, (op, 0))
-            scales = graph.call_function(operator.getitem, (op, 1))
-            q_like = graph.call_function(aten.reshape.default, (codes, xg.args[1]))
-            s_like = graph.call_function(aten.reshape.default, (scales, [-1, xg.args[1][1], 1]))
-        _fake_meta(op, codes, scales, q_like, s_like, cast, s)
-        cast.replace_all_uses_with(q_like)
-        s.replace_all_uses_with(s_like)
-        for node in reversed(nodes):
-            graph.erase_node(node)
-        records.append(Canonical("vllm_quant_fp8_group", op, original, (x,), (q_like, s_like)))
-    return records
+        records = exact if found.exact else inexact
+        records.append(_replace(graph, found))
+    return exact, inexact
 
 
-def _fake_meta(op, codes, scales, q_like, s_like, cast, s) -> None:  # type: ignore[no-untyped-def]
-    """``val`` of the new nodes, from the fake tensors the replaced ones had."""
-    q_val, s_val = cast.meta["val"], s.meta["val"]
-    x_val = op.args[0].meta["val"]
-    with q_val.fake_mode:
-        q2, s2 = torch.ops.fusion_ops.fp8_group_quant.default(x_val, *op.args[1:])
-    op.meta["val"] = (q2, s2)
-    codes.meta["val"], scales.meta["val"] = q2, s2
-    q_like.meta["val"], s_like.meta["val"] = q_val, s_val
-    for node in (op, codes, scales, q_like, s_like):
+def _replace(graph: torch.fx.Graph, found: NativeQuant) -> Canonical:
+    x, cast, s = found.x, found.codes, found.scales
+    original = _set_aside(found.nodes, (x,), (cast, s))
+    ops = torch.ops.fusion_ops
+    if found.group_size is None:
+        target, args = ops.fp8_per_token_quant.default, (x, found.use_ue8m0, found.fp8)
+    else:
+        target = ops.fp8_group_quant.default
+        args = (x, found.group_size, found.use_ue8m0, found.fp8)
+    with graph.inserting_before(cast):
+        op = graph.call_function(target, args)
+        codes = graph.call_function(operator.getitem, (op, 0))
+        scales = graph.call_function(operator.getitem, (op, 1))
+        q_like, s_like = codes, scales
+        if found.grouped is not None:  # vLLM's [-1, G, g] codes and [-1, G, 1] scales
+            shape = found.grouped.args[1]
+            q_like = graph.call_function(aten.reshape.default, (codes, shape))
+            s_like = graph.call_function(aten.reshape.default, (scales, [-1, shape[1], 1]))
+    with cast.meta["val"].fake_mode:
+        q_val, s_val = target(x.meta["val"], *args[1:])
+    op.meta["val"] = (q_val, s_val)
+    codes.meta["val"], scales.meta["val"] = q_val, s_val
+    q_like.meta["val"], s_like.meta["val"] = cast.meta["val"], s.meta["val"]
+    for node in {op, codes, scales, q_like, s_like}:
         if "stack_trace" in cast.meta:
             node.meta["stack_trace"] = cast.meta["stack_trace"]
+    cast.replace_all_uses_with(q_like)
+    s.replace_all_uses_with(s_like)
+    for node in reversed(found.nodes):
+        graph.erase_node(node)
+    kind = "per_token" if found.group_size is None else "group"
+    return Canonical(f"vllm_quant_fp8_{kind}", op, original, (x,), (q_like, s_like))

@@ -38,6 +38,14 @@ def native_group_quant(
     return x_quant, scales
 
 
+def native_per_token_quant(x: torch.Tensor, fp8_max: float = 448.0) -> tuple[torch.Tensor, ...]:
+    """vLLM 0.33's ``QuantFP8.forward_native``, dynamic per-token scales."""
+    x_max = x.abs().amax(dim=-1).unsqueeze(-1).to(torch.float32)
+    scale = (x_max / fp8_max).clamp(min=1.0 / (fp8_max * 512.0))
+    out = x.to(torch.float32) * scale.to(torch.float32).reciprocal()
+    return out.clamp(-fp8_max, fp8_max).to(torch.float8_e4m3fn), scale
+
+
 def inputs(tokens: int = 12, k: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     x = (3 * torch.randn(tokens, k, generator=g)).to(torch.bfloat16)
@@ -79,3 +87,42 @@ def test_left_as_it_was_where_it_would_not_be_exact(quant) -> None:  # type: ign
     out = run_compiled(fn, x, w, fusion_pass=p)
     assert p.match_table == {} and p.graphs[0].ops_after == {}
     assert_bitwise_equal(out, run_compiled(fn, x, w, fusion_pass=None))
+
+
+@pytest.mark.parametrize(
+    ("quant", "ours", "label"),
+    [
+        (
+            native_per_token_quant,
+            lambda y: ops.fp8_per_token_quant(y, False, torch.float8_e4m3fn),
+            "rms_quant/fp8_per_token_e4m3fn+tolerant/bf16",
+        ),
+        (
+            lambda y: native_group_quant(y, 128, use_ue8m0=True),
+            lambda y: ops.fp8_group_quant(y, 128, True, torch.float8_e4m3fn),
+            "rms_quant/fp8_group128_ue8m0_e4m3fn+tolerant/bf16",
+        ),
+    ],
+)
+def test_inexact_forms_fuse_only_in_the_tolerant_mode(quant, ours, label) -> None:  # type: ignore[no-untyped-def]
+    """The per-token form (x · reciprocal(s), not x / s) and UE8M0 scales from a float log2:
+    exact mode leaves them (bit-equal, near miss-free), tolerant mode fuses them into our op,
+    whose codes are our quant of the normed value (they differ from vLLM's only at rounding
+    boundaries of the quotient)."""
+
+    def fn(x, w):  # type: ignore[no-untyped-def]
+        return quant(ops.rms_norm(x, w, 1e-6))
+
+    x, w = inputs()
+    expected = run_compiled(fn, x, w, fusion_pass=None)
+    exact = FusionPass(keep_graphs=True)
+    assert_bitwise_equal(run_compiled(fn, x, w, fusion_pass=exact), expected)
+    assert exact.match_table == {}
+    tolerant = FusionPass(numerics="tolerant", keep_graphs=True)
+    fused = run_compiled(fn, x, w, fusion_pass=tolerant)
+    assert tolerant.match_table == {label: 1}
+    q_ours, s_ours = ours(ops.rms_norm(x, w, 1e-6))
+    assert_bitwise_equal(fused[0], q_ours.view(fused[0].shape))
+    assert_bitwise_equal(fused[1], s_ours.view(fused[1].shape))
+    differ = int((fused[0].view(torch.uint8) != expected[0].view(torch.uint8)).sum())
+    assert differ <= fused[0].numel() // 100, differ  # rounding boundaries only

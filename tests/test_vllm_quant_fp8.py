@@ -31,8 +31,13 @@ HIDDEN, EPS = 1024, 1e-6
 
 
 def compile_layers(
-    fusion_pass: VllmFusionPass | None, group: int, column_major: bool, tokens: list[int]
+    fusion_pass: VllmFusionPass | None,
+    group: int | None,
+    column_major: bool,
+    tokens: list[int],
+    use_ue8m0: bool = False,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``group`` None: per-token scales."""
     inductor = {VLLM_PASS_KEY: fusion_pass} if fusion_pass is not None else {}
     config = VllmConfig(
         compilation_config=CompilationConfig(custom_ops=["none"], inductor_compile_config=inductor)
@@ -41,8 +46,12 @@ def compile_layers(
         torch.manual_seed(0)
         norm = RMSNorm(HIDDEN, eps=EPS).to(torch.bfloat16)
         norm.weight.data = 1 + 0.1 * torch.randn(HIDDEN).to(torch.bfloat16)
+        shape = GroupShape.PER_TOKEN if group is None else GroupShape(1, group)
         quant = QuantFP8(
-            static=False, group_shape=GroupShape(1, group), column_major_scales=column_major
+            static=False,
+            group_shape=shape,
+            column_major_scales=column_major,
+            use_ue8m0=use_ue8m0,
         )
         manager = PostGradPassManager()
         manager.configure(config)
@@ -79,3 +88,27 @@ def test_vllm_norm_then_quant_fp8_fuses_into_vllm_ir_semantics(
     label = f"rms_quant/fp8_group{group}_e4m3fn+vllm_ir/bf16"
     assert ours.match_table == {label: len(ours.graphs)} and len(ours.graphs) >= 1
     assert all(g.ops_after == {"rms_norm_fp8_group_quant": 1} for g in ours.graphs)
+
+
+@pytest.mark.parametrize(
+    ("group", "use_ue8m0", "label"),
+    [
+        (None, False, "rms_quant/fp8_per_token_e4m3fn+vllm_ir+tolerant/bf16"),
+        (128, True, "rms_quant/fp8_group128_ue8m0_e4m3fn+vllm_ir+tolerant/bf16"),
+    ],
+)
+def test_per_token_and_ue8m0_fuse_in_the_tolerant_mode(
+    group: int | None, use_ue8m0: bool, label: str
+) -> None:
+    """Per-token QuantFP8 multiplies by the scale's reciprocal and UE8M0 scales come from a float
+    ``log2``: the exact mode leaves them, the tolerant mode fuses them; the scales equal vLLM's,
+    codes differ only at the quotient's rounding boundaries (counted)."""
+    exact = VllmFusionPass(keep_graphs=True)
+    compile_layers(exact, group, False, [16], use_ue8m0)
+    assert exact.match_table == {}
+    tolerant = VllmFusionPass(numerics="tolerant", keep_graphs=True)
+    ((fused, eager),) = compile_layers(tolerant, group, False, [16], use_ue8m0)
+    assert tolerant.match_table == {label: 1}
+    assert_bitwise_equal(fused[1], eager[1], "scales")
+    differ = int((fused[0].view(torch.uint8) != eager[0].view(torch.uint8)).sum())
+    assert differ <= fused[0].numel() // 100, differ
