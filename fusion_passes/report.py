@@ -48,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-steps", type=_positive, default=2)
     p.add_argument("--dump-dir", default="dumps")
     p.add_argument("--backend", default=None, help="force a fusion_ops backend")
+    p.add_argument(
+        "--numerics",
+        default="exact",
+        choices=["exact", "tolerant"],
+        help="FusionPass(numerics=...): tolerant also fuses plain-PyTorch norms (+tolerant labels)",
+    )
     return p
 
 
@@ -142,9 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     eager = dm.run(caches, model, model, prompts, decode_ids)
     _say(f"      done in {time.perf_counter() - t0:.1f} s")
 
-    fusion_pass = FusionPass(dump_dir=dump_dir)
+    fusion_pass = FusionPass(dump_dir=dump_dir, numerics=args.numerics)
     _say(
-        f"[2/3] compiling with FusionPass ({fusion_pass.pattern_count} patterns registered in "
+        f"[2/3] compiling with FusionPass(numerics={args.numerics!r}) "
+        f"({fusion_pass.pattern_count} patterns registered in "
         f"{fusion_pass.registration_s:.2f} s); Inductor compiles one graph per phase — about a "
         "minute each on 2 CPU cores ..."
     )
