@@ -79,7 +79,13 @@ def _worker(rank: int, port: int) -> None:
             backend="gloo",
         )
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=WORLD)
-        parallel_state.get_tp_group().use_custom_op_call = True  # trace vllm.all_reduce
+        tp = parallel_state.get_tp_group()
+        tp.use_custom_op_call = True  # trace vllm.all_reduce, as on CUDA
+        # vLLM's CPU communicator all-reduces in place and returns its input, which a custom op
+        # may not (torch's aliasing check; an error when CI is set); the CUDA communicators
+        # return a new tensor: give the CPU one a copy to reduce, as those do
+        in_place = tp.device_communicator.all_reduce
+        tp.device_communicator.all_reduce = lambda t: in_place(t.clone())
         _scenarios(rank)
 
 
