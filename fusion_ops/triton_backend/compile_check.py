@@ -483,6 +483,10 @@ def compile_to_isa(case: Case, target: GPUTarget, with_cubin: bool) -> dict[str,
         constexprs["HIP"] = target.backend == "hip"
     if constexprs.get("INV_BY_FMA"):  # PTX seeds: the launchers choose them on NVIDIA only
         constexprs["INV_BY_FMA"] = target.backend == "cuda"
+    if target.backend != "cuda":  # PDL is NVIDIA's: the launchers never turn it on for ROCm
+        for name in ("USE_PDL", "PREFETCH_W"):  # (Triton 3.9's AMD backend rejects gdc_wait)
+            if name in constexprs:
+                constexprs[name] = False
     signature.update({name: "constexpr" for name in constexprs})
     src = ASTSource(fn=case.kernel, signature=signature, constexprs=constexprs)
     options = dict(case.options)
