@@ -34,6 +34,7 @@ from triton.compiler.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction
 
 from . import kernels as k
+from .launch import PINNED_OPTIONS
 
 TARGETS = {
     "gfx942": GPUTarget("hip", "gfx942", 64),
@@ -489,7 +490,7 @@ def compile_to_isa(case: Case, target: GPUTarget, with_cubin: bool) -> dict[str,
                 constexprs[name] = False
     signature.update({name: "constexpr" for name in constexprs})
     src = ASTSource(fn=case.kernel, signature=signature, constexprs=constexprs)
-    options = dict(case.options)
+    options = {**dict(PINNED_OPTIONS), **dict(case.options)}  # as the launcher compiles them
     if target.backend != "cuda":
         options.pop("launch_pdl", None)  # a CUDA launch option only (kernels guard USE_PDL)
     opts = backend.parse_options(options)

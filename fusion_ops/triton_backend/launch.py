@@ -84,6 +84,15 @@ def _specialization(args: tuple[Any, ...]) -> list[Any]:
     return key
 
 
+#: compile options our bytes were verified with, set explicitly (Triton 3.10 flips the default of
+#: FP fusion, i.e. contracting a·b + c into an FMA, to off; the kernels' rounding relies on it)
+PINNED_OPTIONS: tuple[tuple[str, Any], ...] = (("enable_fp_fusion", True),)
+
+
+def _with_pinned(meta: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
+    return {**dict(PINNED_OPTIONS), **dict(meta)}
+
+
 class Launcher:
     """A Triton kernel launched through its cached ``CompiledKernel``.
 
@@ -110,7 +119,7 @@ class Launcher:
             _recorded.append(None if entry is None else (entry[4], grid, args))
             return
         if _launch_hooks_installed():  # let profilers see the launch
-            self.fn[grid](*args, **dict(meta))
+            self.fn[grid](*args, **_with_pinned(meta))
             if _recorded is not None:
                 _recorded.append(None)
             return
@@ -118,7 +127,7 @@ class Launcher:
         key = (device, meta, *_specialization(args))
         entry = self._compiled.get(key)
         if entry is None:
-            by_name = dict(meta)
+            by_name = _with_pinned(meta)
             compiled = self.fn[grid](*args, **by_name)  # compiles (or finds) and launches
             compiled._init_handles()
             constexprs = tuple(by_name.get(n) for n in self._constexpr_names)
