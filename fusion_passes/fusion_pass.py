@@ -233,9 +233,10 @@ class FusionPass(CustomGraphPass):
             rewrite = getattr(FAMILIES[family], "rewrite", None)
             if rewrite is not None:
                 rewrite(graph, self.schemes)
+        # which fused nodes took a tolerant canonical op: before restore erases the others
+        tolerant = plain_norms.fused_from(plain, [n for n in graph.nodes if n not in existing])
         plain_norms.restore(graph, [*plain, *quants])  # what no pattern took, as it was
         new_nodes = [n for n in graph.nodes if n not in existing]
-        tolerant = plain_norms.fused_from(plain, new_nodes)
         _rebuild_eager_input_vals(new_nodes)
         _inherit_stack_traces(new_nodes)
         # multi-output replacements are inserted at their first output; restore def-before-use

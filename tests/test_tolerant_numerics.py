@@ -298,3 +298,18 @@ def test_numerics_is_validated() -> None:
     assert FusionPass(fusions=["rms_quant"], numerics="tolerant").config_dict()["numerics"] == (
         "tolerant"
     )
+
+
+def test_an_exact_fusion_beside_a_restored_plain_norm_is_labelled_exact() -> None:
+    """Only matches that took a plain norm read +tolerant: a plain norm of the same tensor that
+    nothing fused (put back) does not make the exact fusion next to it tolerant."""
+
+    def fn(x, w):  # type: ignore[no-untyped-def]
+        q = ops.mxfp4_quant(ops.rms_norm(x, w, EPS))
+        return (*q, hf_pow(x, w) * 2)
+
+    x, _, w = inputs(torch.bfloat16)
+    p = FusionPass(numerics="tolerant", keep_graphs=True)
+    out = run_compiled(fn, x, w, fusion_pass=p)
+    assert p.match_table == {"rms_quant/mxfp4/bf16": 1}
+    assert_bitwise_equal(out, run_compiled(fn, x, w, fusion_pass=None))
