@@ -282,8 +282,10 @@ def test_fp32_activations_are_left_alone() -> None:
 
 
 def test_excess_ulps_can_fail() -> None:
-    """The yardstick itself: one ulp off everywhere reads as 1, the same values as 0."""
-    ref = torch.randn(64, dtype=torch.float64)
+    """The yardstick itself: one ulp off everywhere reads as 1, the same values as 0 (values
+    inside one binade, so the reference's ulp is the rounded values' ulp)."""
+    g = torch.Generator().manual_seed(0)
+    ref = 1.1 + 0.5 * torch.rand(64, generator=g, dtype=torch.float64)
     y = ref.to(torch.bfloat16)
     off = (y.view(torch.int16) + 1).view(torch.bfloat16)
     assert excess_ulps(y, y, ref) == 0.0
