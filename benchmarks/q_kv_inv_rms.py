@@ -28,7 +28,7 @@ import triton.language as tl
 import fusion_ops  # noqa: F401  (registers the ops)
 from benchmarks.deeper_fusions import load_vllm_kernel, split_projection, vllm_q_kv
 from benchmarks.kernels import bench_interleaved, report, warm_up
-from fusion_ops.triton_backend import _num_warps, _q_kv_rows_per_program
+from fusion_ops.launch_policy import q_kv_rows_per_program, row_warps
 from fusion_ops.triton_backend.kernels import _inv_rms, _pdl_start
 
 ops = torch.ops.fusion_ops
@@ -89,7 +89,7 @@ def variant(
         m, kq, kkv = q.shape[0], q.shape[1], kv.shape[1]
         bq, bkv = triton.next_power_of_2(kq), triton.next_power_of_2(kkv)
         y, kv_out = outputs or (q.new_empty((m, kq)), kv.new_empty((m, kkv)))
-        per_program = rows or _q_kv_rows_per_program(bq, m, False)
+        per_program = rows or q_kv_rows_per_program(bq, m, False)
 
         def inv_of(k: int) -> int:  # the product only where it is exact
             return INV_EXACT if inv == INV_POW2_PRODUCT and k & (k - 1) else inv
@@ -97,7 +97,7 @@ def variant(
         q_kv_variant_kernel[((m + per_program - 1) // per_program, 2)](
             q, wq, y, kv, wkv, kv_out, m, q.stride(0), kv.stride(0), kq, kkv, 1.0 / kq, 1.0 / kkv,
             EPS, BLOCK_Q=bq, BLOCK_KV=bkv, ROWS=per_program, INV_Q=inv_of(kq), INV_KV=inv_of(kkv),
-            num_warps=warps or _num_warps(bq, m), launch_pdl=True,
+            num_warps=warps or row_warps(bq, m), launch_pdl=True,
         )  # fmt: skip
         return y, kv_out
 

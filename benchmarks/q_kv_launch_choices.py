@@ -3,10 +3,10 @@
     python benchmarks/q_kv_launch_choices.py --vllm-source <vllm>/.../fused_qk_rmsnorm.py
         [--q-lora 1024 1536] [--tokens 1 16 128 ...] [--json out.json]
 
-The op's Python kernel (``_python_q_kv_rms_norm``: a C++ replay would re-launch the first call's
-choices) with one or two meta values of its one launch set (where the op already takes that
-value, the variant is the op), every variant checked to give the op's bytes:
-* ``op``: the launcher's choices (_q_kv_rows_per_program, _q_kv_load_choices);
+The Triton backend's q_kv launch function with the launch policy's record for the rows, and with
+one or two fields of that record changed (where the policy already takes that value, the variant
+is the op), every variant checked to give the op's bytes:
+* ``op``: the policy's record (launch_policy.q_kv_launch: rows per program, Q_KV_LOAD_BANDS);
 * ``division steps``: INV_BY_FMA off (the 1/rms by div.rn / sqrt.rn);
 * ``weight after the wait``: PREFETCH_W off (the weight loaded after the PDL wait);
 * both of these;
@@ -17,8 +17,8 @@ Timing: CUDA-graph replay, median of five interleaved rounds (benchmarks/kernels
 from __future__ import annotations
 
 import argparse
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -27,53 +27,41 @@ import fusion_ops  # noqa: F401  (registers the ops)
 import fusion_ops.triton_backend as triton_backend
 from benchmarks.deeper_fusions import load_vllm_kernel, split_projection, vllm_q_kv
 from benchmarks.kernels import bench_interleaved, report, warm_up
+from fusion_ops import launch_policy as policy
 
 ops = torch.ops.fusion_ops
 EPS = 1e-6
 
 
-@contextlib.contextmanager
-def launch_meta(changes: dict[str, Any]) -> Iterator[None]:
-    """Every q_kv launch inside with ``changes`` applied to its meta (ROWS: and its grid)."""
-    launch = triton_backend._q_kv_launch
-
-    def changed(grid: tuple[int, ...], args: tuple[Any, ...], meta: Any) -> None:
-        new = {**dict(meta), **changes}
-        if "ROWS" in changes:
-            rows = args[8]  # M, the row count
-            grid = ((rows + new["ROWS"] - 1) // new["ROWS"], *grid[1:])
-        launch(grid, args, tuple(new.items()))
-
-    triton_backend._q_kv_launch = changed
-    try:
-        yield
-    finally:
-        triton_backend._q_kv_launch = launch
-
-
-def variant_calls(q_lora: int, t: int) -> dict[str, dict[str, Any]]:
-    block = triton_backend.next_power_of_2(q_lora)
-    rows = triton_backend._q_kv_rows_per_program(block, t, False)
+def variant_launches(q_lora: int, t: int) -> dict[str, policy.QKvLaunch]:
+    """The policy's record for ``t`` rows and the variants of it (same bytes)."""
+    facts = triton_backend.device_facts(torch.cuda.current_device())
+    launch = policy.q_kv_launch(q_lora, 512, t, facts)
     return {
-        "op": {},
-        "division steps": {"INV_BY_FMA": False},
-        "weight after the wait": {"PREFETCH_W": False},
-        "division steps, weight after the wait": {"INV_BY_FMA": False, "PREFETCH_W": False},
-        f"{3 - rows} rows/program": {"ROWS": 3 - rows},
+        "op": launch,
+        "division steps": replace(launch, inv_by_fma=False),
+        "weight after the wait": replace(launch, prefetch_weight=False),
+        "division steps, weight after the wait": replace(
+            launch, inv_by_fma=False, prefetch_weight=False
+        ),
+        f"{3 - launch.rows_per_program} rows/program": replace(
+            launch, rows_per_program=3 - launch.rows_per_program
+        ),
     }
 
 
 def bench_shape(vllm: Any, q_lora: int, t: int) -> dict[str, Any]:
     q, wq, kv, wkv = split_projection(t, q_lora)
-    python_op = ops._python_q_kv_rms_norm
     fns: dict[str, Callable[[], Any]] = {}
     same: dict[str, bool] = {}
     want = ops.q_kv_rms_norm(q, wq, EPS, kv, wkv, EPS)
-    for name, changes in variant_calls(q_lora, t).items():
+    for name, launch in variant_launches(q_lora, t).items():
 
-        def call(changes: dict[str, Any] = changes) -> Any:
-            with launch_meta(changes):
-                return python_op(q, wq, EPS, kv, wkv, EPS)
+        def call(launch: policy.QKvLaunch = launch) -> Any:
+            y, _, _, kv_out = triton_backend.q_kv_norm(
+                q, wq, EPS, kv, wkv, EPS, None, (), launch=launch
+            )
+            return y, kv_out
 
         got = call()
         same[name] = all(torch.equal(a, b) for a, b in zip(got, want, strict=True))

@@ -32,7 +32,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 import fusion_ops
 from fusion_ops import SCHEMES
-from fusion_ops.reference.norm import split_fused_params
+from fusion_ops.reference.norm import NormNumerics, split_fused_params
 from patterns.base import op_args, val
 
 _FUSED = {s.rms_op: (s, False) for s in SCHEMES.values()} | {
@@ -75,7 +75,7 @@ def _lowerable(node: torch.fx.Node) -> tuple[Any, bool, list[Any]] | None:
     if not isinstance(rows, int):  # the warps (a row's rounding) must be known
         if not statically_known_true(rows >= 2):
             return None
-        from fusion_ops.triton_backend import next_power_of_2, warps_depend_on_row_count
+        from fusion_ops.launch_policy import next_power_of_2, warps_depend_on_row_count
 
         if warps_depend_on_row_count(next_power_of_2(x.shape[-1]), has_res):
             return None
@@ -147,13 +147,16 @@ def lower_fused_norm_quant(graph: torch.fx.Graph) -> int:
         triton_kernel_wrapper_functional,
     )
 
-    from fusion_ops.triton_backend import (
-        _num_warps,
-        _pieces,
-        inv_rms_by_fma,
-        next_power_of_2,
+    from fusion_ops import launch_policy as policy
+    from fusion_ops.triton_backend.calls import (
+        NORM_QUANT_ARGS,
+        NormFlags,
+        norm_quant_args,
+        norm_quant_meta,
         scheme_constants,
+        split_meta,
     )
+    from fusion_ops.triton_backend.kernels import norm_quant_kernel
 
     lowered = 0
     for node in list(graph.nodes):
@@ -171,10 +174,13 @@ def lower_fused_norm_quant(graph: torch.fx.Graph) -> int:
         m = _row_count(xv)
         if isinstance(m, int) and (m == 0 or kdim == 0):
             continue
-        block_k = next_power_of_2(kdim)
-        pieces = (0, 0, 0)  # speed only (same bytes): chosen for a known row count
-        if isinstance(m, int):
-            pieces = _pieces(kdim, block_k, m, scheme.name, params, has_res)
+        # a symbolic row count is known >= 2 here, at a width where every count >= 2 gets the
+        # same warps (_lowerable); taken as 2, it gets no pieces (speed only, same bytes). No
+        # PDL: Inductor's launcher has no launch_pdl (without PDL the load order does not matter)
+        launch = policy.norm_launch(
+            kdim, m if isinstance(m, int) else 2, policy.NO_PDL, scheme=scheme.name,
+            params=params, residual=has_res, eps=float(eps),
+        )  # fmt: skip
         fake_mode = xv.fake_mode
         with fake_mode:
             q_val, s_val = scheme.fake(xv, params)
@@ -190,37 +196,41 @@ def lower_fused_norm_quant(graph: torch.fx.Graph) -> int:
                 outs["res_ptr"] = _empty_node(graph, res_val, fake_mode, x)
             if return_normed:
                 outs["y_ptr"] = _empty_node(graph, y_val, fake_mode, x)
-            tensors = {
-                "x_ptr": x,
-                "r_ptr": r if has_res else x,  # read only when HAS_RES
-                "w_ptr": w,
-                "y_ptr": outs.get("y_ptr", outs["q_ptr"]),  # written only when WRITE_Y
-                "res_ptr": outs.get("res_ptr", outs["q_ptr"]),  # written only when HAS_RES
-                "q_ptr": outs["q_ptr"],
-                "s_ptr": outs["s_ptr"],
-            }
+            consts = scheme_constants(scheme.name, params, launch.block_k)
+            flags = NormFlags(
+                has_res, write_y=return_normed, numerics=NormNumerics(*map(bool, numerics))
+            )
+            y_out = outs.get("y_ptr", outs["q_ptr"])  # written only when WRITE_Y
+            res = outs.get("res_ptr", outs["q_ptr"])  # written only when HAS_RES
+            arguments = dict(
+                zip(
+                    NORM_QUANT_ARGS,
+                    norm_quant_args(
+                        x,
+                        r,
+                        w,
+                        y_out,
+                        res,
+                        outs["q_ptr"],
+                        outs["s_ptr"],
+                        kdim,
+                        kdim,
+                        kdim,
+                        float(eps),
+                        consts,
+                    ),  # fmt: skip
+                    strict=True,
+                )
+            )
+            tensors = {n: a for n, a in arguments.items() if isinstance(a, torch.fx.Node)}
+            constexprs, options = split_meta(
+                norm_quant_kernel, norm_quant_meta(launch, flags, consts)
+            )
             constants = {
-                "x_stride": kdim,
-                "r_stride": kdim,
-                "K": kdim,
-                "eps": float(eps),
-                "HAS_RES": has_res,
-                "DO_NORM": True,
-                "WRITE_Y": return_normed,
-                **scheme_constants(scheme.name, params, block_k),
-                "BLOCK_K": block_k,
-                "USE_PDL": False,
-                "WEIGHT_AFTER_ROUNDING": bool(numerics.weight_after_rounding),
-                "UNROUNDED_SUM": bool(numerics.norm_unrounded_sum),
-                "WEIGHTLESS": False,  # wrap_triton needs every argument, defaulted ones too
-                **dict(zip(("PIECE0", "PIECE1", "PIECE2"), pieces, strict=True)),
-                "PREFETCH_W": False,  # without PDL the order of the loads does not matter
-                "INV_BY_FMA": inv_rms_by_fma(float(eps)),
+                **{n: a for n, a in arguments.items() if n not in tensors},
+                **constexprs,  # wrap_triton needs every argument, defaulted ones too
             }
-            # a symbolic row count is known >= 2 here, at a width where the warps of every
-            # count >= 2 are the same (_lowerable)
-            rows = m if isinstance(m, int) else 2
-            kernel = _kernel_with_warps(_num_warps(block_k, rows, has_res))
+            kernel = _kernel_with_warps(options["num_warps"])
             grid_rows = m if isinstance(m, int) else _size_node(graph, m, x)
             hop = graph.call_function(
                 triton_kernel_wrapper_functional,

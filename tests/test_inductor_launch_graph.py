@@ -139,7 +139,7 @@ def _launched(gm):  # type: ignore[no-untyped-def]
 def test_static_row_count_gets_that_counts_warps_and_pieces() -> None:
     """Many rows of 7168 columns: the op's 4 warps and the row as 4096 + 2048 + 1024 columns;
     a few rows: 8 warps, one padded block; with a residual: 8 warps, one block."""
-    from fusion_ops.triton_backend import MANY_ROWS
+    from fusion_ops.launch_policy import MANY_ROWS
 
     for rows, fn, want in (
         (MANY_ROWS, mxfp4, (4, (4096, 2048, 1024))),

@@ -332,7 +332,9 @@ def test_tensor_parallel_model() -> None:
 def test_rows_split_only_where_every_program_stays_resident() -> None:
     """The one-shot kernel's split (programs per row): all programs resident at once (they wait
     on the peers), parts of whole quant groups, the most programs that allows."""
-    from fusion_ops.triton_backend.all_reduce import MAX_SPLIT, MIN_PART, parts_per_row
+    from fusion_ops.launch_policy import ALL_REDUCE_MAX_SPLIT as MAX_SPLIT
+    from fusion_ops.launch_policy import ALL_REDUCE_MIN_PART as MIN_PART
+    from fusion_ops.launch_policy import all_reduce_parts_per_row as parts_per_row
 
     def fits(rows: int, block: int, group: int, split: int) -> bool:
         return rows * split <= 128 and block // split >= max(MIN_PART, group)

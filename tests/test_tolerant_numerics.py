@@ -81,9 +81,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # every spelling × add × dtype; the scheme, dynamic tokens and returning the normed value rotate
 CASES = [
     (spelling, add, dtype, scheme, dynamic, normed)
-    for i, (spelling, add, dtype) in enumerate(
-        itertools.product(SPELLINGS, (False, True), DTYPES)
-    )
+    for i, (spelling, add, dtype) in enumerate(itertools.product(SPELLINGS, (False, True), DTYPES))
     for scheme, dynamic, normed in [(list(QUANTS)[i % 4], i % 3 == 0, i % 2 == 0)]
 ]
 

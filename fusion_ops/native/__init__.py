@@ -210,7 +210,7 @@ def offer_plan(
     smaller value gets no plan.
     """
     from .. import backends
-    from ..triton_backend import INV_RMS_BY_FMA_MIN_EPS
+    from ..launch_policy import INV_RMS_BY_FMA_MIN_EPS
 
     if not aten_ops <= _ALLOCATIONS_AND_VIEWS:
         return f"the Python kernel ran aten ops {sorted(aten_ops - _ALLOCATIONS_AND_VIEWS)}"

@@ -9,31 +9,33 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Mapping
-from types import MappingProxyType
 from typing import Any
 
 import torch
 import triton
 
 from .. import formats
+from .. import launch_policy as policy
 from ..backends import register_impl
+from ..launch_policy import next_power_of_2
 from ..reference import cache as ref_cache
 from ..reference.collective import all_reduce_sum
 from ..reference.norm import NormNumerics, split_fused_params
 from ..schemes import SCHEMES
 from . import all_reduce
 from . import kernels as k
-from .launch import Launcher, next_power_of_2
+from .calls import (
+    NormFlags,
+    chain_meta,
+    norm_quant_args,
+    norm_quant_meta,
+    q_kv_meta,
+    scheme_constants,
+)
+from .launch import Launcher
 
 IS_HIP = torch.version.hip is not None
 FNUZ = torch.float8_e4m3fnuz
-_SCHEME_IDS = {
-    "mxfp4": k.SCHEME_MXFP4,
-    "mxfp8": k.SCHEME_MXFP8,
-    "fp8_per_token": k.SCHEME_FP8,
-    "fp8_group": k.SCHEME_FP8,
-}
 PDL_ENV = "FUSION_OPS_PDL"
 PREFETCH_ENV = "FUSION_OPS_PDL_PREFETCH_WEIGHT"
 
@@ -50,12 +52,22 @@ _gather_rows_launch = Launcher(k.gather_rows_kernel)
 
 
 @functools.cache
-def _pdl_supported(device_index: int) -> bool:
-    """Programmatic dependent launch: NVIDIA sm_90+ only (never on ROCm), unless
-    FUSION_OPS_PDL=0. Read once per device."""
-    if IS_HIP or os.environ.get(PDL_ENV, "1") == "0" or not _triton_has_pdl():
-        return False
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
+def device_facts(device_index: int) -> policy.DeviceFacts:
+    """What the launch policy needs to know of a device, read once per device. PDL: NVIDIA
+    sm_90+ only (never on ROCm), unless FUSION_OPS_PDL=0; the weight prefetch: with PDL, unless
+    FUSION_OPS_PDL_PREFETCH_WEIGHT=0."""
+    pdl = (
+        not IS_HIP
+        and os.environ.get(PDL_ENV, "1") != "0"
+        and _triton_has_pdl()
+        and torch.cuda.get_device_capability(device_index)[0] >= 9
+    )
+    return policy.DeviceFacts(
+        hip=IS_HIP,
+        pdl=pdl,
+        prefetch_weight=pdl and os.environ.get(PREFETCH_ENV, "1") != "0",
+        sm_count=torch.cuda.get_device_properties(device_index).multi_processor_count,
+    )
 
 
 def _triton_has_pdl() -> bool:
@@ -68,107 +80,16 @@ def _triton_has_pdl() -> bool:
     return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
-@functools.cache
-def _prefetch_weight(device_index: int) -> bool:
-    """With PDL, norm kernels load their weight before the PDL wait (kernels._pdl_start_with_weight)
-    unless FUSION_OPS_PDL_PREFETCH_WEIGHT=0. Read once per device."""
-    return _pdl_supported(device_index) and os.environ.get(PREFETCH_ENV, "1") != "0"
-
-
-# from this eps on, kernels._inv_rms by FMA corrections equals the correctly rounded steps
-INV_RMS_BY_FMA_MIN_EPS = 2.0**-40
-
-
-def inv_rms_by_fma(*eps: float) -> bool:
-    """The norm kernels' INV_BY_FMA for a launch with these eps (speed only: the same bits): on
-    NVIDIA (the seeds are PTX) when every eps is at least 2⁻⁴⁰, where the FMA steps equal the
-    correctly rounded ones on every fp32 sum of squares (tests/gpu/test_inv_rms_steps.py)."""
-    return not IS_HIP and min(eps) >= INV_RMS_BY_FMA_MIN_EPS
-
-
-# from this many rows on, rows of 4097–8192 columns without a residual take 4 warps, not 8
-MANY_ROWS = 2048
-
-
-def _num_warps(block: int, rows: int = 2, residual: bool = False) -> int:
-    """Warps per row program; the standalone and fused norm kernels use the same value for the
-    same (row width, row count, residual or not), so their sums of squares reduce alike. A lone
-    row (decode) gets twice the warps: it is latency-bound and has the GPU to itself. Rows of
-    4097–8192 columns without a residual take 4 warps from MANY_ROWS rows on: more programs per
-    SM, measured faster for the block-quant kernels there and level for the plain norm; with a
-    residual 8 stay faster (H100, benchmarks/RESULTS.md)."""
-    base = 4 if block <= 2048 else 8 if block <= 8192 else 16
-    if rows == 1:
-        return min(base * 2, 32)
-    if warps_depend_on_row_count(block, residual) and rows >= MANY_ROWS:
-        return 4
-    return base
-
-
-def warps_depend_on_row_count(block: int, residual: bool) -> bool:
-    """Whether _num_warps (hence a row's rounding) changes with the row count beyond one row;
-    FusionPass(inductor_launch=True) lowers such a launch only for a known row count."""
-    return 4096 < block <= 8192 and not residual
-
-
-def _pieces(kdim: int, block_k: int, rows: int, scheme: str | None, params: tuple[Any, ...],
-            residual: bool) -> tuple[int, int, int]:  # fmt: skip
-    """norm_quant_kernel's PIECE0..2 (speed only: every choice gives the same bytes): for a
-    block-quant scheme without a residual on many padded rows, the row as up to three
-    power-of-two pieces of at least 256 columns (7168: 4096, 2048, 1024), the last one masked
-    past ``kdim``; (0, 0, 0), one padded block, otherwise. Measured on the H100 at 7168 columns
-    (benchmarks/RESULTS.md): faster for MXFP4 / MXFP8 from 2048 rows and FP8 groups from 1024,
-    slower with a residual and for the norm alone."""
-    group = {"mxfp4": 32, "mxfp8": 32, "fp8_group": params[0] if params else 0}.get(scheme or "")
-    min_rows = 1024 if scheme == "fp8_group" else MANY_ROWS
-    if not group or residual or rows < min_rows or kdim == block_k:
-        return (0, 0, 0)
-    rest, out = -(-kdim // 256) * 256, []
-    while rest > 0 and len(out) < 2:
-        out.append(1 << (rest.bit_length() - 1))
-        rest -= out[-1]
-    if rest > 0:
-        out.append(next_power_of_2(rest))
-    if len(out) == 1 or min(out) % group:  # one piece: no better than the padded block
-        return (0, 0, 0)
-    return (*out, *(0,) * (3 - len(out)))  # type: ignore[return-value]
-
-
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x [..., K] as [M, K] with a unit last stride (a copy only when needed)."""
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-@functools.cache
-def scheme_constants(
-    scheme: str | None, params: tuple[Any, ...], block_k: int
-) -> Mapping[str, Any]:
-    """norm_quant_kernel's scheme-dependent arguments (SCHEME, GROUP, UE8M0, fp8_max, min_scale)
-    for ``scheme`` (None: norm only) and its op parameters; shared by this backend's launches
-    and by FusionPass(inductor_launch=True), which must launch the same kernel alike."""
-    scheme_id, group, ue8m0, fp8 = k.SCHEME_NONE, 1, False, torch.float8_e4m3fn
-    if scheme is not None:
-        scheme_id = _SCHEME_IDS[scheme]
-        if scheme_id == k.SCHEME_FP8:
-            ue8m0, fp8 = bool(params[-2]), params[-1]
-            # per-token: one group of the padded row
-            group = params[0] if scheme == "fp8_group" else block_k
-    return MappingProxyType(  # cached: read-only
-        {
-            "SCHEME": scheme_id,
-            "GROUP": group,
-            "UE8M0": ue8m0,
-            "fp8_max": formats.fp8_max(fp8),
-            "min_scale": formats.fp8_min_scale(fp8),
-        }
-    )
-
-
 _DEFAULT_NUMERICS = NormNumerics()
 
 
-def _norm_quant(
+def norm_quant(
     x: torch.Tensor,
     residual: torch.Tensor | None,
     weight: torch.Tensor | None,
@@ -178,64 +99,53 @@ def _norm_quant(
     write_y: bool,
     numerics: NormNumerics = _DEFAULT_NUMERICS,
     weightless: bool = False,
+    launch: policy.NormLaunch | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Run the row kernel; returns (y, residual_out, q, scales), None for what it did not make.
     ``numerics``: the fused op's rounding flags (``return_normed`` is ``write_y``).
-    ``weightless``: normalize without a weight (``weight`` is None)."""
+    ``weightless``: normalize without a weight (``weight`` is None). ``launch``: the policy's
+    record for these rows unless given (benchmarks override fields of it)."""
     kdim = x.shape[-1]
     x2 = _rows(x)
     m = x2.shape[0]
-    empty = torch.empty
-    r2 = _rows(residual) if residual is not None else x2
-    res_out = empty((m, kdim), dtype=x.dtype, device=x.device) if residual is not None else None
-    y = empty((m, kdim), dtype=x.dtype, device=x.device) if write_y else None
+    r2 = _rows(residual) if residual is not None else None
+    res_out = torch.empty((m, kdim), dtype=x.dtype, device=x.device) if r2 is not None else None
+    y = torch.empty((m, kdim), dtype=x.dtype, device=x.device) if write_y else None
     q = s = None
     if scheme is not None:
         q, s = SCHEMES[scheme].fake(x2, params)
-    block_k = next_power_of_2(kdim)
     if m:
-        w = weight if weight is not None else x2
-        device = x.get_device()
-        pdl = _pdl_supported(device)
-        scheme_consts = scheme_constants(scheme, params, block_k)
-        pieces = _pieces(kdim, block_k, m, scheme, params, residual is not None)
+        if launch is None:
+            launch = policy.norm_launch(
+                kdim, m, device_facts(x.get_device()), scheme=scheme, params=params,
+                residual=r2 is not None, has_weight=weight is not None, eps=eps,
+            )  # fmt: skip
+        consts = scheme_constants(scheme, params, launch.block_k)
+        flags = NormFlags(
+            residual=r2 is not None,
+            normalize=weight is not None or weightless,
+            write_y=write_y,
+            weightless=weightless,
+            numerics=numerics,
+        )
+        stride = x2.stride(0)
         _norm_quant_launch(
             (m,),
-            (
+            norm_quant_args(
                 x2,
                 r2,
-                w,
-                y if y is not None else x2,
-                res_out if res_out is not None else x2,
-                q if q is not None else x2,
-                s if s is not None else x2,
-                x2.stride(0),
-                r2.stride(0),
+                weight,
+                y,
+                res_out,
+                q,
+                s,
+                stride,
+                stride if r2 is None else r2.stride(0),
                 kdim,
                 eps,
-                scheme_consts["fp8_max"],
-                scheme_consts["min_scale"],
-            ),
-            (
-                ("HAS_RES", residual is not None),
-                ("DO_NORM", weight is not None or weightless),
-                ("WRITE_Y", write_y),
-                ("SCHEME", scheme_consts["SCHEME"]),
-                ("GROUP", scheme_consts["GROUP"]),
-                ("UE8M0", scheme_consts["UE8M0"]),
-                ("BLOCK_K", block_k),
-                ("USE_PDL", pdl),
-                ("WEIGHT_AFTER_ROUNDING", numerics.weight_after_rounding),
-                ("UNROUNDED_SUM", numerics.norm_unrounded_sum),
-                ("WEIGHTLESS", weightless),
-                ("PIECE0", pieces[0]),
-                ("PIECE1", pieces[1]),
-                ("PIECE2", pieces[2]),
-                ("PREFETCH_W", weight is not None and _prefetch_weight(device)),
-                ("INV_BY_FMA", inv_rms_by_fma(eps)),
-                ("num_warps", _num_warps(block_k, m, residual is not None)),
-                ("launch_pdl", pdl),
-            ),
+                consts,
+            ),  # fmt: skip
+            norm_quant_meta(launch, flags, consts),
         )
     lead = x.shape[:-1]
     if len(lead) != 1:
@@ -245,34 +155,7 @@ def _norm_quant(
     return y, res_out, q, s
 
 
-def _q_kv_rows_per_program(block_q: int, rows: int, quant: bool, q_in_pieces: bool = False) -> int:
-    """Rows per q_kv program: 2 for many short rows (each program then loads its weights once
-    for both), 1 otherwise (speed only: the same bytes). Measured on the H100 at q_lora
-    1024 / 1536 + kv 512 (benchmarks/RESULTS.md): 2 is faster from 2048 rows, and from 1024 rows
-    at 1024 columns without a quant; slower at 1024 rows otherwise. Wider rows: not measured, 1.
-    q's rows in pieces (_pieces): 1, as the standalone pieces kernel takes them."""
-    if block_q > 2048 or q_in_pieces:
-        return 1
-    return 2 if rows >= (1024 if block_q <= 1024 and not quant else 2048) else 1
-
-
-def _q_kv_load_choices(
-    block_q: int, rows: int, quant: bool, prefetch_w: bool, inv_by_fma: bool
-) -> tuple[bool, bool]:
-    """(PREFETCH_W, INV_BY_FMA) of a q_kv launch, from the launchers' defaults (speed only: the
-    same bytes). Measured on the H100 at q_lora 1024 + kv 512 without a quant, in three processes
-    alike (benchmarks/q_kv_launch_choices.py, RESULTS.md): at 768–1024 rows the weight loaded
-    after the PDL wait is 0.1–0.35 µs faster, at 1025–1536 rows the division steps 0.2–0.25 µs;
-    outside those bands, and at other widths, the defaults are as fast or faster."""
-    if block_q == 1024 and not quant:
-        if 768 <= rows <= 1024:
-            return False, inv_by_fma
-        if 1024 < rows <= 1536:
-            return prefetch_w, False
-    return prefetch_w, inv_by_fma
-
-
-def _q_kv_norm(
+def q_kv_norm(
     q: torch.Tensor,
     q_weight: torch.Tensor,
     q_eps: float,
@@ -282,40 +165,38 @@ def _q_kv_norm(
     scheme: str | None,
     params: tuple[Any, ...],
     numerics: NormNumerics = _DEFAULT_NUMERICS,
+    launch: policy.QKvLaunch | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Both norms in one launch; returns (q_normed or None, codes, scales, kv_normed), None for
     what it did not make (q_normed is made without a scheme or with ``return_normed``).
 
     One launch has one warp count, and the warp count sets a row's sum order: when the two
-    standalone launches would use different counts (rows of very different widths), the two
-    norms run as those two launches, so the result never depends on the pairing."""
+    standalone launches would use different counts (rows of very different widths; the record
+    is not ``paired``), the two norms run as those two launches, so the result never depends on
+    the pairing. ``launch``: the policy's record for these rows unless given."""
     k_q, k_kv = q.shape[-1], kv.shape[-1]
     q2, kv2 = _rows(q), _rows(kv)
     m = q2.shape[0]
-    block_q, block_kv = next_power_of_2(k_q), next_power_of_2(k_kv)
-    warps = _num_warps(block_q, m)
     write_y = scheme is None or numerics.return_normed
-    if warps != _num_warps(block_kv, m):
-        y, _, codes, scales = _norm_quant(
+    if launch is None:
+        facts = device_facts(q.get_device()) if m else policy.NO_PDL
+        launch = policy.q_kv_launch(
+            k_q, k_kv, m, facts, scheme=scheme, params=params, q_eps=q_eps, kv_eps=kv_eps
+        )
+    if not launch.paired:
+        y, _, codes, scales = norm_quant(
             q, None, q_weight, q_eps, scheme, params, write_y, numerics
         )
-        return y, codes, scales, _norm_quant(kv, None, kv_weight, kv_eps, None, (), True)[0]
+        return y, codes, scales, norm_quant(kv, None, kv_weight, kv_eps, None, (), True)[0]
     y = torch.empty((m, k_q), dtype=q.dtype, device=q.device) if write_y else None
     kv_out = torch.empty((m, k_kv), dtype=kv.dtype, device=kv.device)
     codes = scales = None
     if scheme is not None:
         codes, scales = SCHEMES[scheme].fake(q2, params)
     if m:
-        pdl = _pdl_supported(q.get_device())
-        consts = scheme_constants(scheme, params, block_q)
-        pieces = _pieces(k_q, block_q, m, scheme, params, False)
-        rows = _q_kv_rows_per_program(block_q, m, scheme is not None, pieces[0] > 0)
-        prefetch_w, inv_by_fma = _q_kv_load_choices(
-            block_q, m, scheme is not None, _prefetch_weight(q.get_device()),
-            inv_rms_by_fma(q_eps, kv_eps),
-        )  # fmt: skip
+        consts = scheme_constants(scheme, params, launch.block_q)
         _q_kv_launch(
-            ((m + rows - 1) // rows, 2),
+            launch.grid(m),
             (
                 q2,
                 q_weight,
@@ -335,24 +216,7 @@ def _q_kv_norm(
                 consts["fp8_max"],
                 consts["min_scale"],
             ),
-            (
-                ("WRITE_Y", write_y),
-                ("SCHEME", consts["SCHEME"]),
-                ("GROUP", consts["GROUP"]),
-                ("UE8M0", consts["UE8M0"]),
-                ("BLOCK_Q", block_q),
-                ("BLOCK_KV", block_kv),
-                ("USE_PDL", pdl),
-                ("WEIGHT_AFTER_ROUNDING", numerics.weight_after_rounding),
-                ("ROWS", rows),
-                ("PREFETCH_W", prefetch_w),
-                ("PIECE0", pieces[0]),
-                ("PIECE1", pieces[1]),
-                ("PIECE2", pieces[2]),
-                ("INV_BY_FMA", inv_by_fma),
-                ("num_warps", warps),
-                ("launch_pdl", pdl),
-            ),
+            q_kv_meta(launch, write_y, numerics.weight_after_rounding, consts),
         )
     lead = q.shape[:-1]
     if len(lead) != 1:
@@ -365,7 +229,7 @@ def _q_kv_norm(
 
 @register_impl("q_kv_rms_norm", "triton")
 def q_kv_rms_norm(q, q_weight, q_eps, kv, kv_weight, kv_eps):  # type: ignore[no-untyped-def]
-    y, _, _, kv_out = _q_kv_norm(q, q_weight, q_eps, kv, kv_weight, kv_eps, None, ())
+    y, _, _, kv_out = q_kv_norm(q, q_weight, q_eps, kv, kv_weight, kv_eps, None, ())
     return y, kv_out
 
 
@@ -376,17 +240,17 @@ def _fnuz_on_nvidia(params: tuple[Any, ...]) -> bool:
 # --- registration ------------------------------------------------------------------------------
 @register_impl("rms_norm", "triton")
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return _norm_quant(x, None, weight, eps, None, (), True)[0]
+    return norm_quant(x, None, weight, eps, None, (), True)[0]
 
 
 @register_impl("weightless_rms_norm", "triton")
 def weightless_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    return _norm_quant(x, None, None, eps, None, (), True, weightless=True)[0]
+    return norm_quant(x, None, None, eps, None, (), True, weightless=True)[0]
 
 
 @register_impl("fused_add_rms_norm", "triton")
 def fused_add_rms_norm(x, residual, weight, eps):  # type: ignore[no-untyped-def]
-    y, residual_out, _, _ = _norm_quant(x, residual, weight, eps, None, (), True)
+    y, residual_out, _, _ = norm_quant(x, residual, weight, eps, None, (), True)
     return y, residual_out
 
 
@@ -396,24 +260,24 @@ def _register_scheme(name: str) -> None:
     def quant(x: torch.Tensor, *params: Any) -> Any:
         if _fnuz_on_nvidia(params):
             return s.reference(x, *params)
-        _, _, q, scales = _norm_quant(x, None, None, 0.0, name, params, False)
+        _, _, q, scales = norm_quant(x, None, None, 0.0, name, params, False)
         return q, scales
 
     def rms(x: torch.Tensor, w: torch.Tensor, eps: float, *p: Any) -> Any:
         params, f = split_fused_params(p, add=False)
         if _fnuz_on_nvidia(params):
-            y = _norm_quant(x, None, w, eps, None, (), True, f)[0]  # the norm kernel alone
+            y = norm_quant(x, None, w, eps, None, (), True, f)[0]  # the norm kernel alone
             return (*s.reference(y, *params), y if f.return_normed else y.new_empty((0,)))
-        y, _, q, scales = _norm_quant(x, None, w, eps, name, params, f.return_normed, f)
+        y, _, q, scales = norm_quant(x, None, w, eps, name, params, f.return_normed, f)
         return q, scales, y if f.return_normed else x.new_empty((0,))
 
     def add_rms(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float, *p: Any) -> Any:
         params, f = split_fused_params(p, add=True)
         if _fnuz_on_nvidia(params):
-            y, res, _, _ = _norm_quant(x, r, w, eps, None, (), True, f)
+            y, res, _, _ = norm_quant(x, r, w, eps, None, (), True, f)
             normed = y if f.return_normed else y.new_empty((0,))
             return (*s.reference(y, *params), res, normed)
-        y, residual_out, q, scales = _norm_quant(x, r, w, eps, name, params, f.return_normed, f)
+        y, residual_out, q, scales = norm_quant(x, r, w, eps, name, params, f.return_normed, f)
         return q, scales, residual_out, y if f.return_normed else x.new_empty((0,))
 
     def ar_add_rms(
@@ -438,7 +302,7 @@ def _register_scheme(name: str) -> None:
         params, f = split_fused_params(p, add=False)
         if _fnuz_on_nvidia(params):
             return (*rms(q, qw, q_eps, *p), rms_norm(kv, kvw, kv_eps))
-        y, codes, scales, kv_out = _q_kv_norm(q, qw, q_eps, kv, kvw, kv_eps, name, params, f)
+        y, codes, scales, kv_out = q_kv_norm(q, qw, q_eps, kv, kvw, kv_eps, name, params, f)
         return codes, scales, y if f.return_normed else q.new_empty((0,)), kv_out
 
     register_impl(s.quant_op, "triton")(quant)
@@ -462,24 +326,12 @@ def _all_reduce_norm_quant(
 ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
     """The one-shot kernel (see :mod:`.all_reduce`): (normed or None, residual_out) shaped like
     x, or None when the call must take the all-reduce + fused-kernel path."""
-    block_k = next_power_of_2(x.shape[-1])
-    m = x.numel() // max(x.shape[-1], 1)
     write_y = scheme is None or numerics.return_normed
+    consts = scheme_constants(scheme, params, next_power_of_2(x.shape[-1]))
     done = all_reduce.one_shot(
-        x,
-        residual,
-        weight,
-        eps,
-        group_name,
-        write_y,
-        scheme_constants(scheme, params, block_k),
-        q,
-        scales,
-        numerics,
-        _num_warps(block_k, m, residual is not None),
-        _pdl_supported(x.get_device()),
-        inv_rms_by_fma(eps),
-    )
+        x, residual, weight, eps, group_name, write_y, consts, q, scales, numerics,
+        device_facts(x.get_device()),
+    )  # fmt: skip
     if done is None:
         return None
     y, residual_out = done
@@ -598,15 +450,9 @@ def _rope_cache(
         flags = (("enable_fp_fusion", False),)
         _rope_cache_launch((t, h + 1), (*rows, *strides, *cache), (*geometry, *flags))
     else:
-        pdl = _pdl_supported(q.get_device())
-        flags = (
-            ("HIP", IS_HIP),
-            ("USE_PDL", pdl),
-            ("INV_BY_FMA", inv_rms_by_fma(q_eps)),
-            # the standalone weightless norm's warps for its t·h rows: same sums
-            ("num_warps", _num_warps(block, t * h)),
-            ("launch_pdl", pdl),
-        )
+        # the standalone weightless norm's warps for its t·h rows: same sums
+        launch = policy.chain_launch(d, t * h, device_facts(q.get_device()), q_eps)
+        flags = chain_meta(launch, IS_HIP)
         _qnorm_rope_cache_launch((t, h + 1), (*rows, *strides, q_eps, *cache), (*geometry, *flags))
     return q_out.view(q.shape), kv_out
 
@@ -645,8 +491,7 @@ def rms_norm_rope_mla_cache_write(
     t, d = x2.shape
     kv_out = torch.empty((t, d), dtype=out_dtype or x.dtype, device=x.device)
     if t:
-        block = next_power_of_2(d)
-        pdl = _pdl_supported(x.get_device())
+        launch = policy.chain_launch(d, t, device_facts(x.get_device()), eps)
         _norm_rope_cache_launch(
             (t,),
             (
@@ -668,12 +513,8 @@ def rms_norm_rope_mla_cache_write(
                 ("ROPE", rope_dim),
                 ("IS_NEOX", is_neox),
                 ("DSV4", layout == "dsv4_fp8"),
-                ("BLOCK_D", block),
-                ("HIP", IS_HIP),
-                ("USE_PDL", pdl),
-                ("INV_BY_FMA", inv_rms_by_fma(eps)),
-                ("num_warps", _num_warps(block, t)),  # the standalone norm's: same sums
-                ("launch_pdl", pdl),
+                ("BLOCK_D", launch.block_k),
+                *chain_meta(launch, IS_HIP),  # the standalone norm's warps: same sums
             ),
         )
     return kv_out
@@ -690,7 +531,7 @@ def _dequant(
         out = torch.empty(
             (n * bs, 512), device=kv_cache.device, dtype=fp8_dtype if to_fp8 else torch.bfloat16
         )
-        tok = min(bs, 16)
+        tok = min(bs, policy.DEQUANT_DSV4_TOKENS)
         if n and bs % tok == 0:
             _dequant_dsv4_launch(
                 (n, bs // tok),
@@ -703,7 +544,7 @@ def _dequant(
         (n * bs, row), device=kv_cache.device, dtype=fp8_dtype if to_fp8 else kv_cache.dtype
     )
     if n:
-        block = 4096
+        block = policy.GATHER_BLOCK
         _gather_rows_launch(
             (n, triton.cdiv(bs * row, block)),
             (kv_cache, block_ids, out, kv_cache.stride(0), nb, fmax),

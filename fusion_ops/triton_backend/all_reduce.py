@@ -19,7 +19,6 @@ The first call per group must not happen inside CUDA-graph capture (warm up firs
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from dataclasses import dataclass
@@ -28,17 +27,14 @@ from typing import Any
 import torch
 import torch.distributed.distributed_c10d as c10d
 
+from ..launch_policy import DeviceFacts, all_reduce_launch
 from . import kernels as k
-from .launch import Launcher, next_power_of_2
+from .calls import all_reduce_meta
+from .launch import Launcher
 
 ONE_SHOT_ENV = "FUSION_OPS_AR_ONE_SHOT_BYTES"
 ONE_SHOT_MAX_BYTES = 16 * 2**20  # x's bytes up to which the one-shot kernel runs (measured)
-MAX_PROGRAMS = 128  # programs per launch at most (all resident at once: they wait on peers)
 MAX_WORLD = 8
-# decode sizes: a row's work spread over up to MAX_SPLIT programs of at least MIN_PART columns
-# (see the kernel's SPLIT; same bytes at any split)
-MAX_SPLIT = 8
-MIN_PART = 256
 _launch = Launcher(k.all_reduce_norm_quant_kernel)
 
 
@@ -99,21 +95,6 @@ def _make_workspace(group_name: str, device: torch.device) -> Workspace | None:
     return Workspace(handle, buffer, ptrs, state, slot_bytes, rank, world)
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def parts_per_row(rows: int, block_k: int, group: int, programs: int) -> int:
-    """Programs per row (the kernel's SPLIT): the most, up to MAX_SPLIT, with every program
-    resident (rows · split <= programs), parts of at least MIN_PART columns and whole quant
-    groups; 1 from a few dozen rows on."""
-    split = MAX_SPLIT
-    while split > 1 and (rows * split > programs or block_k // split < max(MIN_PART, group)):
-        split //= 2
-    return split
-
-
 def one_shot(
     x: torch.Tensor,
     residual: torch.Tensor,
@@ -125,9 +106,7 @@ def one_shot(
     q: torch.Tensor | None,
     s: torch.Tensor | None,
     numerics: Any,
-    num_warps: int,
-    pdl: bool,
-    inv_by_fma: bool,
+    device: DeviceFacts,
 ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
     """Run the fused kernel when x fits the workspace; returns (y or None, residual_out), or
     None when the caller must take the all-reduce + fused-op path."""
@@ -145,12 +124,9 @@ def one_shot(
     reduced = torch.empty((m, kdim), dtype=x.dtype, device=x.device)
     res_out = torch.empty((m, kdim), dtype=x.dtype, device=x.device)
     y = torch.empty((m, kdim), dtype=x.dtype, device=x.device) if write_y else None
-    programs = min(MAX_PROGRAMS, _sm_count(x.get_device()))
-    block_k = next_power_of_2(kdim)
-    split = parts_per_row(m, block_k, scheme_consts["GROUP"], programs)
-    grid = (m * split,) if split > 1 else (min(m, programs),)
+    launch = all_reduce_launch(kdim, m, device, group=scheme_consts["GROUP"], eps=eps)
     _launch(
-        grid,
+        launch.grid,
         (
             x2,
             ws.buf_ptrs,
@@ -172,24 +148,14 @@ def one_shot(
             ws.rank,
             ws.slot_bytes // x.element_size(),
         ),
-        (
-            ("WORLD", ws.world),
-            ("BITS", 8 * x.element_size()),
-            ("HAS_RES", True),
-            ("DO_NORM", True),
-            ("WRITE_Y", write_y),
-            ("SCHEME", scheme_consts["SCHEME"]),
-            ("GROUP", scheme_consts["GROUP"]),
-            ("UE8M0", scheme_consts["UE8M0"]),
-            ("BLOCK_K", block_k),
-            ("WEIGHT_AFTER_ROUNDING", numerics.weight_after_rounding),
-            ("UNROUNDED_SUM", numerics.norm_unrounded_sum),
-            ("ALIGNED", (kdim * x.element_size()) % 16 == 0),
-            ("USE_PDL", pdl),
-            ("SPLIT", split),
-            ("INV_BY_FMA", inv_by_fma),
-            ("num_warps", num_warps),
-            ("launch_pdl", pdl),
+        all_reduce_meta(
+            launch,
+            ws.world,
+            8 * x.element_size(),
+            (kdim * x.element_size()) % 16 == 0,
+            write_y,
+            numerics,
+            scheme_consts,
         ),
     )
     return y, res_out

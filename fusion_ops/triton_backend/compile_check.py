@@ -28,12 +28,26 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from triton._C.libtriton import ir
 from triton.backends.compiler import GPUTarget
 from triton.compiler.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction
 
+from .. import launch_policy as policy
+from ..launch_policy import DeviceFacts
+from ..reference.norm import NormNumerics
 from . import kernels as k
+from .calls import (
+    Meta,
+    NormFlags,
+    all_reduce_meta,
+    chain_meta,
+    norm_quant_meta,
+    q_kv_meta,
+    scheme_constants,
+    split_meta,
+)
 from .launch import PINNED_OPTIONS
 
 TARGETS = {
@@ -58,129 +72,123 @@ class Case:
     hip_only_fnuz: bool = False  # an FP8 FNUZ output: only gfx942 has that type
 
 
-_NO_PIECES = {"PIECE0": 0, "PIECE1": 0, "PIECE2": 0}
-# the norm kernels' 1/rms steps as the launchers choose them for an eps >= 2^-40
-# (triton_backend.inv_rms_by_fma): compile_to_isa keeps the FMA steps for NVIDIA targets only
-_INV_BY_FMA = {"INV_BY_FMA": True}
+# the launch records come from the launch policy, the constexprs from the calling conventions
+# (.calls), as every launch builds them: the policy's NVIDIA choices (PDL, FMA 1/rms steps) are
+# turned off per target by compile_to_isa where the policy turns them off on ROCm
+_NVIDIA = DeviceFacts(hip=False, pdl=False, prefetch_weight=False, sm_count=132)
+_NVIDIA_PDL = DeviceFacts(hip=False, pdl=True, prefetch_weight=True, sm_count=132)
+_FP8_TORCH = {"e4m3fn": torch.float8_e4m3fn, "e4m3fnuz": torch.float8_e4m3fnuz}
+
+
+def _case(name: str, kernel: JITFunction, types: dict[str, str], meta: Meta, **kw: Any) -> Case:
+    constexprs, options = split_meta(kernel, meta)
+    return Case(name, kernel, types, constexprs, options, **kw)
+
+
+def _norm_quant_schemes() -> dict[str, tuple[str | None, tuple[Any, ...], str, str]]:
+    """label → (scheme, op parameters, Triton type of the codes, of the scales)."""
+    schemes: dict[str, tuple[str | None, tuple[Any, ...], str, str]] = {
+        "none": (None, (), "bf16", "bf16"),
+        "mxfp4": ("mxfp4", (), "u8", "u8"),
+        "mxfp8": ("mxfp8", (), "fp8e4nv", "u8"),
+    }
+    for fp8, ue8m0 in itertools.product(("e4m3fn", "e4m3fnuz"), (False, True)):
+        tag = f"{fp8}{'_ue8m0' if ue8m0 else ''}"
+        schemes[f"fp8_group128_{tag}"] = (
+            "fp8_group",
+            (128, ue8m0, _FP8_TORCH[fp8]),
+            _FP8[fp8],
+            "fp32",
+        )
+        per_token = (ue8m0, _FP8_TORCH[fp8])
+        schemes[f"fp8_per_token_{tag}"] = ("fp8_per_token", per_token, _FP8[fp8], "fp32")
+    return schemes
+
+
+def _norm_quant_types(dtype: str, q_ty: str, s_ty: str) -> dict[str, str]:
+    return {
+        **{p: f"*{dtype}" for p in ("x_ptr", "r_ptr", "w_ptr", "y_ptr", "res_ptr")},
+        "q_ptr": f"*{q_ty}",
+        "s_ptr": f"*{s_ty}",
+        **{p: "i32" for p in ("x_stride", "r_stride", "K")},
+        **{p: "fp32" for p in ("eps", "fp8_max", "min_scale")},
+    }
+
+
+# the launch-policy walk (every record a width's row counts get) in full for these schemes; the
+# others (UE8M0, FNUZ) differ from them only in constexprs the walk does not change, and walk only
+# the records whose code differs by scheme (the row in pieces)
+_WALKED = ("none", "mxfp4", "mxfp8", "fp8_group128_e4m3fn", "fp8_per_token_e4m3fn")
 
 
 def _norm_quant_cases() -> Iterator[Case]:
-    schemes = {
-        "none": (k.SCHEME_NONE, "bf16", "bf16", 1, False),
-        "mxfp4": (k.SCHEME_MXFP4, "u8", "u8", 1, False),
-        "mxfp8": (k.SCHEME_MXFP8, "fp8e4nv", "u8", 1, False),
-    }
-    for fp8, ue8m0 in itertools.product(("e4m3fn", "e4m3fnuz"), (False, True)):
-        schemes[f"fp8_group128_{fp8}{'_ue8m0' if ue8m0 else ''}"] = (
-            k.SCHEME_FP8,
-            _FP8[fp8],
-            "fp32",
-            128,
-            ue8m0,
-        )
-        schemes[f"fp8_per_token_{fp8}{'_ue8m0' if ue8m0 else ''}"] = (
-            k.SCHEME_FP8,
-            _FP8[fp8],
-            "fp32",
-            8192,
-            ue8m0,
-        )
     combos = itertools.product(
-        schemes.items(), ("bf16", "fp16", "fp32"), (False, True), (False, True), (False, True)
-    )
-    for (label, (scheme, q_ty, s_ty, group, ue8m0)), dtype, has_res, pdl, other in combos:
+        _norm_quant_schemes().items(), ("bf16", "fp16", "fp32"), (False, True), (False, True),
+        (False, True),
+    )  # fmt: skip
+    for (label, (scheme, params, q_ty, s_ty)), dtype, has_res, pdl, other in combos:
         if pdl and (has_res or other):  # PDL changes only the prologue: once per scheme, dtype
             continue
         # other rounding points (vLLM IR's): once per scheme for a 16-bit dtype
         if other and (dtype != "bf16" or "ue8m0" in label):
             continue
-        types = {
-            "x_ptr": f"*{dtype}",
-            "r_ptr": f"*{dtype}",
-            "w_ptr": f"*{dtype}",
-            "y_ptr": f"*{dtype}",
-            "res_ptr": f"*{dtype}",
-            "q_ptr": f"*{q_ty}",
-            "s_ptr": f"*{s_ty}",
-            "x_stride": "i32",
-            "r_stride": "i32",
-            "K": "i32",
-            "eps": "fp32",
-            "fp8_max": "fp32",
-            "min_scale": "fp32",
-        }
-        constexprs = {
-            "HAS_RES": has_res,
-            "DO_NORM": True,
-            "WRITE_Y": scheme == k.SCHEME_NONE,
-            "SCHEME": scheme,
-            "GROUP": group,
-            "UE8M0": ue8m0,
-            "BLOCK_K": 8192,
-            "USE_PDL": pdl,
-            "WEIGHT_AFTER_ROUNDING": other,
-            "UNROUNDED_SUM": other and has_res,
-            "WEIGHTLESS": False,
-            **_NO_PIECES,
-            "PREFETCH_W": pdl,
-            **_INV_BY_FMA,
-        }
+        types = _norm_quant_types(dtype, q_ty, s_ty)
+        flags = NormFlags(
+            residual=has_res,
+            write_y=scheme is None,
+            numerics=NormNumerics(False, other, other and has_res),
+        )
+        consts = scheme_constants(scheme, params, 8192)
         fnuz = q_ty == _FP8["e4m3fnuz"]
-        yield Case(
+        # a few rows of 8192 columns
+        base = policy.norm_launch(
+            8192, 2, _NVIDIA_PDL if pdl else _NVIDIA, scheme=scheme, params=params,
+            residual=has_res,
+        )  # fmt: skip
+        yield _case(
             f"norm_quant_kernel[{label}, {dtype}, {'add+' if has_res else ''}rms"
             f"{', pdl' if pdl else ''}{', vllm_ir numerics' if other else ''}]",
             k.norm_quant_kernel,
             types,
-            constexprs,
-            {"num_warps": 8, "launch_pdl": pdl},
+            norm_quant_meta(base, flags, consts),
             hip_only_fnuz=fnuz,
         )
-        # many rows of 7168 columns: the row in unpadded pieces (block-quant schemes, no residual;
-        # per-token FP8 is one group of the padded row, never in pieces)
-        if dtype == "bf16" and not (has_res or pdl or other) and scheme != k.SCHEME_NONE:
-            if group != 8192:
-                yield Case(
-                    f"norm_quant_kernel[{label}, {dtype}, rms, pieces 4096+2048+1024]",
-                    k.norm_quant_kernel,
-                    types,
-                    {**constexprs, "PIECE0": 4096, "PIECE1": 2048, "PIECE2": 1024},
-                    {"num_warps": 4},
-                    hip_only_fnuz=fnuz,
-                )
+        if dtype != "bf16" or pdl or other:
+            continue
+        # every other record rows of 7168 columns get: one row (more warps), many rows (fewer
+        # warps; block-quant schemes without a residual: the row in unpadded pieces)
+        for rows, launch in policy.norm_launch_space(
+            7168, _NVIDIA, scheme=scheme, params=params, residual=has_res
+        ):
+            pieces = "+".join(str(p) for p in launch.pieces if p)
+            if launch == base or (label not in _WALKED and not pieces):
+                continue
+            many = f"{rows} row{'s' if rows > 1 else ''}: {launch.num_warps} warps"
+            yield _case(
+                f"norm_quant_kernel[{label}, {dtype}, {'add+' if has_res else ''}rms, "
+                + (f"pieces {pieces}" if launch.num_warps == 4 and pieces else
+                   f"{many}{', pieces ' + pieces if pieces else ''}")
+                + "]",
+                k.norm_quant_kernel,
+                types,
+                norm_quant_meta(launch, flags, consts),
+                hip_only_fnuz=fnuz,
+            )  # fmt: skip
     # the norm alone: weightless_rms_norm (no weight), and an eps below 2⁻⁴⁰ (the correctly
     # rounded division instructions, on every target)
-    for dtype, weightless, label, extra in (
-        ("bf16", True, "weightless rms", {}),
-        ("fp16", True, "weightless rms", {}),
-        ("bf16", False, "rms, tiny eps", {"INV_BY_FMA": False}),
+    for dtype, width, weightless, eps, label in (
+        ("bf16", 512, True, 1e-6, "weightless rms"),
+        ("fp16", 512, True, 1e-6, "weightless rms"),
+        ("bf16", 8192, False, 2.0**-41, "rms, tiny eps"),
     ):
-        yield Case(
+        launch = policy.norm_launch(width, 2, _NVIDIA, has_weight=not weightless, eps=eps)
+        yield _case(
             f"norm_quant_kernel[none, {dtype}, {label}]",
             k.norm_quant_kernel,
-            {
-                **{p: f"*{dtype}" for p in ("x_ptr", "r_ptr", "w_ptr", "y_ptr", "res_ptr")},
-                **{p: f"*{dtype}" for p in ("q_ptr", "s_ptr")},
-                **{p: "i32" for p in ("x_stride", "r_stride", "K")},
-                **{p: "fp32" for p in ("eps", "fp8_max", "min_scale")},
-            },
-            {
-                "HAS_RES": False,
-                "DO_NORM": True,
-                "WRITE_Y": True,
-                "SCHEME": k.SCHEME_NONE,
-                "GROUP": 1,
-                "UE8M0": False,
-                "BLOCK_K": 512 if weightless else 8192,
-                "USE_PDL": False,
-                "WEIGHT_AFTER_ROUNDING": False,
-                "UNROUNDED_SUM": False,
-                "WEIGHTLESS": weightless,
-                **_NO_PIECES,
-                "PREFETCH_W": False,
-                **_INV_BY_FMA,
-                **extra,
-            },
-            {"num_warps": 4 if weightless else 8},
+            _norm_quant_types(dtype, dtype, dtype),
+            norm_quant_meta(
+                launch, NormFlags(weightless=weightless), scheme_constants(None, (), 1)
+            ),
         )
 
 
@@ -189,15 +197,17 @@ def _all_reduce_cases() -> Iterator[Case]:
     with and without the norm-only output, bf16 (what tensor-parallel layers reduce), rows
     whole and split over 8 programs (decode sizes)."""
     schemes = {
-        "none": (k.SCHEME_NONE, "bf16", "bf16", 1),
-        "mxfp4": (k.SCHEME_MXFP4, "u8", "u8", 1),
-        "mxfp8": (k.SCHEME_MXFP8, "fp8e4nv", "u8", 1),
-        "fp8_group128_e4m3fn": (k.SCHEME_FP8, _FP8["e4m3fn"], "fp32", 128),
-        "fp8_group128_e4m3fnuz": (k.SCHEME_FP8, _FP8["e4m3fnuz"], "fp32", 128),
+        label: _norm_quant_schemes()[label]
+        for label in ("none", "mxfp4", "mxfp8", "fp8_group128_e4m3fn", "fp8_group128_e4m3fnuz")
     }
-    for (label, (scheme, q_ty, s_ty, group)), split in itertools.product(schemes.items(), (1, 8)):
-        yield Case(
-            f"all_reduce_norm_quant_kernel[{label}, bf16, world 2, split {split}]",
+    for (label, (scheme, params, q_ty, s_ty)), rows in itertools.product(
+        schemes.items(), (200, 16)
+    ):
+        consts = scheme_constants(scheme, params, 8192)
+        launch = policy.all_reduce_launch(8192, rows, _NVIDIA, group=consts["GROUP"], eps=1e-6)
+        meta = all_reduce_meta(launch, 2, 16, True, scheme is None, NormNumerics(), consts)
+        yield _case(
+            f"all_reduce_norm_quant_kernel[{label}, bf16, world 2, split {launch.split}]",
             k.all_reduce_norm_quant_kernel,
             {
                 "x_ptr": "*bf16",
@@ -220,24 +230,7 @@ def _all_reduce_cases() -> Iterator[Case]:
                 "rank": "i32",
                 "slot_elems": "i64",
             },
-            {
-                "WORLD": 2,
-                "BITS": 16,
-                "HAS_RES": True,
-                "DO_NORM": True,
-                "WRITE_Y": scheme == k.SCHEME_NONE,
-                "SCHEME": scheme,
-                "GROUP": group,
-                "UE8M0": False,
-                "BLOCK_K": 8192,
-                "WEIGHT_AFTER_ROUNDING": False,
-                "UNROUNDED_SUM": False,
-                "ALIGNED": True,
-                "USE_PDL": False,
-                "SPLIT": split,
-                **_INV_BY_FMA,
-            },
-            {"num_warps": 8},
+            meta,
             hip_only_fnuz=q_ty == _FP8["e4m3fnuz"],
         )
 
@@ -262,20 +255,21 @@ def _rope_cache_cases() -> Iterator[Case]:
     for layout, neox in itertools.product(("dsv4_fp8", "bf16"), (False, True)):
         dsv4 = layout == "dsv4_fp8"
         cache_ty = "*u8" if dsv4 else "*bf16"
-        yield Case(
-            f"cache_write_kernel[{layout}]",
-            k.cache_write_kernel,
-            {
-                "kv_ptr": "*bf16",
-                "kv_stride": "i32",
-                "cache_ptr": cache_ty,
-                "slot_ptr": "*i64",
-                "block_stride": "i32",
-                "num_slots": "i32",
-            },
-            {"BS": 64, "D": 512, "DSV4": dsv4, "BLOCK_D": 512},
-            {"num_warps": 4},
-        )
+        if not neox:  # no rope: once per layout
+            yield Case(
+                f"cache_write_kernel[{layout}]",
+                k.cache_write_kernel,
+                {
+                    "kv_ptr": "*bf16",
+                    "kv_stride": "i32",
+                    "cache_ptr": cache_ty,
+                    "slot_ptr": "*i64",
+                    "block_stride": "i32",
+                    "num_slots": "i32",
+                },
+                {"BS": 64, "D": 512, "DSV4": dsv4, "BLOCK_D": 512},
+                {"num_warps": 4},
+            )
         yield Case(
             f"rope_cache_kernel[{layout}, {'neox' if neox else 'gptj'}]",
             k.rope_cache_kernel,
@@ -304,19 +298,21 @@ def _q_kv_cases() -> Iterator[Case]:
     """The two-norm kernel: q plain or quantized (every scheme), bf16, PDL once; quantized q of
     1536 columns also as pieces (1024 + 512, one row per program)."""
     schemes = {
-        "none": (k.SCHEME_NONE, "bf16", "bf16", 1),
-        "mxfp4": (k.SCHEME_MXFP4, "u8", "u8", 1),
-        "mxfp8": (k.SCHEME_MXFP8, "fp8e4nv", "u8", 1),
-        "fp8_group128_e4m3fn": (k.SCHEME_FP8, _FP8["e4m3fn"], "fp32", 128),
-        "fp8_group128_e4m3fnuz": (k.SCHEME_FP8, _FP8["e4m3fnuz"], "fp32", 128),
+        label: _norm_quant_schemes()[label]
+        for label in ("none", "mxfp4", "mxfp8", "fp8_group128_e4m3fn", "fp8_group128_e4m3fnuz")
     }
-    for (label, (scheme, q_ty, s_ty, group)), pdl, pieces in itertools.product(
+    for (label, (scheme, params, q_ty, s_ty)), pdl, pieces in itertools.product(
         schemes.items(), (False, True), (False, True)
     ):
         if (pdl and (pieces or label != "none")) or (pieces and label == "none"):
             continue  # PDL once (plain q); pieces only with a quant
         tags = ", pdl" if pdl else ", pieces" if pieces else ""
-        yield Case(
+        # many rows (two per program, or q in pieces), or a few rows with PDL
+        launch = policy.q_kv_launch(
+            1536 if pieces else 2048, 512, 2 if pdl else policy.MANY_ROWS,
+            _NVIDIA_PDL if pdl else _NVIDIA, scheme=scheme, params=params,
+        )  # fmt: skip
+        yield _case(
             f"q_kv_norm_quant_kernel[{label}, bf16{tags}]",
             k.q_kv_norm_quant_kernel,
             {
@@ -338,23 +334,18 @@ def _q_kv_cases() -> Iterator[Case]:
                 "fp8_max": "fp32",
                 "min_scale": "fp32",
             },
-            {
-                "WRITE_Y": scheme == k.SCHEME_NONE,
-                "SCHEME": scheme,
-                "GROUP": group,
-                "UE8M0": False,
-                "BLOCK_Q": 2048,
-                "BLOCK_KV": 512,
-                "USE_PDL": pdl,
-                "WEIGHT_AFTER_ROUNDING": False,
-                "ROWS": 1 if pdl or pieces else 2,  # many rows: two per program
-                "PREFETCH_W": pdl,
-                **({"PIECE0": 1024, "PIECE1": 512, "PIECE2": 0} if pieces else _NO_PIECES),
-                **_INV_BY_FMA,
-            },
-            {"num_warps": 4, "launch_pdl": pdl},
+            q_kv_meta(launch, scheme is None, False, scheme_constants(scheme, params, 2048)),
             hip_only_fnuz=q_ty == _FP8["e4m3fnuz"],
         )
+
+
+def _chain_case(
+    name: str, kernel: JITFunction, types: dict[str, str], geometry: dict[str, Any]
+) -> Case:
+    """A norm + rope + cache-write kernel over a few rows of 512 (HIP is set per target by
+    compile_to_isa)."""
+    launch = policy.chain_launch(geometry["D"], 2, _NVIDIA, 1e-6)
+    return _case(name, kernel, types, (*geometry.items(), *chain_meta(launch, hip=False)))
 
 
 def _norm_rope_cache_cases() -> Iterator[Case]:
@@ -363,7 +354,7 @@ def _norm_rope_cache_cases() -> Iterator[Case]:
         (("dsv4_fp8", "fp32"), ("dsv4_fp8", "bf16"), ("bf16", "fp32")), (False, True)
     ):
         dsv4 = layout == "dsv4_fp8"
-        yield Case(
+        yield _chain_case(
             f"norm_rope_cache_kernel[{layout}, {x_ty} -> bf16, {'neox' if neox else 'gptj'}]",
             k.norm_rope_cache_kernel,
             {
@@ -386,11 +377,7 @@ def _norm_rope_cache_cases() -> Iterator[Case]:
                 "IS_NEOX": neox,
                 "DSV4": dsv4,
                 "BLOCK_D": 512,
-                "HIP": False,  # set per target by compile_to_isa
-                "USE_PDL": False,
-                **_INV_BY_FMA,
             },
-            {"num_warps": 4},
         )
 
 
@@ -398,7 +385,7 @@ def _qnorm_rope_cache_cases() -> Iterator[Case]:
     """Per-head q norm + both ropes + the kv write: both layouts, both rope styles."""
     for layout, neox in itertools.product(("dsv4_fp8", "bf16"), (False, True)):
         dsv4 = layout == "dsv4_fp8"
-        yield Case(
+        yield _chain_case(
             f"qnorm_rope_cache_kernel[{layout}, bf16, {'neox' if neox else 'gptj'}]",
             k.qnorm_rope_cache_kernel,
             {
@@ -418,11 +405,7 @@ def _qnorm_rope_cache_cases() -> Iterator[Case]:
                 "IS_NEOX": neox,
                 "DSV4": dsv4,
                 "BLOCK_D": 512,
-                "HIP": False,  # set per target by compile_to_isa
-                "USE_PDL": False,
-                **_INV_BY_FMA,
             },
-            {"num_warps": 4},
         )
 
 

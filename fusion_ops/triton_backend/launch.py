@@ -158,9 +158,3 @@ class Launcher:
             *args,
             *constexprs,  # the C launcher skips them, but they keep their places
         )
-
-
-def next_power_of_2(n: int) -> int:
-    """Smallest power of two >= n (``triton.next_power_of_2`` is a constexpr function since
-    Triton 3.5, costing microseconds per host call)."""
-    return 1 << (n - 1).bit_length() if n > 1 else 1

@@ -120,19 +120,19 @@ def scenario_definition(rank: int, group: str) -> None:
 
 def scenario_every_split(rank: int, group: str) -> None:
     """The same bytes whether each row is one program's or split over 2, 4 or 8 programs."""
-    from fusion_ops.triton_backend import all_reduce
+    from fusion_ops import launch_policy as policy
 
-    assert all_reduce.parts_per_row(3, 8192, 128, 128) == all_reduce.MAX_SPLIT == 8
-    default = all_reduce.MAX_SPLIT
+    assert policy.all_reduce_parts_per_row(3, 8192, 128, 128) == policy.ALL_REDUCE_MAX_SPLIT == 8
+    default = policy.ALL_REDUCE_MAX_SPLIT
     for scheme in SCHEMES:
         x, r, w = _inputs(rank, 3, 7168, seed=11)
         outs = []
         try:
             for split in (1, 2, 4, 8):
-                all_reduce.MAX_SPLIT = split
+                policy.ALL_REDUCE_MAX_SPLIT = split
                 outs.append(_call(scheme, x, r, w, group))
         finally:
-            all_reduce.MAX_SPLIT = default
+            policy.ALL_REDUCE_MAX_SPLIT = default
         for split, out in zip((2, 4, 8), outs[1:], strict=True):
             for i, (a, b) in enumerate(zip(out, outs[0], strict=True)):
                 assert torch.equal(_bits(a), _bits(b)), f"{scheme}: split {split}, output {i}"

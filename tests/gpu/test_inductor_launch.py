@@ -104,7 +104,7 @@ def test_a_dynamic_token_count_is_lowered(add: bool) -> None:
 def test_many_rows_where_the_warps_follow_the_count(scheme: str) -> None:
     """7168 columns, no residual: a static count of MANY_ROWS rows is lowered with that count's
     warps and pieces, a dynamic count keeps the op; both give the op's bytes."""
-    from fusion_ops.triton_backend import MANY_ROWS
+    from fusion_ops.launch_policy import MANY_ROWS
 
     fn = model(QUANTS[scheme], add=False, keep_normed=False)
     g = torch.Generator(device="cuda").manual_seed(7)

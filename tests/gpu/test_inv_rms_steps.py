@@ -17,7 +17,8 @@ import triton.language as tl
 
 import fusion_ops  # noqa: F401  (registers the ops)
 import fusion_ops.triton_backend as triton_backend
-from fusion_ops.triton_backend import INV_RMS_BY_FMA_MIN_EPS
+from fusion_ops import launch_policy as policy
+from fusion_ops.launch_policy import INV_RMS_BY_FMA_MIN_EPS
 from fusion_ops.triton_backend.kernels import _inv_rms, _rcp_by_fma, _rcp_sqrt_by_fma
 from fusion_passes.testing import assert_bitwise_equal
 
@@ -134,15 +135,15 @@ def test_ops_by_fma_equal_the_division_instructions(op: str, tokens: int, monkey
     args = _CALLS[op](x, w)
     # the Python kernel (a C++ replay of the first call would not choose the steps again)
     python_kernel = getattr(ops, f"_python_{op}", None) or getattr(ops, op)
-    assert triton_backend.inv_rms_by_fma(1e-6, 1e-5)
+    assert policy.inv_rms_by_fma(triton_backend.device_facts(0), 1e-6, 1e-5)
     by_fma = python_kernel(*args)
     asked: list[tuple[float, ...]] = []
 
-    def division_steps(*eps: float) -> bool:
+    def division_steps(device: policy.DeviceFacts, *eps: float) -> bool:
         asked.append(eps)
         return False
 
-    monkeypatch.setattr(triton_backend, "inv_rms_by_fma", division_steps)
+    monkeypatch.setattr(policy, "inv_rms_by_fma", division_steps)
     by_division = python_kernel(*args)
     assert asked, "the second call did not choose its 1/rms steps"
     assert_bitwise_equal(by_fma, by_division, op)

@@ -11,8 +11,8 @@ import torch
 
 import fusion_ops
 from fusion_ops import backends, native
+from fusion_ops.launch_policy import INV_RMS_BY_FMA_MIN_EPS
 from fusion_ops.library import NATIVE_KERNELS
-from fusion_ops.triton_backend import INV_RMS_BY_FMA_MIN_EPS
 from fusion_passes.testing import assert_bitwise_equal
 
 pytestmark = [

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import fusion_ops
+from fusion_ops.launch_policy import MANY_ROWS
 from fusion_ops.reference.cache import rope_mla_cache_write as rope_mla_cache_write_reference
-from fusion_ops.triton_backend import MANY_ROWS
 
 pytestmark = [
     pytest.mark.gpu,
