@@ -22,8 +22,8 @@ from triton.testing import do_bench_cudagraph
 
 from fusion_ops.reference import norm as ref_norm
 from fusion_ops.reference import quant as ref_quant
-from fusion_ops.triton_backend import _norm_quant_launch
 from fusion_ops.triton_backend import kernels as k
+from fusion_ops.triton_backend.norms import _norm_quant_launch
 
 EPS = 1e-6
 

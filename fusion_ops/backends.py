@@ -70,7 +70,7 @@ def set_backend(name: str | None) -> None:
 
 
 def use_native_kernels(native: Any) -> None:
-    """Called once by :mod:`fusion_ops.library` when the C++ kernels are loaded."""
+    """Called once by :mod:`fusion_ops.library.define` when the C++ kernels are loaded."""
     global _NATIVE
     _NATIVE = native
     native.set_forced(_FORCED)

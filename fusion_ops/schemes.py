@@ -47,12 +47,12 @@ class QuantScheme:
 
     @property
     def q_kv_rms_op(self) -> str:
-        """Two norms of the same rows, the first one quantized (fusion_ops.library)."""
+        """Two norms of the same rows, the first one quantized (fusion_ops.library.quant)."""
         return f"q_kv_rms_norm_{self.name}_quant"
 
     @property
     def ar_add_rms_op(self) -> str:
-        """The tensor-parallel form: all-reduce of x first (fusion_ops.library)."""
+        """The tensor-parallel form: all-reduce of x first (fusion_ops.library.quant)."""
         return f"all_reduce_add_rms_norm_{self.name}_quant"
 
     def check(self, op: str, x: torch.Tensor, params: tuple[Any, ...]) -> None:

@@ -59,7 +59,8 @@ def _source_files() -> tuple[str, ...]:
     dirs = [Path(patterns.__file__).parent, Path(__file__).parent]
     files = sorted(str(p) for d in dirs for p in d.glob("*.py"))
     ops_dir = Path(fusion_ops.__file__).parent
-    return (*files, *(str(ops_dir / f) for f in ("library.py", "schemes.py", "formats.py")))
+    schemas = sorted(str(p) for p in (ops_dir / "library").glob("*.py"))
+    return (*files, *schemas, *(str(ops_dir / f) for f in ("schemes.py", "formats.py")))
 
 
 class ServedFromCache(UserWarning):
@@ -230,9 +231,7 @@ class FusionPass(CustomGraphPass):
             # input of it; the next family's matcher expects def-before-use
             pm.stable_topological_sort(graph)
         for family in self.fusions:  # graph rewrites (horizontal fusions) after every matcher
-            rewrite = getattr(FAMILIES[family], "rewrite", None)
-            if rewrite is not None:
-                rewrite(graph, self.schemes)
+            FAMILIES[family].rewrite(graph, self.schemes)
         # which fused nodes took a tolerant canonical op: before restore erases the others
         tolerant = plain_norms.fused_from(plain, [n for n in graph.nodes if n not in existing])
         plain_norms.restore(graph, [*plain, *quants])  # what no pattern took, as it was

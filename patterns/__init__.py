@@ -3,14 +3,12 @@
 ``FAMILIES`` is the single registry, in the order the pass applies them (``qnorm_rope_cache``
 before ``rope_cache``, which takes the ropes and writes it leaves; ``ar_add_rms_quant`` last: it
 folds an all-reduce into the add-norm ops the others leave or create; ``add_rms`` after the
-norm+quant families, which take a norm that feeds a quant op first). A family may also define
-``rewrite(graph, schemes)``: a graph rewrite run after every family's matcher (``q_kv_norm``, a
-horizontal fusion of what the matchers leave or create).
+norm+quant families, which take a norm that feeds a quant op first). Each module is a
+:class:`~patterns.base.Family`; ``q_kv_norm``'s ``rewrite`` is a horizontal fusion of what the
+matchers leave or create.
 """
 
 from __future__ import annotations
-
-from types import ModuleType
 
 from . import (
     add_rms,
@@ -23,9 +21,9 @@ from . import (
     rms_quant,
     rope_cache,
 )
-from .base import GraphPatternSpec, NearMiss, PatternSpec, op_name
+from .base import Family, GraphPatternSpec, NearMiss, PatternSpec, op_name
 
-FAMILIES: dict[str, ModuleType] = {
+FAMILIES: dict[str, Family] = {
     m.NAME: m
     for m in (
         add_rms_quant,
@@ -40,4 +38,4 @@ FAMILIES: dict[str, ModuleType] = {
     )
 }
 
-__all__ = ["FAMILIES", "GraphPatternSpec", "NearMiss", "PatternSpec", "op_name"]
+__all__ = ["FAMILIES", "Family", "GraphPatternSpec", "NearMiss", "PatternSpec", "op_name"]

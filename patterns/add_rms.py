@@ -55,6 +55,10 @@ def prepare(graph: torch.fx.Graph, schemes: Sequence[str]) -> int:
     return 0
 
 
+def rewrite(graph: torch.fx.Graph, schemes: Sequence[str]) -> int:
+    return 0  # no graph rewrite after the matchers
+
+
 def label(node: torch.fx.Node) -> str | None:
     """'add_rms/plain_add/<x dtype>' for a ``fused_add_rms_norm`` this family creates."""
     if op_name(node) != "fused_add_rms_norm":

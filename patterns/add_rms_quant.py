@@ -49,6 +49,10 @@ def _is_normed_item(node: torch.fx.Node) -> bool:
     return node.target is operator.getitem and node.args[1] == 0 and qv.is_norm(node.args[0], True)
 
 
+def rewrite(graph: torch.fx.Graph, schemes: Sequence[str]) -> int:
+    return 0  # no graph rewrite after the matchers
+
+
 def label(node: torch.fx.Node) -> str | None:
     return qv.label_of_fused(NAME, "add_rms_norm_", node)
 

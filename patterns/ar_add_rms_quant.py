@@ -135,6 +135,10 @@ def _reads_reduced(node: torch.fx.Node) -> bool:
     )
 
 
+def rewrite(graph: torch.fx.Graph, schemes: Sequence[str]) -> int:
+    return 0  # no graph rewrite after the matchers
+
+
 def label(node: torch.fx.Node) -> str | None:
     """'ar_add_rms_quant/<scheme label>[+normed]/<dtype>', '…/ar_add_rms/<dtype>' for the
     no-quant op."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto_functionalized_v2
@@ -64,8 +64,12 @@ class NearMiss:
         return {"family": self.family, "node": self.node, "op": self.op, "reason": self.reason}
 
 
+@runtime_checkable
 class Family(Protocol):
-    """The module-level interface of each ``patterns.<family>`` module."""
+    """The module-level interface of each ``patterns.<family>`` module: every hook is stated
+    (a family without a use for one returns 0), and the pass calls them in this order per graph:
+    ``prepare`` (all families), the matchers of ``pattern_specs``, ``rewrite`` (all families),
+    then ``label`` on each new node and ``near_misses`` on the result."""
 
     NAME: str
     STANDALONE_OPS: tuple[str, ...]  # fusion_ops op names the fusion removes
@@ -79,6 +83,10 @@ class Family(Protocol):
 
     def prepare(self, graph: torch.fx.Graph, schemes: Sequence[str]) -> int:
         """Exact canonicalization before matching (:mod:`patterns.canonical`); rewrites done."""
+        ...
+
+    def rewrite(self, graph: torch.fx.Graph, schemes: Sequence[str]) -> int:
+        """A graph rewrite after every family's matcher (a horizontal fusion); rewrites done."""
         ...
 
 

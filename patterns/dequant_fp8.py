@@ -63,6 +63,10 @@ def prepare(graph: torch.fx.Graph, schemes: Sequence[str]) -> int:
     return sum(canonical.sink_below_views(c, is_dequant) for c in casts)
 
 
+def rewrite(graph: torch.fx.Graph, schemes: Sequence[str]) -> int:
+    return 0  # no graph rewrite after the matchers
+
+
 def label(node: torch.fx.Node) -> str | None:
     if node.target is not ops.dequant_cache_fp8.default:
         return None

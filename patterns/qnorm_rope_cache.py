@@ -114,6 +114,10 @@ def prepare(graph: torch.fx.Graph, schemes: Sequence[str]) -> int:
     return done + rope_cache.prepare(graph, schemes)
 
 
+def rewrite(graph: torch.fx.Graph, schemes: Sequence[str]) -> int:
+    return 0  # no graph rewrite after the matchers
+
+
 def label(node: torch.fx.Node) -> str | None:
     if op_name(node) != "qnorm_rope_mla_cache_write" or node.target not in HOPS:
         return None

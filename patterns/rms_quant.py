@@ -41,6 +41,10 @@ def prepare(graph: torch.fx.Graph, schemes: Sequence[str]) -> int:
     return merged + qv.sink_quant_views(graph, schemes, lambda n: qv.is_norm(n, add=False))
 
 
+def rewrite(graph: torch.fx.Graph, schemes: Sequence[str]) -> int:
+    return 0  # no graph rewrite after the matchers
+
+
 def label(node: torch.fx.Node) -> str | None:
     """'rms_quant/<scheme label>[+normed]/<x dtype>' for a fused node this family creates."""
     return qv.label_of_fused(NAME, "rms_norm_", node)

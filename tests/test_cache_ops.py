@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fusion_ops
+import fusion_ops.reference.cache
 from fusion_ops.formats import DSV4_SLOT_BYTES, dsv4_padded_block_bytes
 from tests import oracles
 
@@ -112,7 +113,7 @@ def test_dequant_reads_only_requested_blocks_in_given_order() -> None:
 def test_dequant_scale_byte_semantics() -> None:
     """Scale byte b multiplies by 2^(b−127) exactly; 255 decodes to NaN; values above 448 occur."""
     cache = fusion_ops.alloc_mla_cache(1, 4)
-    rows = fusion_ops.library.ref_cache.block_rows(cache)  # raw byte access for the test
+    rows = fusion_ops.reference.cache.block_rows(cache)  # raw byte access for the test
     one = int(torch.tensor([1.0]).to(torch.float8_e4m3fn).view(torch.uint8))
     rows[0, 0:448] = one  # token 0 NoPE codes all 1.0
     rows[0, 4 * 576 : 4 * 576 + 7] = torch.tensor(
@@ -130,7 +131,7 @@ def test_dequant_cache_fp8_overflow_matches_compiled_cast(fp8_dtype: torch.dtype
     cache = fusion_ops.alloc_mla_cache(2, 4)
     kv = random_kv(8, seed=9, scale=10.0)
     ops.mla_cache_write(kv, cache, torch.arange(8), "dsv4_fp8")
-    rows = fusion_ops.library.ref_cache.block_rows(cache)
+    rows = fusion_ops.reference.cache.block_rows(cache)
     rows[0, 4 * 576 : 4 * 576 + 7] = torch.tensor([130, 140, 200, 127, 120, 255, 254])
     ids = torch.tensor([0, 1])
 

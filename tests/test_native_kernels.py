@@ -211,10 +211,10 @@ def test_without_native_kernels_the_python_kernels_run() -> None:
 def test_replayed_ops_take_only_eps_floats() -> None:
     """The CUDA replay admits a call's float arguments where they are >= 0 (replay_cuda.cpp),
     which is every eps check's rule: every op it may serve has eps floats only."""
-    from fusion_ops.library import _NOT_REPLAYED_PREFIX, NAMESPACE, OP_SCHEMAS
+    from fusion_ops.library import NAMESPACE, NOT_REPLAYED_PREFIX, OP_SCHEMAS
 
     for name in OP_SCHEMAS:
-        if name.startswith(_NOT_REPLAYED_PREFIX):
+        if name.startswith(NOT_REPLAYED_PREFIX):
             continue
         schema = torch._C.parse_schema(f"{NAMESPACE}::{name}{OP_SCHEMAS[name]}")
         floats = [a.name for a in schema.arguments if a.type.kind() == "FloatType"]

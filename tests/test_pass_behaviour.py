@@ -267,7 +267,7 @@ def test_uuid_stable_and_sensitive_to_config_and_source(monkeypatch, tmp_path: P
     extra.write_text("x = 1\n")
     files = fp._source_files()
     assert any(f.endswith("patterns/rms_quant.py") for f in files)
-    assert any(f.endswith("fusion_ops/library.py") for f in files)
+    assert any(f.endswith("fusion_ops/library/quant.py") for f in files)
     monkeypatch.setattr(fp, "_source_files", lambda: (*files, str(extra)))
     first = a.uuid()
     assert first == a.uuid()
@@ -290,7 +290,7 @@ def test_registration_runs_no_real_kernel(monkeypatch) -> None:
     def native_runs() -> list[int]:  # the C++ CPU kernels run without run_op
         return [native.last_run(n)[0] for n in native.NATIVE_CPU_OPS] if NATIVE_KERNELS else []
 
-    monkeypatch.setattr("fusion_ops.library.run_op", counting)
+    monkeypatch.setattr("fusion_ops.library.define.run_op", counting)
     before = native_runs()
     p = FusionPass()
     assert calls == []

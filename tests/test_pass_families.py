@@ -243,3 +243,24 @@ def test_v2_hop_in_graph_is_what_the_pattern_sees(full_pass) -> None:
     assert "auto_functionalized_v2" in full_pass.graphs[0].code_before
     assert auto_functionalized_v2 is not None
     assert full_pass.matched_count == 1
+
+
+def test_every_family_states_every_hook() -> None:
+    """Each registered module is a patterns.base.Family: every hook of the protocol exists and
+    takes the protocol's arguments (the pass calls them without looking)."""
+    import inspect
+
+    from patterns import FAMILIES
+    from patterns.base import Family
+
+    hooks = {
+        name: list(inspect.signature(getattr(Family, name)).parameters)[1:]
+        for name in ("pattern_specs", "label", "near_misses", "prepare", "rewrite")
+    }
+    for name, module in FAMILIES.items():
+        assert isinstance(module, Family), name
+        assert module.NAME == name
+        assert set(module.FUSED_OPS) <= set(fusion_ops.OP_SCHEMAS), name
+        assert set(module.STANDALONE_OPS) <= set(fusion_ops.OP_SCHEMAS), name
+        for hook, params in hooks.items():
+            assert list(inspect.signature(getattr(module, hook)).parameters) == params, (name, hook)

@@ -12,7 +12,7 @@ from fusion_ops.triton_backend import kernels  # noqa: E402
 
 
 def launched_kernels() -> set[str]:
-    """Every @triton.jit kernel of kernels.py that the backend launches (names end in _kernel)."""
+    """Every @triton.jit kernel the backend launches (names end in _kernel)."""
     return {
         name
         for name, obj in inspect.getmembers(kernels)
