@@ -44,3 +44,35 @@ def test_a_model_that_does_not_fit_is_refused_with_an_estimate() -> None:
     assert done.returncode == 2, done.stderr[-2000:]
     assert "--preset pro with 61 layers needs about" in done.stderr
     assert "GB of weights" in done.stderr
+
+
+def test_table_rows_hold_only_their_family(capsys) -> None:
+    """A family's row shows its own matches and near misses; op counts (an op like rms_norm feeds
+    several families) appear once, for the whole run."""
+    from fusion_passes import FusionPass
+    from fusion_passes.accounting import GraphRecord
+    from fusion_passes.report import _print_table
+    from patterns import FAMILIES, NearMiss
+
+    p = FusionPass()
+    matches = {"rms_quant/mxfp4/bf16": 3, "add_rms_quant/mxfp4/bf16": 2}
+    p.match_table.update(matches)
+    p.graphs.append(
+        GraphRecord(
+            index=0,
+            matches=matches,
+            ops_before={"rms_norm": 4, "fused_add_rms_norm": 2, "mxfp4_quant": 5},
+            ops_after={"rms_norm": 1, "rms_norm_mxfp4_quant": 3, "add_rms_norm_mxfp4_quant": 2},
+            near_misses=[NearMiss("rms_quant", "rms_norm_1", "rms_norm", "why")],
+            ms=1.0,
+        )
+    )
+    _print_table(p)
+    lines = capsys.readouterr().out.splitlines()
+    row = {line.split()[0]: line.split()[1:] for line in lines[3 : 3 + len(FAMILIES) + 1]}
+    assert row["rms_quant/mxfp4/bf16"] == ["3", "1"]
+    assert row["add_rms_quant/mxfp4/bf16"] == ["2", "-"]
+    assert row["add_rms"] == ["(no", "match)", "0", "-"]
+    totals = [line for line in lines if "rms_norm 4→1" in line]
+    assert len(totals) == 1 and "mxfp4_quant 5→0" in totals[0]
+    assert "total matches: 5 in 1 graphs" in lines
