@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 import fusion_ops
+from fusion_ops import launch_policy as policy
 from fusion_ops.reference import norm as ref_norm
 from fusion_ops.reference import quant as ref_quant
 from fusion_passes import FusionPass
@@ -174,6 +175,10 @@ def dynamic_token_rows(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[
     specializes a size-1 dim)."""
     x2 = x.expand(2, -1).contiguous()
     rows: dict[str, Callable[[], Any]] = {}
+    # a symbolic row count is lowered only where every count >= 2 gets the same warps (the sum's
+    # order): not at 7168 columns, whose warps change at policy.MANY_ROWS rows, so there the
+    # inductor_launch row runs the fused op as an extern call like the row above it
+    lowerable = not policy.warps_depend_on_row_count(policy.next_power_of_2(x.shape[-1]), False)
     for name, fn, fusion in (
         ("dynamic tokens: compiled + FusionPass", standalone, FusionPass(fusions=["rms_quant"])),
         (
@@ -189,7 +194,7 @@ def dynamic_token_rows(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[
         compiled(x2, w)
         if fusion is not None and (
             fusion.matched_count != 1
-            or fusion.graphs[0].inductor_launched != int(fusion.inductor_launch)
+            or fusion.graphs[0].inductor_launched != int(fusion.inductor_launch and lowerable)
         ):
             raise RuntimeError(f"{name}: not fused/lowered as expected: {fusion.match_table}")
         rows[name] = lambda compiled=compiled: compiled(x2, w)

@@ -50,6 +50,14 @@ MANY_ROWS = 2048
 FP8_GROUP_PIECES_MIN_ROWS = 1024
 #: the smallest piece of a row in pieces (columns)
 MIN_PIECE = 256
+#: decode sizes: up to this many rows, a row of norm_quant_kernel goes in several programs, as
+#: many as the tables give for its padded block (the norm alone, and with a block quant), at most
+#: NORM_MAX_SPLIT (evidence: benchmarks/results/row_split_h200.json, benchmarks/row_split.py: a
+#: split of 2 slows add+rms; rows of 512 columns and the norm alone at 2048 gain nothing)
+NORM_SPLIT_MAX_ROWS = 16
+NORM_MAX_SPLIT = 8
+NORM_SPLIT_BY_BLOCK = {4096: 4, 8192: 8}
+NORM_SPLIT_BY_BLOCK_QUANT = {2048: 4, 4096: 4, 8192: 8}
 #: from this eps on, the FMA 1/rms steps equal the correctly rounded ones on every fp32 sum of
 #: squares (proved exhaustively by tests/gpu/test_inv_rms_steps.py)
 INV_RMS_BY_FMA_MIN_EPS = 2.0**-40
@@ -157,6 +165,27 @@ class NormLaunch:
     use_pdl: bool = False
     prefetch_weight: bool = False
     inv_by_fma: bool = False
+    split: int = 1  # programs per row (speed only: the same warps, hence the same sums)
+
+    def grid(self, rows: int) -> tuple[int]:
+        return (rows * self.split,)
+
+
+def norm_parts_per_row(
+    rows: int, block_k: int, scheme: str | None, params: tuple[Any, ...], programs: int
+) -> int:
+    """norm_quant_kernel's SPLIT: at decode sizes (<= NORM_SPLIT_MAX_ROWS rows) the programs per
+    row of NORM_SPLIT_BY_BLOCK(_QUANT) (wider blocks: NORM_MAX_SPLIT), halved until every program
+    is resident (rows · split <= programs) and parts hold whole quant groups; 1 for a per-token
+    scale (a row's amax is the whole row's) and beyond NORM_SPLIT_MAX_ROWS rows."""
+    group = quant_group(scheme, params)
+    if rows > NORM_SPLIT_MAX_ROWS or (scheme is not None and group == 0):
+        return 1
+    table = NORM_SPLIT_BY_BLOCK if scheme is None else NORM_SPLIT_BY_BLOCK_QUANT
+    split = NORM_MAX_SPLIT if block_k > max(table) else table.get(block_k, 1)
+    while split > 1 and (rows * split > programs or block_k // split < max(group, 32)):
+        split //= 2
+    return split
 
 
 def norm_launch(
@@ -179,11 +208,19 @@ def norm_launch(
         use_pdl=device.pdl,
         prefetch_weight=has_weight and device.prefetch_weight,
         inv_by_fma=inv_rms_by_fma(device, eps),
+        split=norm_parts_per_row(rows, block, scheme, params, device.sm_count),
     )
 
 
-#: the row counts at which :func:`norm_launch` can change (it is constant between them)
-ROW_BOUNDARIES = (1, 2, FP8_GROUP_PIECES_MIN_ROWS, MANY_ROWS)
+#: the row counts at which :func:`norm_launch` can change (it is constant between them, for a
+#: device of at least NORM_MAX_SPLIT · NORM_SPLIT_MAX_ROWS programs)
+ROW_BOUNDARIES = (
+    1,
+    2,
+    NORM_SPLIT_MAX_ROWS + 1,
+    FP8_GROUP_PIECES_MIN_ROWS,
+    MANY_ROWS,
+)
 
 
 def norm_launch_space(

@@ -231,6 +231,7 @@ def lower_fused_norm_quant(graph: torch.fx.Graph) -> int:
                 **constexprs,  # wrap_triton needs every argument, defaulted ones too
             }
             kernel = _kernel_with_warps(options["num_warps"])
+            # (NO_PDL names no programs: no launch here splits a row, launch.grid is (m,))
             grid_rows = m if isinstance(m, int) else _size_node(graph, m, x)
             hop = graph.call_function(
                 triton_kernel_wrapper_functional,

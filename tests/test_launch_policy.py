@@ -98,22 +98,52 @@ SCHEMES = [(None, ()), ("mxfp4", ()), ("mxfp8", ()), FP8_GROUP, ("fp8_per_token"
 
 @pytest.mark.parametrize("scheme,params", SCHEMES)
 @pytest.mark.parametrize("residual", [False, True])
-def test_the_walk_of_the_policy_meets_every_launch(scheme, params, residual) -> None:
+@pytest.mark.parametrize("device", [NO_PDL, PDL], ids=["no programs named", "132 SMs"])
+def test_the_walk_of_the_policy_meets_every_launch(scheme, params, residual, device) -> None:
     """Every record norm_launch gives any row count is one norm_launch_space yields (what the
     compile check compiles), and the space has no record twice."""
     for kdim in (256, 1536, 4096, 4352, 7168, 8192, 9000, 16384):
         space = [
             launch
             for _, launch in policy.norm_launch_space(
-                kdim, NO_PDL, scheme=scheme, params=params, residual=residual
+                kdim, device, scheme=scheme, params=params, residual=residual
             )
         ]
         assert len(space) == len(set(space))
         for rows in [*range(1, 70), *range(1000, 1100), *range(2000, 2100), 5000, 1 << 20]:
             launch = policy.norm_launch(
-                kdim, rows, NO_PDL, scheme=scheme, params=params, residual=residual
+                kdim, rows, device, scheme=scheme, params=params, residual=residual
             )
             assert launch in space, (kdim, rows)
+
+
+@pytest.mark.parametrize("scheme,params", [*SCHEMES, ("fp8_group", (64, True, None))])
+@pytest.mark.parametrize("residual", [False, True])
+def test_a_split_row_keeps_its_warps_and_whole_quant_groups(scheme, params, residual) -> None:
+    """SPLIT changes nothing a row's bytes depend on: the warps (the sum order) are the unsplit
+    record's, parts are powers of two holding whole quant groups (MXFP blocks: 32); no split
+    for a per-token scale, beyond NORM_SPLIT_MAX_ROWS rows, or beyond the device's programs."""
+    group = max(policy.quant_group(scheme, params), 32 if scheme else 1)
+    for kdim in (256, 512, 1536, 4096, 7168, 8192, 16384):
+        for rows in (1, 2, 7, policy.NORM_SPLIT_MAX_ROWS, policy.NORM_SPLIT_MAX_ROWS + 1, 4096):
+            launch = policy.norm_launch(
+                kdim, rows, PDL, scheme=scheme, params=params, residual=residual
+            )
+            unsplit = policy.norm_launch(
+                kdim, rows, NO_PDL, scheme=scheme, params=params, residual=residual
+            )
+            assert unsplit.split == 1 and launch.num_warps == unsplit.num_warps
+            assert launch.split & (launch.split - 1) == 0 and launch.split <= policy.NORM_MAX_SPLIT
+            assert launch.grid(rows) == (rows * launch.split,)
+            if launch.split > 1:
+                assert rows <= policy.NORM_SPLIT_MAX_ROWS and launch.pieces == (0, 0, 0)
+                assert (launch.block_k // launch.split) % group == 0
+                assert rows * launch.split <= PDL.sm_count
+            if scheme == "fp8_per_token":
+                assert launch.split == 1
+    few = DeviceFacts(hip=False, pdl=True, prefetch_weight=True, sm_count=20)
+    assert policy.norm_launch(7168, 4, few, scheme="mxfp4").split == 4  # 4 · 8 > 20 programs
+    assert policy.norm_launch(7168, 4, PDL, scheme="mxfp4").split == 8
 
 
 def test_device_facts_reach_the_record() -> None:

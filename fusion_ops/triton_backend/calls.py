@@ -130,6 +130,7 @@ def norm_quant_meta(launch: NormLaunch, flags: NormFlags, consts: Mapping[str, A
         ("PIECE2", launch.pieces[2]),
         ("PREFETCH_W", launch.prefetch_weight),
         ("INV_BY_FMA", launch.inv_by_fma),
+        ("SPLIT", launch.split),
         ("num_warps", launch.num_warps),
         ("launch_pdl", launch.use_pdl),
     )

@@ -117,6 +117,8 @@ def _norm_quant_types(dtype: str, q_ty: str, s_ty: str) -> dict[str, str]:
 
 # the launch-policy walk (every record a width's row counts get) in full for these schemes; the
 # others (UE8M0, FNUZ) differ from them only in constexprs the walk does not change, and walk only
+# rows that get one program per row and no pieces (the common record)
+_ONE_PROGRAM_ROWS = policy.NORM_SPLIT_MAX_ROWS + 1
 # the records whose code differs by scheme (the row in pieces)
 _WALKED = ("none", "mxfp4", "mxfp8", "fp8_group128_e4m3fn", "fp8_per_token_e4m3fn")
 
@@ -140,9 +142,9 @@ def _norm_quant_cases() -> Iterator[Case]:
         )
         consts = scheme_constants(scheme, params, 8192)
         fnuz = q_ty == _FP8["e4m3fnuz"]
-        # a few rows of 8192 columns
+        # a few dozen rows of 8192 columns (one program per row)
         base = policy.norm_launch(
-            8192, 2, _NVIDIA_PDL if pdl else _NVIDIA, scheme=scheme, params=params,
+            8192, _ONE_PROGRAM_ROWS, _NVIDIA_PDL if pdl else _NVIDIA, scheme=scheme, params=params,
             residual=has_res,
         )  # fmt: skip
         yield _case(
@@ -155,15 +157,18 @@ def _norm_quant_cases() -> Iterator[Case]:
         )
         if dtype != "bf16" or pdl or other:
             continue
-        # every other record rows of 7168 columns get: one row (more warps), many rows (fewer
-        # warps; block-quant schemes without a residual: the row in unpadded pieces)
+        # every other record rows of 7168 columns get: decode sizes (a row split over programs;
+        # one row: more warps), many rows (fewer warps; block-quant schemes without a residual:
+        # the row in unpadded pieces)
         for rows, launch in policy.norm_launch_space(
             7168, _NVIDIA, scheme=scheme, params=params, residual=has_res
         ):
             pieces = "+".join(str(p) for p in launch.pieces if p)
-            if launch == base or (label not in _WALKED and not pieces):
+            split = launch.split > 1
+            if launch == base or (label not in _WALKED and not pieces and not split):
                 continue
             many = f"{rows} row{'s' if rows > 1 else ''}: {launch.num_warps} warps"
+            many += f", split {launch.split}" if split else ""
             yield _case(
                 f"norm_quant_kernel[{label}, {dtype}, {'add+' if has_res else ''}rms, "
                 + (f"pieces {pieces}" if launch.num_warps == 4 and pieces else
@@ -181,7 +186,9 @@ def _norm_quant_cases() -> Iterator[Case]:
         ("fp16", 512, True, 1e-6, "weightless rms"),
         ("bf16", 8192, False, 2.0**-41, "rms, tiny eps"),
     ):
-        launch = policy.norm_launch(width, 2, _NVIDIA, has_weight=not weightless, eps=eps)
+        launch = policy.norm_launch(
+            width, _ONE_PROGRAM_ROWS, _NVIDIA, has_weight=not weightless, eps=eps
+        )
         yield _case(
             f"norm_quant_kernel[none, {dtype}, {label}]",
             k.norm_quant_kernel,

@@ -67,7 +67,7 @@ def norm_quant(
         )
         stride = x2.stride(0)
         _norm_quant_launch(
-            (m,),
+            launch.grid(m),
             norm_quant_args(
                 x2,
                 r2,

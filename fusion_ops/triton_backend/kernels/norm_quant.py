@@ -41,6 +41,7 @@ def norm_quant_kernel(
     PIECE2: tl.constexpr = 0,
     PREFETCH_W: tl.constexpr = False,
     INV_BY_FMA: tl.constexpr = False,
+    SPLIT: tl.constexpr = 1,
 ):
     """One row per program: [x + r →] rms_norm → [quant]; the flags select other libraries'
     rounding points (fusion_ops.reference.norm): the weight applied after rounding the normed
@@ -49,7 +50,16 @@ def norm_quant_kernel(
     after its sum of squares as up to three unpadded power-of-two pieces (_norm_quant_pieces).
     PREFETCH_W: the one-block path loads the weight before the PDL wait (see
     _pdl_start_with_weight); pieces are for many rows, where that wait hides nothing.
-    INV_BY_FMA: the 1/rms steps by FMA corrections (_inv_rms; same bytes)."""
+    INV_BY_FMA: the 1/rms steps by FMA corrections (_inv_rms; same bytes). SPLIT > 1 (decode
+    sizes; grid M · SPLIT; speed only, same bytes): program p does part p % SPLIT of row
+    p // SPLIT (_norm_quant_split)."""
+    if SPLIT > 1:
+        _norm_quant_split(
+            x_ptr, r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr, x_stride, r_stride, K, eps,
+            fp8_max, min_scale, HAS_RES, DO_NORM, WRITE_Y, SCHEME, GROUP, UE8M0, BLOCK_K, USE_PDL,
+            WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM, WEIGHTLESS, PREFETCH_W, INV_BY_FMA, SPLIT,
+        )  # fmt: skip
+        return
     row = tl.program_id(0).to(tl.int64)
     if PIECE0 == 0:
         w = _pdl_start_with_weight(w_ptr, K, BLOCK_K, USE_PDL, PREFETCH_W, PREFETCH_W)
@@ -66,6 +76,48 @@ def norm_quant_kernel(
             eps, fp8_max, min_scale, HAS_RES, DO_NORM, WRITE_Y, SCHEME, GROUP, UE8M0, BLOCK_K,
             WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM, WEIGHTLESS, PIECE0, PIECE1, PIECE2, INV_BY_FMA,
         )  # fmt: skip
+
+
+@triton.jit
+def _norm_quant_split(
+    x_ptr, r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr, x_stride, r_stride, K, eps, fp8_max,
+    min_scale, HAS_RES: tl.constexpr, DO_NORM: tl.constexpr, WRITE_Y: tl.constexpr,
+    SCHEME: tl.constexpr, GROUP: tl.constexpr, UE8M0: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr, WEIGHT_AFTER_ROUNDING: tl.constexpr, UNROUNDED_SUM: tl.constexpr,
+    WEIGHTLESS: tl.constexpr, PREFETCH_W: tl.constexpr, INV_BY_FMA: tl.constexpr,
+    SPLIT: tl.constexpr,
+):  # fmt: skip
+    """A row in SPLIT programs, as the all-reduce kernel splits one: each program takes the
+    whole row's 1/rms from the dedicated sum-of-squares load over BLOCK_K (the same load, warps
+    and order as the one-program kernel, so the same bits) and does the row work on its part of
+    BLOCK_K / SPLIT columns (_norm_quant_part: every output depends on its column and 1/rms
+    alone; parts hold whole quant blocks and groups). The part and its weight are loaded
+    before the reduction (the weight before the PDL wait with PREFETCH_W), so their loads are
+    in flight during it."""
+    PART: tl.constexpr = BLOCK_K // SPLIT
+    pid = tl.program_id(0)
+    row = (pid // SPLIT).to(tl.int64)
+    col0 = (pid % SPLIT) * PART
+    cols = col0 + tl.arange(0, PART)
+    mask = cols < K
+    w = 0
+    LOAD_W: tl.constexpr = DO_NORM and not WEIGHTLESS
+    if LOAD_W and PREFETCH_W:
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    if USE_PDL:
+        _pdl_start()
+    if LOAD_W and not PREFETCH_W:
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
+    inv = _row_inv_rms(
+        x_ptr, r_ptr, row, x_stride, r_stride, K, eps, HAS_RES, DO_NORM, UNROUNDED_SUM, BLOCK_K,
+        INV_BY_FMA,
+    )  # fmt: skip
+    _norm_quant_part(
+        x, col0, inv, row, r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr, r_stride, K, fp8_max,
+        min_scale, HAS_RES, DO_NORM, WRITE_Y, SCHEME, GROUP, UE8M0, PART,
+        WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM, WEIGHTLESS, w, LOAD_W,
+    )  # fmt: skip
 
 
 @triton.jit
