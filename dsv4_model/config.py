@@ -1,4 +1,5 @@
-"""DeepSeek-V4 configuration and presets (dims from shared/reference/dsv4-facts.md §A)."""
+"""DeepSeek-V4 configuration and presets (dims as vLLM 0.33.0's vllm/models/deepseek_v4 reads
+them from the model config)."""
 
 from __future__ import annotations
 

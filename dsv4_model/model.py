@@ -1,6 +1,6 @@
 """Reference DeepSeek-V4, built from ``torch.ops.fusion_ops`` standalone ops and plain torch.
 
-Structure (shared/reference/dsv4-facts.md §B), per decoder layer::
+Structure (as vLLM 0.33.0's vllm/models/deepseek_v4/amd/model.py builds it), per decoder layer::
 
     mhc:  x, post, comb = hc_pre(R)              add:  x, res = fused_add_rms_norm(h, res)
           x = rms_norm(x)                               (layer 0: rms_norm(h), res = h)

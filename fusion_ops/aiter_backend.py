@@ -10,7 +10,7 @@ Loaded by :mod:`fusion_ops.backends` on ROCm when ``import aiter`` works. What A
 
 Every other call (other schemes, UE8M0 scales, other group sizes, ``return_normed`` for MXFP4,
 ``weight_after_rounding`` / ``norm_unrounded_sum``) goes to the Triton backend. Numerics differ
-from the contract (shared/reference/aiter-semantics.md):
+from the contract (AITER's Triton source, amd-aiter 0.1.7):
 AITER normalises the *unrounded* fp32 value (and the unrounded fp32 sum x + residual) instead of
 quantizing the normed value rounded to x.dtype, so a code can differ where that rounding moves a
 value across a rounding boundary; its FP8 group scale is ``max(amax, 1e-10)/FP8_MAX`` applied as a

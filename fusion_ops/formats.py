@@ -1,6 +1,6 @@
 """Number formats and the DeepSeek-V4 KV-cache byte layout (constants only, no torch ops).
 
-DeepSeek-V4 cache slot, layout ``dsv4_fp8`` (shared/reference/dsv4-facts.md §C.1): 584 bytes per
+DeepSeek-V4 cache slot, layout ``dsv4_fp8`` (vLLM 0.33.0's fp8_ds_mla): 584 bytes per
 token = 448 B FP8 e4m3fn NoPE (latent dims 0..447, seven 64-wide tiles) + 128 B bf16 RoPE (dims
 448..511) + 8 B UE8M0 scales (tiles 0..6, then one pad byte written 0). Not interleaved per token:
 a block of ``bs`` tokens holds the 576 data bytes of every token first, then the 8 scale bytes of

@@ -7,7 +7,8 @@ of the match). The replacement keeps the functional form, so Inductor reinplaces
 
 q and kv are usually views of one projection at nonzero storage offsets. The pass rebuilds the
 replacement's ``eager_input_vals`` from the real inputs (fusion_passes.fusion_pass), otherwise
-Inductor copies the wrong memory into the fused op (shared/reference: pitfall P1).
+Inductor copies the wrong memory into the fused op (torch's
+register_replacement.check_fn rebuilds the args with empty_strided, dropping storage_offset).
 
 Must not fire: q and kv ropes differ in positions, table, rope_dim or style; the cache is a view
 (v2 carries ``_kv_cache_size``); no q rope exists (kv-only writes are left alone).

@@ -101,7 +101,8 @@ def fp8_group(values: list[float], use_ue8m0: bool, dtype: torch.dtype) -> tuple
 
 def dsv4_encode_token(kv: list[float], rope_bf16_bytes: bytes) -> tuple[bytes, bytes]:
     """One token (512 bf16-exact values, plus the bf16 bytes of dims 448..511) ->
-    (576 data bytes, 8 scale bytes), per shared/reference/dsv4-facts.md §C.1."""
+    (576 data bytes, 8 scale bytes), as vLLM 0.33.0's fp8_ds_mla cache lays it out
+    (vllm/models/deepseek_v4/attention.py, cache_utils.py)."""
     data = bytearray()
     scales = bytearray()
     for tile in range(7):

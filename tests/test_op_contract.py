@@ -181,7 +181,7 @@ def test_fused_norm_quant_equals_standalone(scheme: str, dtype: torch.dtype, sha
 
 def vllm_ir_style_norm(x, residual, weight, eps):  # noqa: ANN001, ANN201
     """vLLM IR's rms_norm / fused_add_rms_norm rounding points, spelled as vLLM 0.32 does
-    (shared/reference/vllm-0.32-facts.md §4), independently of fusion_ops' reference."""
+    (vLLM's vllm/ir/ops/layernorm.py), independently of fusion_ops' reference."""
     orig = x.dtype
     h = x.to(torch.float32)
     if residual is not None:

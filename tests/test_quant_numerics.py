@@ -89,7 +89,8 @@ def test_mxfp4_zero_block_and_signed_zero() -> None:
 
 
 def test_mxfp4_amax_rounding_examples() -> None:
-    # shared/reference/dsv4-facts.md E.1: amax 1.0 → u −2; 7.0 → rounds to 8 → u 1; 1.74 → u −2;
+    # vLLM 0.33.0 mxfp4_utils.py, AITER dynamic_mxfp4_quant:
+    # amax 1.0 → u −2; 7.0 → rounds to 8 → u 1; 1.74 → u −2;
     # 1.76 → u −1; 0.3 → u −4
     for amax, u in ((1.0, -2), (7.0, 1), (1.74, -2), (1.76, -1), (0.3, -4), (6.0, 0)):
         x = torch.zeros(32)

@@ -1,7 +1,7 @@
 """Reference RMSNorm and fused-add RMSNorm (fp32 math, one rounding to x.dtype by default).
 
 Two optional numerics reproduce other libraries' rounding points exactly (vLLM IR's
-``rms_norm`` / ``fused_add_rms_norm``, shared/reference/vllm-0.32-facts.md §4):
+``rms_norm`` / ``fused_add_rms_norm``, vLLM's vllm/ir/ops/layernorm.py):
 
 * ``weight_after_rounding``: the normed value is rounded to the weight's dtype, multiplied by
   the weight in that dtype, then rounded to x's dtype (``(n.to(w.dtype) * w).to(x.dtype)``).

@@ -2,7 +2,7 @@
 
 AITER's package ``__init__`` needs ROCm, so the test loads its Triton modules from an unpacked
 ``amd-aiter`` wheel (``AITER_SOURCE_DIR``) with the package stubbed. Skipped without it.
-Expected differences (shared/reference/aiter-semantics.md), asserted as such:
+Expected differences (AITER's Triton source, amd-aiter 0.1.7: aiter/ops/triton/), asserted as such:
 * AITER normalises the unrounded fp32 value: a few codes differ from the contract;
 * on NVIDIA its MXFP4 kernel writes scale byte 127 for every block whose exponent is negative
   (a negative float cast to an unsigned int saturates); on ROCm the bytes are right.

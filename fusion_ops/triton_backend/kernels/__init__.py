@@ -3,7 +3,7 @@
 Bit-exactness with the reference backend rests on three rules:
 * exponents are taken from float bits and powers of two are built from bits (no log2/exp2 calls,
   whose last ulp differs between vendors); no float is ever cast straight to an unsigned int
-  (AITER's MXFP4 scale bug on NVIDIA, shared/reference/aiter-semantics.md);
+  (AITER's MXFP4 scale bug on NVIDIA: a negative fp32 → uint8 cast saturates to 0 in PTX);
 * RoPE kernels are compiled with ``enable_fp_fusion=False`` so ``a·cos − b·sin`` rounds after
   each operation like the torch reference, not through an FMA;
 * clamps keep NaN explicitly (hardware min/max drop it).
