@@ -2,8 +2,8 @@
 
 * ``norm_cpu.cpp``: CPU kernels of ``rms_norm`` and ``fused_add_rms_norm``. They run the
   reference math as the same ATen calls in the same order, so the op costs about what its ATen
-  calls cost (the Python kernel adds argument filling, validation, backend selection and ~2 µs
-  per ATen call made from Python).
+  calls cost (the Python kernel adds argument filling, validation, backend selection and the
+  cost of each ATen call made from Python; benchmarks/overhead.py).
 * ``replay_cuda.cpp`` (NVIDIA builds of torch): CUDA kernels of the norm/quant ops that replay
   the Triton launch the op's Python kernel made for the same argument signature (dtypes,
   devices, sizes, strides, alignment, non-float arguments): outputs allocated and the kernel

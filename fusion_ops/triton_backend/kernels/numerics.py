@@ -81,8 +81,8 @@ def _inv_rms(ss, K, eps, INV_BY_FMA: tl.constexpr = False):
     INV_BY_FMA (NVIDIA with eps ≥ 2⁻⁴⁰ only: the launchers' ``inv_rms_by_fma``): the same bits from
     hardware seeds and FMA corrections, without the range checks and branches of ``div.rn`` /
     ``sqrt.rn`` (_mean_by_fma, _rcp_sqrt_by_fma; tests/gpu/test_inv_rms_steps.py checks every
-    fp32 sum of squares). The correctly rounded instructions cost 0.05–0.07 µs per launch at
-    decode sizes against vLLM's approximate rsqrt (H100, benchmarks/q_kv_inv_rms.py)."""
+    fp32 sum of squares). The correctly rounded instructions are measurably slower at decode
+    sizes than vLLM's approximate rsqrt (benchmarks/q_kv_inv_rms.py, RESULTS.md)."""
     if INV_BY_FMA:
         return _rcp_sqrt_by_fma(_mean_by_fma(ss, K) + eps, ss)
     mean = tl.math.div_rn(ss, tl.cast(K, tl.float32))
