@@ -46,7 +46,7 @@ def op_calls(rows: int, kdim: int, split: int) -> dict[str, Callable[[], Any]]:
             launch = policy.norm_launch(
                 kdim, rows, device, scheme=scheme, params=params, residual=residual
             )
-            if launch.block_k // split < max(policy.quant_group(scheme, params), 32):
+            if launch.block_k // split < policy.smallest_part(scheme, params):
                 continue
             forced = replace(launch, split=split)
             name = f"{'add+' if residual else ''}rms{suffix}"
@@ -54,6 +54,16 @@ def op_calls(rows: int, kdim: int, split: int) -> dict[str, Callable[[], Any]]:
                 triton_backend.norm_quant(x, res, w, EPS, s, p, s is None, launch=f)
             )
     return calls
+
+
+def policy_split(name: str, rows: int, kdim: int) -> int:
+    """The split the policy gives the op ``name`` (as op_calls names it) over these rows."""
+    scheme, params = SCHEMES[name.removeprefix("add+").removeprefix("rms")]
+    device = triton_backend.device_facts(0)
+    residual = name.startswith("add+")
+    return policy.norm_launch(
+        kdim, rows, device, scheme=scheme, params=params, residual=residual
+    ).split
 
 
 def main() -> None:
@@ -68,14 +78,6 @@ def main() -> None:
     for kdim in args.widths:
         for rows in args.rows:
             by_split = {s: op_calls(rows, kdim, s) for s in SPLITS}
-            chosen = {
-                name: policy.norm_launch(
-                    kdim, rows, triton_backend.device_facts(0), scheme=SCHEMES[suffix][0],
-                    params=SCHEMES[suffix][1], residual=name.startswith("add+"),
-                ).split
-                for name in by_split[1]
-                for suffix in [name.removeprefix("add+").removeprefix("rms")]
-            }  # fmt: skip
             for name in by_split[1]:
                 fns = {str(s): by_split[s][name] for s in SPLITS if name in by_split[s]}
                 times = bench_interleaved(fns)
@@ -83,12 +85,12 @@ def main() -> None:
                 print(
                     f"{name:20s} {rows:3d}×{kdim:<5d} "
                     + "  ".join(f"split {s} {us:5.2f}" for s, us in times.items())
-                    + f"   best {best}, policy {chosen[name]}",
+                    + f"   best {best}, policy {policy_split(name, rows, kdim)}",
                     flush=True,
                 )
                 out.append(
                     {"op": name, "rows": rows, "kdim": kdim, "us_by_split": times,
-                     "policy_split": chosen[name]}
+                     "policy_split": policy_split(name, rows, kdim)}
                 )  # fmt: skip
     report(out, args.json)
 

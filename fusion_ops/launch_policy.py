@@ -171,6 +171,12 @@ class NormLaunch:
         return (rows * self.split,)
 
 
+def smallest_part(scheme: str | None, params: tuple[Any, ...]) -> int:
+    """The fewest columns a program of a split row may own: whole quant groups (MXFP blocks: 32),
+    one column without a quant."""
+    return max(quant_group(scheme, params), 32 if scheme is not None else 1)
+
+
 def norm_parts_per_row(
     rows: int, block_k: int, scheme: str | None, params: tuple[Any, ...], programs: int
 ) -> int:
@@ -183,7 +189,8 @@ def norm_parts_per_row(
         return 1
     table = NORM_SPLIT_BY_BLOCK if scheme is None else NORM_SPLIT_BY_BLOCK_QUANT
     split = NORM_MAX_SPLIT if block_k > max(table) else table.get(block_k, 1)
-    while split > 1 and (rows * split > programs or block_k // split < max(group, 32)):
+    part = smallest_part(scheme, params)
+    while split > 1 and (rows * split > programs or block_k // split < part):
         split //= 2
     return split
 
