@@ -55,12 +55,16 @@ def tolerant_label(label: str) -> str:
 
 
 def _source_files() -> tuple[str, ...]:
-    """Every file whose code can change the rewrite: patterns, the pass, the op schemas."""
-    dirs = [Path(patterns.__file__).parent, Path(__file__).parent]
-    files = sorted(str(p) for d in dirs for p in d.glob("*.py"))
+    """Every file whose code can change the rewrite: patterns, the pass, the op schemas, and what
+    inductor_launch=True writes into the compiled graph (the launch policy, the calling
+    conventions, the Triton kernels' source)."""
     ops_dir = Path(fusion_ops.__file__).parent
-    schemas = sorted(str(p) for p in (ops_dir / "library").glob("*.py"))
-    return (*files, *schemas, *(str(ops_dir / f) for f in ("schemes.py", "formats.py")))
+    triton_dir = ops_dir / "triton_backend"
+    dirs = [Path(patterns.__file__).parent, Path(__file__).parent, ops_dir / "library"]
+    dirs.append(triton_dir / "kernels")
+    files = sorted(str(p) for d in dirs for p in d.glob("*.py"))
+    single = ("schemes.py", "formats.py", "launch_policy.py", "triton_backend/calls.py")
+    return (*files, *(str(ops_dir / f) for f in single))
 
 
 class ServedFromCache(UserWarning):

@@ -268,6 +268,8 @@ def test_uuid_stable_and_sensitive_to_config_and_source(monkeypatch, tmp_path: P
     files = fp._source_files()
     assert any(f.endswith("patterns/rms_quant.py") for f in files)
     assert any(f.endswith("fusion_ops/library/quant.py") for f in files)
+    assert any(f.endswith("fusion_ops/launch_policy.py") for f in files)  # inductor_launch's code
+    assert any(f.endswith("triton_backend/kernels/norm_quant.py") for f in files)
     monkeypatch.setattr(fp, "_source_files", lambda: (*files, str(extra)))
     first = a.uuid()
     assert first == a.uuid()
