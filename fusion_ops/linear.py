@@ -35,6 +35,8 @@ ops = torch.ops.fusion_ops
 WEIGHT_BLOCK = 128
 #: block-wise FP8 GEMMs run on at least this many rows (fewer are padded with zero codes)
 MIN_BLOCKWISE_ROWS = 16
+#: ... and on a multiple of this many rows (their column-major scales stay 16-byte aligned)
+BLOCKWISE_ROW_MULTIPLE = 4
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,83 @@ def scaled_mm_kind(config: ActQuantConfig, weight: torch.Tensor) -> str | None:
     return None
 
 
+def grouped_kind(config: ActQuantConfig, device: torch.device) -> str | None:
+    """``"rowwise"``: the experts' GEMM of this scheme runs as ``torch._scaled_grouped_mm`` (FP8
+    per token × FP8 per output channel, Hopper and later); None: dequantize the activation and
+    run ``torch._grouped_mm`` in bf16 (no grouped kernel for 1×128 groups or MX scales)."""
+    if device.type != "cuda" or config.fp8_dtype != torch.float8_e4m3fn:
+        return None
+    if torch.version.hip is not None or torch.cuda.get_device_capability(device) < (9, 0):
+        return None
+    return "rowwise" if config.scheme == "fp8_per_token" and not config.use_ue8m0 else None
+
+
+def quantize_weight(weight: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 e4m3fn codes of ``weight`` [..., N, K] and their fp32 scales: ``rowwise`` one per
+    output channel, [..., N]; ``blockwise`` one per 128×128 block, [..., N/128, K/128]."""
+    fp8_max = torch.finfo(torch.float8_e4m3fn).max
+    wf = weight.float()
+    if kind == "rowwise":
+        scale = wf.abs().amax(-1).clamp_min(1e-12) / fp8_max  # [..., N]
+        return (wf / scale.unsqueeze(-1)).to(torch.float8_e4m3fn), scale
+    *lead, n, k = wf.shape
+    blocks = wf.reshape(*lead, n // WEIGHT_BLOCK, WEIGHT_BLOCK, k // WEIGHT_BLOCK, WEIGHT_BLOCK)
+    scale = blocks.abs().amax((-3, -1)).clamp_min(1e-12) / fp8_max  # [..., N/128, K/128]
+    full = scale.repeat_interleave(WEIGHT_BLOCK, -2).repeat_interleave(WEIGHT_BLOCK, -1)
+    return (wf / full).to(torch.float8_e4m3fn), scale
+
+
+def scaled_mm(
+    q: torch.Tensor,
+    s: torch.Tensor,
+    weight_fp8: torch.Tensor,
+    weight_scale: torch.Tensor,
+    kind: str,
+    out_dtype: torch.dtype,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``torch._scaled_mm`` of the quantized activation (codes ``q`` [..., K], scales ``s``) and
+    a weight from :func:`quantize_weight` [N, K] → [..., N] in ``out_dtype``."""
+    lead, n = q.shape[:-1], weight_fp8.shape[0]
+    q2, s2 = q.reshape(-1, q.shape[-1]), s.reshape(-1, s.shape[-1])
+    rows = q2.shape[0]
+    if kind == "rowwise":
+        sa, sb = s2.contiguous(), weight_scale.view(1, n)  # [M, 1], [1, N]
+    else:  # block-wise: activation scales column-major, weight scales transposed
+        # cuBLAS (torch 2.11, H200) has no block-wise kernel under 16 rows, nor for a row count
+        # that is not a multiple of 4 (the column-major scales' columns must be 16-byte
+        # aligned): CUBLAS_STATUS_NOT_SUPPORTED. Pad with rows of zero codes.
+        pad = (
+            max(MIN_BLOCKWISE_ROWS, -(-rows // BLOCKWISE_ROW_MULTIPLE) * BLOCKWISE_ROW_MULTIPLE)
+            - rows
+        )
+        q2 = nn.functional.pad(q2.view(torch.uint8), (0, 0, 0, pad)).view(q2.dtype)
+        sa = nn.functional.pad(s2, (0, 0, 0, pad), value=1.0).t().contiguous().t()
+        sb = weight_scale.t()
+    y = torch._scaled_mm(q2, weight_fp8.t(), scale_a=sa, scale_b=sb, bias=bias, out_dtype=out_dtype)
+    return y[:rows].reshape(*lead, n)
+
+
+def scaled_grouped_mm(
+    q: torch.Tensor,
+    s: torch.Tensor,
+    weight_fp8: torch.Tensor,
+    weight_scale: torch.Tensor,
+    offs: torch.Tensor,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Rows of ``q`` [M, K] (per-token scales ``s`` [M, 1]) grouped by expert (``offs``: int32
+    cumulative ends) times each expert's row-wise FP8 weight [E, N, K] (scales [E, N])."""
+    return torch._scaled_grouped_mm(
+        q,
+        weight_fp8.transpose(-2, -1),
+        scale_a=s.reshape(-1).contiguous(),
+        scale_b=weight_scale,
+        offs=offs,
+        out_dtype=out_dtype,
+    )
+
+
 class ActQuantLinear(nn.Module):
     """``y = x Wᵀ + b`` with x quantized by our quant op first (:mod:`fusion_ops.linear`)."""
 
@@ -123,45 +202,16 @@ class ActQuantLinear(nn.Module):
         if self.kind is None:
             self.weight = nn.Parameter(weight, requires_grad=False)
             return
-        fp8_max = torch.finfo(torch.float8_e4m3fn).max
-        wf = weight.float()
-        if self.kind == "rowwise":  # one scale per output channel, stored as [1, N]
-            scale = wf.abs().amax(-1, keepdim=True).clamp_min(1e-12) / fp8_max  # [N, 1]
-            codes, stored = wf / scale, scale.t().contiguous()
-        else:  # one scale per 128×128 block, stored as [N/128, K/128]
-            n, k = wf.shape
-            blocks = wf.reshape(n // WEIGHT_BLOCK, WEIGHT_BLOCK, k // WEIGHT_BLOCK, WEIGHT_BLOCK)
-            scale = blocks.abs().amax((1, 3)).clamp_min(1e-12) / fp8_max
-            full = scale.repeat_interleave(WEIGHT_BLOCK, 0).repeat_interleave(WEIGHT_BLOCK, 1)
-            codes, stored = wf / full, scale
-        self.register_buffer("weight_fp8", codes.to(torch.float8_e4m3fn))
-        self.register_buffer("weight_scale", stored)
+        codes, scale = quantize_weight(weight, self.kind)
+        self.register_buffer("weight_fp8", codes)
+        self.register_buffer("weight_scale", scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, s = self.config.quantize(x)
         if self.kind is None:
             xd = dequantize(q, s, self.config.scheme, x.dtype, self.config.group_size)
             return nn.functional.linear(xd, self.weight, self.bias)
-        lead = x.shape[:-1]
-        q2, s2 = q.reshape(-1, q.shape[-1]), s.reshape(-1, s.shape[-1])
-        rows = q2.shape[0]
-        if self.kind == "rowwise":
-            sa = s2.contiguous()  # [M, 1]
-        else:  # block-wise: activation scales column-major, weight scales transposed
-            # cuBLAS has no block-wise kernel for a single row (CUBLAS_STATUS_NOT_SUPPORTED,
-            # torch 2.11, H200): pad to MIN_BLOCKWISE_ROWS rows of zero codes
-            pad = max(MIN_BLOCKWISE_ROWS - rows, 0)
-            q2 = nn.functional.pad(q2.view(torch.uint8), (0, 0, 0, pad)).view(q2.dtype)
-            sa = nn.functional.pad(s2, (0, 0, 0, pad), value=1.0).t().contiguous().t()
-        y = torch._scaled_mm(
-            q2,
-            self.weight_fp8.t(),
-            scale_a=sa,
-            scale_b=self.weight_scale if self.kind == "rowwise" else self.weight_scale.t(),
-            bias=self.bias,
-            out_dtype=x.dtype,
-        )
-        return y[:rows].reshape(*lead, self.out_features)
+        return scaled_mm(q, s, self.weight_fp8, self.weight_scale, self.kind, x.dtype, self.bias)
 
     def extra_repr(self) -> str:
         gemm = f"torch._scaled_mm {self.kind}" if self.kind else "dequantized activation"

@@ -20,15 +20,15 @@ pytestmark = [
 
 def weight_dequantized(layer: ActQuantLinear) -> torch.Tensor:
     w, s = layer.weight_fp8.float(), layer.weight_scale
-    if layer.kind == "rowwise":
-        return w * s.t()
+    if layer.kind == "rowwise":  # one scale per output channel [N]
+        return w * s.unsqueeze(-1)
     return w * s.repeat_interleave(128, 0).repeat_interleave(128, 1)
 
 
 @pytest.mark.parametrize(
     ("scheme", "kind"), [("fp8_per_token", "rowwise"), ("fp8_group", "blockwise")]
 )
-@pytest.mark.parametrize("tokens", [1, 64, 300])
+@pytest.mark.parametrize("tokens", [1, 17, 64, 130, 300])  # 17, 130: padded to 4k rows
 def test_scaled_mm_matches_the_dequantized_product(scheme: str, kind: str, tokens: int) -> None:
     torch.manual_seed(0)
     linear = nn.Linear(1024, 512, bias=False, device="cuda", dtype=torch.bfloat16)
