@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 
 LAYER_KINDS = {1: "swa", 4: "csa", 128: "hca"}  # compress ratio -> layer kind
+ACT_QUANTS = ("mxfp4", "mxfp8", "fp8_group", "fp8_per_token")
+GEMMS = ("emulated", "native")
 
 
 @dataclass(frozen=True)
@@ -39,16 +41,25 @@ class DSV4Config:
     max_position: int = 4096
     block_size: int = 64  # tokens per KV-cache block (SWA) / entries per block (compressed)
     residual: str = "mhc"  # "mhc" (V4 hyper-connections) or "add" (V3/R1 residual stream)
-    act_quant: str = "mxfp8"  # routed + shared expert input quant: mxfp4 | mxfp8 | fp8_group
+    # routed + shared expert input quant: mxfp4 | mxfp8 | fp8_group | fp8_per_token
+    act_quant: str = "mxfp8"
     linear_quant: str = "fp8_group"  # FP8 1x128 block linears (attention projections, wo_b)
+    # GEMMs: "emulated" (the definition: dequantized activation × bf16 weight, dense experts) or
+    # "native" (what a server runs: FP8 weights and torch._scaled_mm / _scaled_grouped_mm where
+    # the device has the kernel, routed experts through a grouped GEMM; see dsv4_model.layers)
+    gemm: str = "emulated"
     fp8_dtype: torch.dtype = torch.float8_e4m3fn  # keys cast for attention; FP8 linears
     dtype: torch.dtype = torch.bfloat16
 
     def __post_init__(self) -> None:
         if self.residual not in ("mhc", "add"):
             raise ValueError(f"DSV4Config.residual={self.residual!r}; expected 'mhc' or 'add'")
-        if self.act_quant not in ("mxfp4", "mxfp8", "fp8_group"):
-            raise ValueError(f"DSV4Config.act_quant={self.act_quant!r}")
+        if self.act_quant not in ACT_QUANTS:
+            raise ValueError(
+                f"DSV4Config.act_quant={self.act_quant!r}; expected one of {ACT_QUANTS}"
+            )
+        if self.gemm not in GEMMS:
+            raise ValueError(f"DSV4Config.gemm={self.gemm!r}; expected one of {GEMMS}")
         if self.n_heads % self.o_groups:
             raise ValueError("DSV4Config: n_heads must be a multiple of o_groups")
         if len(self.compress_ratios) != self.n_layers:

@@ -30,7 +30,7 @@ def build(
     seed: int = 0,
     tp: TensorParallel | None = None,
 ) -> tuple[DSV4Model, PagedCaches]:
-    model = DSV4Model(cfg, seed=seed, tp=tp).to(device)
+    model = DSV4Model(cfg, seed=seed, tp=tp, device=device)
     caches = PagedCaches(cfg, batch, max_len, device, seed=seed)
     model.attach(caches)
     return model, caches

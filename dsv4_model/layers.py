@@ -1,12 +1,16 @@
-"""Building blocks: emulated quantized linears, RoPE tables, hyper-connections.
+"""Building blocks: quantized linears, RoPE tables, hyper-connections.
 
-Quantized GEMMs are emulated: the activation goes through the real ``fusion_ops`` quant op (the
-op the fusion passes see), is dequantized in plain torch, and multiplied with bf16 weights.
+Every quantized GEMM's activation goes through the real ``fusion_ops`` quant op (the op the
+fusion passes see). The GEMM after it is either emulated (``gemm="emulated"``, the definition:
+the codes dequantized in plain torch, multiplied with bf16 weights) or, after
+:meth:`QuantLinear.to_native`, what a server runs: FP8 weights and ``torch._scaled_mm`` where the
+device has a kernel for the scheme (:func:`fusion_ops.linear.scaled_mm_kind`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -20,15 +24,14 @@ ops = torch.ops.fusion_ops
 GROUP = 128  # FP8 block linears quantize activations per 1x128
 
 
+def quant_config(scheme: str, fp8_dtype: torch.dtype) -> linear.ActQuantConfig:
+    """The model's activation quant of ``scheme``: FP8 groups of 1×128, fp32 (not UE8M0) scales."""
+    return linear.ActQuantConfig(scheme, GROUP, False, fp8_dtype)
+
+
 def quantize(x: torch.Tensor, scheme: str, fp8_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """The standalone activation quant op of ``scheme`` (what the passes fuse with a norm)."""
-    if scheme == "mxfp4":
-        return ops.mxfp4_quant(x)
-    if scheme == "mxfp8":
-        return ops.mxfp8_quant(x)
-    if scheme == "fp8_group":
-        return ops.fp8_group_quant(x, GROUP, False, fp8_dtype)
-    raise ValueError(f"quantize: unknown scheme {scheme!r}")
+    return quant_config(scheme, fp8_dtype).quantize(x)
 
 
 def dequantize(q: torch.Tensor, s: torch.Tensor, scheme: str, dtype: torch.dtype) -> torch.Tensor:
@@ -59,26 +62,50 @@ class TensorParallel:
 
 
 class QuantLinear(nn.Module):
-    """y = dequant(quant(x)) @ Wᵀ: a quantized-activation GEMM, emulated. Weight [out, in].
-    With ``tp``: this rank's partial sum over its slice of the input features."""
+    """y = quant(x) · Wᵀ, weight [out, in]: emulated (dequantized codes @ bf16 weight) until
+    :meth:`to_native`. With ``tp``: this rank's partial sum over its slice of the input features."""
 
     def __init__(self, in_features: int, out_features: int, scheme: str, fp8_dtype: torch.dtype):
         super().__init__()
-        self.scheme, self.fp8_dtype = scheme, fp8_dtype
+        self.scheme, self.config = scheme, quant_config(scheme, fp8_dtype)
+        self.kind: str | None = None  # the torch._scaled_mm in use (None: emulated)
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
 
+    def to_native(self, tp: TensorParallel | None = None) -> None:
+        """Store the weight as FP8 (this rank's slice of its input features with ``tp``) for the
+        device's ``torch._scaled_mm``, if it has one for the scheme; else stay emulated."""
+        self.kind = linear.scaled_mm_kind(self.config, self.weight)
+        if self.kind is None:
+            return
+        weight = self.weight if tp is None else self.weight[:, tp.shard(self.weight.shape[1])]
+        codes, scale = linear.quantize_weight(weight, self.kind)
+        del self.weight
+        self.register_buffer("weight_fp8", codes)
+        self.register_buffer("weight_scale", scale)
+
     def forward(self, x: torch.Tensor, tp: TensorParallel | None = None) -> torch.Tensor:
-        if tp is None:
-            return self.forward_quantized(*quantize(x, self.scheme, self.fp8_dtype), x.dtype)
-        xq = dequantize(*quantize(x, self.scheme, self.fp8_dtype), self.scheme, x.dtype)
-        cols = tp.shard(x.shape[-1])
-        return xq[..., cols] @ self.weight[:, cols].t()
+        return self.forward_quantized(*self.config.quantize(x), x.dtype, tp)
 
     def forward_quantized(
-        self, q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype
+        self,
+        q: torch.Tensor,
+        s: torch.Tensor,
+        dtype: torch.dtype,
+        tp: TensorParallel | None = None,
     ) -> torch.Tensor:
-        """The GEMM on an already quantized activation (shared by several consumers)."""
-        return dequantize(q, s, self.scheme, dtype) @ self.weight.t()
+        """The GEMM on an already quantized activation (codes ``q``, scales ``s``)."""
+        if self.kind is None:
+            xq = dequantize(q, s, self.scheme, dtype)
+            if tp is None:
+                return xq @ self.weight.t()
+            cols = tp.shard(xq.shape[-1])
+            return xq[..., cols] @ self.weight[:, cols].t()
+        if tp is not None:  # this rank's columns of the codes, and their scales
+            cols = tp.shard(q.shape[-1])
+            q = q[..., cols].contiguous()
+            if self.kind == "blockwise":
+                s = s[..., cols.start // GROUP : cols.stop // GROUP]
+        return linear.scaled_mm(q, s, self.weight_fp8, self.weight_scale, self.kind, dtype)
 
 
 def rope_table(max_pos: int, rope_dim: int, theta: float) -> torch.Tensor:
@@ -133,9 +160,15 @@ class HyperConnection(nn.Module):
         return (post.unsqueeze(-1) * out.float().unsqueeze(1) + mixed).to(streams.dtype)
 
 
-def init_(module: nn.Module, generator: torch.Generator) -> None:
-    """Seeded random weights: N(0, 1/fan_in) for matrices, 1 ± 0.1 for norm weights."""
-    for name, p in module.named_parameters():
+def init_(
+    params: Iterable[tuple[str, nn.Parameter]],
+    generator: torch.Generator,
+    dtype_of: Callable[[str], torch.dtype],
+) -> None:
+    """Seeded random weights, in the order given: N(0, 1/fan_in) for matrices, 1 ± 0.1 for norm
+    weights; each drawn in fp32 and stored as ``dtype_of(name)`` at once (one fp32 copy at a
+    time)."""
+    for name, p in params:
         if name.endswith("norm_weight"):
             p.data = 1 + 0.1 * torch.randn(p.shape, generator=generator)
         elif p.dim() >= 2:
@@ -144,3 +177,4 @@ def init_(module: nn.Module, generator: torch.Generator) -> None:
             p.data = 0.1 * torch.randn(p.shape, generator=generator)
         elif name.endswith("sink"):
             p.data = torch.randn(p.shape, generator=generator)
+        p.data = p.data.to(dtype_of(name))

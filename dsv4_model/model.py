@@ -23,23 +23,36 @@ Structure (as vLLM 0.33.0's vllm/models/deepseek_v4/amd/model.py builds it), per
              routed_scaling; one activation quant (config scheme) shared by the routed and shared
              experts; SwiGLU with clamp (gate ≤ 10, up in [−10, 10])
 
+GEMMs (``cfg.gemm``): ``"emulated"``, the definition, runs every quantized GEMM as activation
+quant op → dequantize → bf16 matmul with bf16 weights, and the experts densely (all experts,
+masked); ``"native"`` runs what a server runs: FP8 weights into ``torch._scaled_mm`` (linears:
+block-wise 1×128 × 128×128 for fp8_group, row-wise for fp8_per_token), routed experts (top-k
+rows per expert) through ``torch._scaled_grouped_mm`` (fp8_per_token: the only scheme with a
+grouped FP8 kernel on Hopper) or ``torch._grouped_mm`` on the dequantized activation (the other
+schemes, and every GEMM on a device without the kernel, e.g. the CPU), the experts' down
+projections fed by the same scheme's quant op. Both modes run the same quant ops on the same
+values in front of the GEMMs: the fused sequences are the same.
+
 Simplifications that do not touch the four fused sequences:
-* GEMMs are emulated (activation quant op → dequantize → bf16 matmul with bf16 weights).
 * Indexer omitted: CSA layers attend to every visible compressed entry (what DeepSeek-V4 does
   while the number of entries is ≤ index_topk); HCA attends to all of them, as in the real model.
 * Compressor without CSA's overlapping second window (coff = 1 for both kinds).
 * Plain RoPE per layer kind (theta 10000 SWA, 160000 CSA/HCA); YaRN scaling omitted.
-* No hash-routed MoE layers, no MTP layer; experts computed densely (all experts, masked).
+* No hash-routed MoE layers, no MTP layer.
 * Prefill is one sequence starting at position 0; decode is one token per sequence.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import fusion_ops  # noqa: F401
+from fusion_ops import linear
 
 from .cache import PagedCaches, Step
 from .config import DSV4Config
@@ -49,6 +62,7 @@ from .layers import (
     TensorParallel,
     dequantize,
     init_,
+    quant_config,
     quantize,
     rope_table,
     weightless_rms,
@@ -67,6 +81,11 @@ FP32_PARAMS = (
     "hc_head_fn",
     "hc_head_base",
 )
+
+
+def _param_dtype(name: str, cfg: DSV4Config) -> torch.dtype:
+    """bf16, except what DeepSeek-V4 keeps in fp32."""
+    return torch.float32 if name.split(".")[-1] in FP32_PARAMS else cfg.dtype
 
 
 def softmax_with_sink(scores: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
@@ -101,6 +120,12 @@ class Attention(nn.Module):
             self.comp_w = nn.Parameter(torch.empty(2 * hd, d), requires_grad=False)
             self.comp_ape = nn.Parameter(torch.empty(self.ratio, hd), requires_grad=False)
             self.comp_norm_weight = nn.Parameter(torch.empty(hd), requires_grad=False)
+
+    def to_native(self) -> None:
+        """FP8 weights for the device's torch._scaled_mm (see QuantLinear.to_native)."""
+        self.wqkv_a.to_native()
+        self.wq_b.to_native()
+        self.wo_b.to_native(self.tp)  # row-parallel: this rank's slice
 
     # --- pieces ---------------------------------------------------------------------------------
     def _rope(
@@ -209,6 +234,28 @@ class MoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(e, d, i), requires_grad=False)
         self.shared_w13 = nn.Parameter(torch.empty(2 * i, d), requires_grad=False)
         self.shared_w2 = nn.Parameter(torch.empty(d, i), requires_grad=False)
+        self.kind: str | None = None  # routed experts' torch._scaled_grouped_mm (None: bf16)
+        self.shared_kind: str | None = None  # shared expert's torch._scaled_mm (None: bf16)
+
+    def to_native(self) -> None:
+        """FP8 weights for the GEMMs the device has for ``cfg.act_quant`` (with tensor parallel:
+        this rank's slice of the down projections' input features)."""
+        config = quant_config(self.cfg.act_quant, self.cfg.fp8_dtype)
+        self.kind = linear.grouped_kind(config, self.w13.device)
+        self.shared_kind = linear.scaled_mm_kind(config, self.shared_w13)
+        if self.tp is not None:  # row-parallel down projections: keep this rank's slice of I
+            cols = self.tp.shard(self.cfg.moe_inter_size)
+            self.w2.data = self.w2.data[..., cols].contiguous()
+            self.shared_w2.data = self.shared_w2.data[:, cols].contiguous()
+        for name, kind in (("w13", self.kind), ("w2", self.kind)) + (
+            ("shared_w13", self.shared_kind),
+            ("shared_w2", self.shared_kind),
+        ):
+            if kind is not None:
+                codes, scale = linear.quantize_weight(getattr(self, name), kind)
+                delattr(self, name)
+                self.register_buffer(f"{name}_fp8", codes)
+                self.register_buffer(f"{name}_scale", scale)
 
     def _swiglu(self, h: torch.Tensor) -> torch.Tensor:
         gate, up = h.chunk(2, dim=-1)
@@ -221,8 +268,11 @@ class MoE(nn.Module):
         top = torch.topk(scores + self.score_bias, cfg.n_activated_experts, dim=-1).indices
         weights = scores.gather(1, top)
         weights = weights / weights.sum(-1, keepdim=True) * cfg.routed_scaling_factor
+        q, s = quantize(x, cfg.act_quant, cfg.fp8_dtype)  # shared by routed and shared experts
+        if cfg.gemm == "native":
+            return self._routed(q, s, top, weights, x.dtype)
         combine = torch.zeros_like(scores).scatter(1, top, weights)  # [T, E]
-        xq = dequantize(*quantize(x, cfg.act_quant, cfg.fp8_dtype), cfg.act_quant, x.dtype)
+        xq = dequantize(q, s, cfg.act_quant, x.dtype)
         act = self._swiglu(torch.einsum("td,efd->tef", xq, self.w13))  # [T, E, I] bf16
         shared_act = self._swiglu(xq @ self.shared_w13.t())  # [T, I]
         w2, shared_w2 = self.w2, self.shared_w2
@@ -236,6 +286,56 @@ class MoE(nn.Module):
         routed = torch.einsum("te,ted->td", combine, out.float())
         shared = shared_act @ shared_w2.t()
         return (routed + shared.float()).to(x.dtype)
+
+    # --- routed experts (gemm="native") ----------------------------------------------------------
+    def _routed(
+        self,
+        q: torch.Tensor,
+        s: torch.Tensor,
+        top: torch.Tensor,
+        weights: torch.Tensor,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """Routed experts: the T·k (token, expert) rows sorted by expert go through one grouped
+        GEMM up, SwiGLU, their quant op and one grouped GEMM down; each token's k outputs are
+        combined in fp32, in slot order (deterministic: no atomics)."""
+        cfg, (t, k) = self.cfg, top.shape
+        flat = top.flatten()  # [T·k] expert of each (token, slot)
+        order = torch.argsort(flat, stable=True)  # grouped row -> (token, slot)
+        counts = torch.zeros(cfg.n_routed_experts, dtype=torch.int32, device=flat.device)
+        counts = counts.scatter_add(0, flat, torch.ones_like(flat, dtype=torch.int32))
+        offs = counts.cumsum(0, dtype=torch.int32)  # end row of each expert's group
+        rows = order // k  # the token of each grouped row
+        act = self._swiglu(self._experts(q[rows], s[rows], "w13", offs, dtype))  # [T·k, 2I]
+        shared_act = self._swiglu(self._shared(q, s, "shared_w13", dtype))  # [T, I]
+        if self.tp is not None:  # down projections row-parallel: this rank's slice of I
+            cols = self.tp.shard(cfg.moe_inter_size)
+            act, shared_act = act[:, cols], shared_act[:, cols]
+        down = self._experts(*quantize(act, cfg.act_quant, cfg.fp8_dtype), "w2", offs, dtype)
+        shared_q = quantize(shared_act, cfg.act_quant, cfg.fp8_dtype)
+        shared = self._shared(*shared_q, "shared_w2", dtype)
+        grouped = torch.arange(t * k, device=flat.device)
+        slot_row = torch.empty_like(order).scatter_(0, order, grouped)  # (token, slot) -> row
+        routed = (down[slot_row].view(t, k, -1).float() * weights.unsqueeze(-1)).sum(1)
+        return (routed + shared.float()).to(dtype)
+
+    def _experts(
+        self, q: torch.Tensor, s: torch.Tensor, name: str, offs: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Grouped rows [M, K] through expert weights ``name`` [E, N, K] -> [M, N]."""
+        if self.kind is not None:
+            w, ws = getattr(self, f"{name}_fp8"), getattr(self, f"{name}_scale")
+            return linear.scaled_grouped_mm(q, s, w, ws, offs, dtype)
+        xd = dequantize(q, s, self.cfg.act_quant, dtype)
+        return torch._grouped_mm(xd, getattr(self, name).transpose(-2, -1), offs=offs)
+
+    def _shared(
+        self, q: torch.Tensor, s: torch.Tensor, name: str, dtype: torch.dtype
+    ) -> torch.Tensor:
+        if self.shared_kind is not None:
+            w, ws = getattr(self, f"{name}_fp8"), getattr(self, f"{name}_scale")
+            return linear.scaled_mm(q, s, w, ws, self.shared_kind, dtype)
+        return dequantize(q, s, self.cfg.act_quant, dtype) @ getattr(self, name).t()
 
 
 class Block(nn.Module):
@@ -278,23 +378,43 @@ class DSV4Model(nn.Module):
     """``tp``: tensor parallel over ranks (row-parallel wo_b and expert down projections, an
     all-reduce after attention and after the MoE; see :class:`TensorParallel`)."""
 
-    def __init__(self, cfg: DSV4Config, seed: int = 0, tp: TensorParallel | None = None) -> None:
+    def __init__(
+        self,
+        cfg: DSV4Config,
+        seed: int = 0,
+        tp: TensorParallel | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """``device``: build and seed the weights there (a generator of that device); None: the
+        current default device, seeded by a CPU generator."""
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
-        self.layers = nn.ModuleList(Block(cfg, i, tp) for i in range(cfg.n_layers))
-        self.final_norm_weight = nn.Parameter(torch.empty(cfg.hidden_size), requires_grad=False)
-        self.lm_head = nn.Parameter(
-            torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False
-        )
-        if cfg.residual == "mhc":
-            m = cfg.hc_mult
-            self.hc_head_fn = nn.Parameter(torch.empty(m, m * cfg.hidden_size), requires_grad=False)
-            self.hc_head_base = nn.Parameter(torch.empty(m), requires_grad=False)
-        init_(self, torch.Generator().manual_seed(seed))
-        for name, p in self.named_parameters():  # bf16, except what DeepSeek-V4 keeps in fp32
-            fp32 = name.split(".")[-1] in FP32_PARAMS
-            p.data = p.data.to(torch.float32 if fp32 else cfg.dtype)
+        place = torch.device(device) if device is not None else contextlib.nullcontext()
+        generator = torch.Generator(device or "cpu").manual_seed(seed)
+
+        def seeded(params: Iterable[tuple[str, nn.Parameter]]) -> None:
+            init_(params, generator, lambda name: _param_dtype(name, cfg))
+
+        # seeded in named_parameters() order (the model's own, then layer by layer): with
+        # gemm="native" a layer's weights turn FP8 before the next layer is drawn (peak: one
+        # layer's bf16 weights)
+        with place:
+            self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), False)
+            self.final_norm_weight = nn.Parameter(torch.empty(cfg.hidden_size), False)
+            self.lm_head = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), False)
+            if cfg.residual == "mhc":
+                m = cfg.hc_mult
+                self.hc_head_fn = nn.Parameter(torch.empty(m, m * cfg.hidden_size), False)
+                self.hc_head_base = nn.Parameter(torch.empty(m), False)
+            seeded(self.named_parameters())
+            self.layers = nn.ModuleList()
+            for i in range(cfg.n_layers):
+                block = Block(cfg, i, tp)
+                seeded(block.named_parameters())
+                if cfg.gemm == "native":  # FP8 weights for the device's GEMMs
+                    block.attn.to_native()
+                    block.moe.to_native()
+                self.layers.append(block)
 
     def attach(self, caches: PagedCaches) -> None:
         """Point every attention layer at its caches (buffers: compiled code mutates them)."""

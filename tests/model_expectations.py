@@ -9,7 +9,12 @@ import dsv4_model as dm
 
 
 def scheme_label(scheme: str) -> str:
-    return {"fp8_group": "fp8_group128_e4m3fn", "mxfp8": "mxfp8", "mxfp4": "mxfp4"}[scheme]
+    return {
+        "fp8_group": "fp8_group128_e4m3fn",
+        "fp8_per_token": "fp8_per_token_e4m3fn",
+        "mxfp8": "mxfp8",
+        "mxfp4": "mxfp4",
+    }[scheme]
 
 
 def expected_matches(
@@ -44,15 +49,18 @@ def expected_matches(
 def expected_leftover_ops(cfg: dm.DSV4Config) -> dict[str, int]:
     """Standalone ops that are not part of a fused sequence and so must remain."""
     n = cfg.n_layers
+    quants = Counter({f"{s}_quant": 0 for s in ("mxfp4", "mxfp8", "fp8_group", "fp8_per_token")})
+    quants[f"{cfg.linear_quant}_quant"] += n  # wo_b input (no norm before it)
+    if cfg.gemm == "native":  # the experts' down projections, routed and shared: SwiGLU → quant
+        quants[f"{cfg.act_quant}_quant"] += 2 * n
     return {
         "rms_norm": int(cfg.residual == "mhc"),  # final norm (feeds lm_head, no quant)
         "fused_add_rms_norm": int(cfg.residual == "add"),  # final norm (feeds lm_head, no quant)
         "rope": n,  # inverse rope on the attention output
         "weightless_rms_norm": 0,
         "mla_cache_write": 0,
-        "fp8_group_quant": n,  # wo_b input (no norm before it)
-        "mxfp8_quant": 0,
         "dequant_cache": 0,
+        **quants,
     }
 
 

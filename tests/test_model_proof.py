@@ -31,9 +31,17 @@ def run_model(cfg: dm.DSV4Config, fusion_pass: FusionPass | None, compiled: bool
         return dm.run(caches, fn, fn, prompts, decode_ids)
 
 
-@pytest.fixture(scope="module", params=["add", "mhc"])
+CONFIGS = {
+    "add": dm.tiny(residual="add"),
+    "mhc": dm.tiny(residual="mhc"),
+    # what a server runs: routed experts through grouped GEMMs, per-token FP8 expert inputs
+    "add-native": dm.tiny(residual="add", gemm="native", act_quant="fp8_per_token"),
+}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
 def runs(request):
-    cfg = dm.tiny(residual=request.param)
+    cfg = CONFIGS[request.param]
     p = FusionPass(keep_graphs=True)
     return cfg, p, run_model(cfg, p), run_model(cfg, None), run_model(cfg, None, compiled=False)
 
