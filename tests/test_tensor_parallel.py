@@ -1,7 +1,8 @@
-"""Tensor parallel on CPU: a 2-process gloo group compiles TP layers with and without FusionPass.
+"""Tensor parallel on CPU: gloo groups of 2, 4 and 8 processes compile TP layers with and without
+FusionPass.
 
-Every scenario runs on both ranks (collectives need both) inside one ``torch.multiprocessing``
-spawn; a failed assertion on either rank fails the test with its traceback. Checked per scenario:
+Every scenario runs on every rank (collectives need all) inside one ``torch.multiprocessing``
+spawn; a failed assertion on any rank fails the test with its traceback. Checked per scenario:
 the ``ar_add_rms_quant`` matches (derived from how the layer is built), the standalone ops gone,
 compiled-with-pass == compiled-without == eager bit for bit, and the residual and quant outputs
 identical on both ranks.
@@ -12,7 +13,9 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -28,7 +31,7 @@ from fusion_passes.testing import assert_bitwise_equal, op_counts, run_compiled
 from patterns.ar_add_rms_quant import NAME
 
 ops = torch.ops.fusion_ops
-WORLD = 2
+WORLD = 2  # the default spawn; the scenarios read the group's size
 EPS = 1e-6
 HIDDEN = 256
 FN = torch.float8_e4m3fn
@@ -95,7 +98,7 @@ def inputs(rank: int, tokens: int) -> tuple[torch.Tensor, ...]:
 def _same_on_every_rank(tensors: Any) -> None:
     for t in torch.utils._pytree.tree_leaves(tensors):
         t = t.contiguous().view(torch.uint8)
-        gathered = [torch.empty_like(t) for _ in range(WORLD)]
+        gathered = [torch.empty_like(t) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, t)
         assert all(torch.equal(gathered[0], other) for other in gathered[1:])
 
@@ -182,7 +185,7 @@ def scenario_must_not_fire(rank: int, group_name: str) -> None:
 def scenario_scheme_off_and_subgroup(rank: int, group_name: str) -> None:
     """mxfp4 not enabled: the all-reduce still folds into the add-norm (no-quant form); a second
     group's name is carried into the fused op."""
-    sub = dist.new_group(list(range(WORLD)))
+    sub = dist.new_group(list(range(dist.get_world_size())))
     x, residual, _, norm_w, _ = inputs(rank, 4)
     fn = _norm_after(lambda x: funcol.all_reduce(x, "sum", sub))
     p = FusionPass(schemes=["mxfp8"], keep_graphs=True)
@@ -266,9 +269,10 @@ SCENARIOS = {
 ALL_SCENARIOS = dict(SCENARIOS)  # filled in below with the model scenario
 
 
-def _worker(rank: int, port: int, names: list[str]) -> None:
+def _worker(rank: int, port: int, names: list[str], world: int = WORLD) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # a timeout: a rank left waiting in a collective fails the test instead of hanging it
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
     torch.set_num_threads(1)
     try:
         for name in names:
@@ -288,6 +292,66 @@ def test_tensor_parallel_two_ranks() -> None:
     mp.spawn(_worker, args=(_free_port(), list(SCENARIOS)), nprocs=WORLD)
 
 
+# --- 4 and 8 ranks ------------------------------------------------------------------------------
+def scenario_workspace_failure(rank: int, group_name: str) -> None:
+    """The one-shot kernel's symmetric workspace fails on one rank only (forced: its allocation
+    raises out of memory): every rank ends with the same clear error, and none reaches the
+    rendezvous (where the others would wait for the failed rank forever). Failing on every
+    rank (no symmetric memory on the platform) falls back on every rank, with a warning."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    from fusion_ops.triton_backend import all_reduce as ar
+
+    world = dist.get_world_size()
+
+    def empty_failing_on(bad: set[int]) -> Callable[..., torch.Tensor]:
+        def empty(*size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+            if rank in bad:
+                raise torch.OutOfMemoryError("CUDA out of memory (forced by the test)")
+            return torch.empty(*size, dtype=dtype)  # a CPU stand-in for this rank's buffer
+
+        return empty
+
+    reached: list[str] = []
+
+    def rendezvous(buffer: torch.Tensor, name: str) -> None:
+        reached.append(name)
+        raise AssertionError("a rank reached the rendezvous")
+
+    cpu = torch.device("cpu")
+    with (
+        mock.patch.dict(os.environ, {ar.ONE_SHOT_ENV: "4096"}),
+        mock.patch.object(symm_mem, "rendezvous", rendezvous),
+    ):
+        bad = world - 1
+        with mock.patch.object(symm_mem, "empty", empty_failing_on({bad})):
+            expected = rf"rank\(s\) \[{bad}\] of {world}; rank {bad}: OutOfMemoryError: CUDA out"
+            with pytest.raises(ar.WorkspaceError, match=expected):
+                ar._make_workspace(group_name, cpu)
+        with mock.patch.object(symm_mem, "empty", empty_failing_on({0, 2})):
+            with pytest.raises(ar.WorkspaceError, match=rf"rank\(s\) \[0, 2\] of {world}"):
+                ar._make_workspace(group_name, cpu)
+        with mock.patch.object(symm_mem, "empty", empty_failing_on(set(range(world)))):
+            with pytest.warns(UserWarning, match="no symmetric memory for group"):
+                assert ar._make_workspace(group_name, cpu) is None
+    assert reached == []
+
+
+ALL_SCENARIOS["workspace_failure"] = scenario_workspace_failure
+WIDE_SCENARIOS = ["stack", "opcheck", "scheme_off_and_subgroup", "workspace_failure"]
+
+
+def test_tensor_parallel_four_ranks() -> None:
+    pytest.importorskip("triton")  # the workspace set-up lives in the Triton backend
+    mp.spawn(_worker, args=(_free_port(), WIDE_SCENARIOS, 4), nprocs=4)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_eight_ranks() -> None:
+    pytest.importorskip("triton")
+    mp.spawn(_worker, args=(_free_port(), [*WIDE_SCENARIOS, "model"], 8), nprocs=8)
+
+
 # --- the reference DeepSeek-V4 with TP=2 ----------------------------------------------------------
 def scenario_model(rank: int, group_name: str) -> None:
     """Prefill + decode of the tiny model, row-parallel wo_b and expert down projections: the
@@ -298,7 +362,7 @@ def scenario_model(rank: int, group_name: str) -> None:
     from tests.model_expectations import expected_tp_matches
 
     cfg = dm.tiny(residual="add")
-    tp = dm.TensorParallel(group_name, rank, WORLD)
+    tp = dm.TensorParallel(group_name, rank, dist.get_world_size())
 
     def run(fusion_pass: FusionPass | None) -> dm.RunResult:
         model, caches = dm.build(cfg, batch=2, max_len=40, tp=tp)

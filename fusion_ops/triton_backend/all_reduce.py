@@ -77,13 +77,34 @@ def _make_workspace(group_name: str, device: torch.device) -> Workspace | None:
     except ImportError:
         return None
     data_bytes = 3 * world * slot_bytes
-    try:
+    buffer, error = None, None
+    try:  # this rank's part; a rank that fails here must still take part in the agreement
         buffer = symm_mem.empty(data_bytes + 20, dtype=torch.uint8, device=device)
         buffer[:data_bytes].fill_(0xFF)  # every element "empty" (all bits set)
         buffer[data_bytes:].zero_()
+    except RuntimeError as err:  # torch.OutOfMemoryError included
+        error = f"{type(err).__name__}: {err}"
+    failed = failed_ranks(group, error)
+    if failed and len(failed) == world:  # no symmetric memory here: the same on every rank
+        warnings.warn(
+            f"fusion_ops: no symmetric memory for group {group_name!r} on {device} "
+            f"({failed[rank]}); the all_reduce_* ops use the functional all-reduce + fused kernel",
+            stacklevel=2,
+        )
+        return None
+    if failed:  # the others would wait in the rendezvous for these ranks forever
+        first = min(failed)
+        raise WorkspaceError(
+            f"fusion_ops: the all-reduce workspace for group {group_name!r} "
+            f"({data_bytes + 20} bytes of symmetric memory per rank) could not be allocated "
+            f"on rank(s) {sorted(failed)} of {world}; rank {first}: {failed[first]}. Every rank "
+            f"stops here instead of waiting in the rendezvous (set {ONE_SHOT_ENV} to a smaller "
+            "size, or 0 to use the functional all-reduce)"
+        )
+    try:
         handle = symm_mem.rendezvous(buffer, group_name)
         handle.barrier()  # every rank's slots are empty before any rank stores into them
-    except RuntimeError as err:  # no symmetric memory here (same answer on every rank)
+    except RuntimeError as err:  # no peer mappings here (the same answer on every rank)
         warnings.warn(
             f"fusion_ops: no symmetric memory for group {group_name!r} on {device} ({err}); "
             "the all_reduce_* ops use the functional all-reduce + fused kernel",
@@ -93,6 +114,19 @@ def _make_workspace(group_name: str, device: torch.device) -> Workspace | None:
     ptrs = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=device)
     state = buffer[data_bytes:].view(torch.int32)
     return Workspace(handle, buffer, ptrs, state, slot_bytes, rank, world)
+
+
+class WorkspaceError(RuntimeError):
+    """The symmetric workspace could be made on some ranks of a group but not on others."""
+
+
+def failed_ranks(group: Any, error: str | None) -> dict[int, str]:
+    """Every rank's set-up error, exchanged over ``group`` (a collective: every rank calls it
+    with its own error or None); {rank: error} of the ranks that failed, the same on every
+    rank."""
+    errors: list[str | None] = [None] * group.size()
+    torch.distributed.all_gather_object(errors, error, group=group)
+    return {r: e for r, e in enumerate(errors) if e is not None}
 
 
 def one_shot(
