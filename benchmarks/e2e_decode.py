@@ -1,7 +1,8 @@
 """End-to-end decode step of the reference DeepSeek-V4: eager vs torch.compile without the pass vs
 torch.compile with FusionPass(), on one GPU.
 
-    python benchmarks/e2e_decode.py --preset flash --layers 4 --batch 1 8 64 --cached 300
+    python benchmarks/e2e_decode.py --preset flash --layers 8 --experts 64 --batch 1 8 64
+    python benchmarks/e2e_decode.py --gemm emulated ...   # the definition's emulated GEMMs
     python benchmarks/e2e_decode.py --tp 2 ...     # tensor parallel on 2 GPUs (rank 0 reports)
 
 Per variant: step latency (CUDA events, median of repeated identical steps: a decode step at a
@@ -9,9 +10,16 @@ fixed position rewrites the same cache slots) launched from Python and replayed 
 (``torch.cuda.CUDAGraph`` captured around the step, as vLLM does), CUDA kernels per step
 (profiler), peak memory growth over a step, and the logits of the compiled variants compared bit
 for bit (pass vs no pass, graph replay vs launch) and against eager. Compiles are static per batch
-size (``dynamic=False``: one graph each, counted), ``fullgraph=True`` (no graph breaks). MoE experts
-are computed densely by the reference module, so ``--experts`` keeps the expert count small enough
-for that (the real count is 256/384).
+size (``dynamic=False``: one graph each, counted), ``fullgraph=True`` (no graph breaks).
+
+``--gemm native`` (default) runs the model as a server would (``dsv4_model.model``): FP8 weights
+into ``torch._scaled_mm`` (block-wise for the FP8 1×128 linears) and routed experts through
+``torch._scaled_grouped_mm`` (``--act-quant fp8_per_token``, default: the one expert scheme with a
+grouped FP8 kernel on Hopper; other schemes go through ``torch._grouped_mm`` on the dequantized
+activation). ``--gemm emulated`` computes the experts densely, so keep ``--experts`` small there.
+The GPU-time share of fusion_ops' kernels (standalone ops without the pass, fused ops with it)
+is printed per variant: the regions the pass rewrites, plus the standalone ops it leaves (the
+wo_b and expert down-projection quants, the inverse rope).
 """
 
 from __future__ import annotations
@@ -96,6 +104,14 @@ def as_cuda_graph(fn: Any, step: dm.Step) -> tuple[Any, torch.Tensor]:
     return (lambda _step, _decode: graph.replay()), out
 
 
+def gemm_kinds(model: dm.DSV4Model) -> dict[str, str]:
+    """Which GEMM each quantized projection of the first layer runs (None: emulated)."""
+    block = model.layers[0]
+    kinds = {name: getattr(block.attn, name).kind for name in ("wqkv_a", "wq_b", "wo_b")}
+    kinds |= {"experts": block.moe.kind, "shared_expert": block.moe.shared_kind}
+    return {name: kind or "dequantized activation, bf16" for name, kind in kinds.items()}
+
+
 def peak_mb(fn: Any, step: dm.Step) -> float:
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
@@ -108,8 +124,12 @@ def peak_mb(fn: Any, step: dm.Step) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--preset", default="flash", choices=["flash", "pro"])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--gemm", default="native", choices=["native", "emulated"])
+    p.add_argument(
+        "--act-quant", default="fp8_per_token", choices=["fp8_per_token", "fp8_group", "mxfp8"]
+    )
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--cached", type=int, default=300)
     p.add_argument("--residual", default="add", choices=["add", "mhc"])
@@ -166,17 +186,25 @@ def run(args: argparse.Namespace, tp: dm.TensorParallel | None = None) -> None:
     print = builtins.print if rank0 else (lambda *a, **k: None)  # noqa: A001
     torch._dynamo.config.recompile_limit = 64
     cfg = dm.PRESETS[args.preset](
-        args.layers, n_routed_experts=args.experts, residual=args.residual
+        args.layers,
+        n_routed_experts=args.experts,
+        residual=args.residual,
+        gemm=args.gemm,
+        act_quant=args.act_quant,
     )
     kinds = ", ".join(cfg.layer_kind(i) for i in range(cfg.n_layers))
+    routing = "routed" if cfg.gemm == "native" else "dense"
     print(
         f"{cfg.name}: hidden {cfg.hidden_size}, {cfg.n_heads} heads, layers ({kinds}), "
-        f"{cfg.n_routed_experts} experts (dense), residual={cfg.residual}, cached={args.cached}"
+        f"{cfg.n_routed_experts} experts ({routing}, input {cfg.act_quant}), "
+        f"residual={cfg.residual}, gemm={cfg.gemm}, cached={args.cached}"
         + (f", tensor parallel {tp.world}" if tp else ""),
         flush=True,
     )
     max_len = args.cached + 16
     model, caches = dm.build(cfg, max(args.batch), max_len, DEV, tp=tp)
+    gemms = gemm_kinds(model)
+    print(f"GEMMs: {gemms}; weights {torch.cuda.memory_allocated() / 2**30:.1f} GiB", flush=True)
     prompts, _ = dm.token_ids(cfg, max(args.batch), args.cached, 1)
     with torch.no_grad():
         for seq in range(max(args.batch)):  # fill the caches once (eager prefill)
@@ -203,7 +231,7 @@ def run(args: argparse.Namespace, tp: dm.TensorParallel | None = None) -> None:
     names: dict[str, dict[str, int]] = {}
     print(
         f"{'batch':>5s} {'variant':36s} {'step ms':>8s} {'graph ms':>8s} {'kernels':>8s}"
-        f" {'peak MB':>8s} {'our krn':>7s} {'GPU µs':>9s} {'our µs':>9s}",
+        f" {'peak MB':>8s} {'our krn':>7s} {'GPU µs':>9s} {'our µs':>9s} {'share':>6s}",
         flush=True,
     )
     for b in args.batch:
@@ -233,11 +261,14 @@ def run(args: argparse.Namespace, tp: dm.TensorParallel | None = None) -> None:
                 row["graph_equal"] = torch.equal(graph_out, logits[name])
                 rows.append(row)
                 names[f"{name}/batch{b}"] = dict(kernels.most_common())
+                top = sorted(kernel_us.items(), key=lambda kv: -kv[1])[:25]
+                row["top_kernels_us"] = {k[:120]: round(t, 1) for k, t in top}
                 print(
                     f"{b:5d} {name:36s} {row['step_ms']:8.3f} {row['graph_ms']:8.3f}"
                     f" {row['kernels']:8d} {row['peak_mb']:8.1f}"
                     f" {row['kernels_fusion_ops']:7d} {row['gpu_us']:9.1f}"
-                    f" {row['gpu_us_fusion_ops']:9.1f}",
+                    f" {row['gpu_us_fusion_ops']:9.1f}"
+                    f" {row['gpu_us_fusion_ops'] / row['gpu_us']:6.1%}",
                     flush=True,
                 )
                 del replay, graph_out
@@ -279,6 +310,13 @@ def run(args: argparse.Namespace, tp: dm.TensorParallel | None = None) -> None:
             json.dump(
                 {
                     "config": cfg.name,
+                    "layers": cfg.n_layers,
+                    "experts": cfg.n_routed_experts,
+                    "gemm": cfg.gemm,
+                    "act_quant": cfg.act_quant,
+                    "residual": cfg.residual,
+                    "cached": args.cached,
+                    "gemm_kinds": gemms,
                     "tp": tp.world if tp else 1,
                     "rows": rows,
                     "matches": fusion_pass.match_table,
