@@ -27,7 +27,7 @@ from fusion_passes.testing import (
 )
 from patterns import FAMILIES
 from patterns import quant_variants as qv
-from tests.test_pass_families import rope_case
+from tests.cache_inputs import rope_case
 
 ops = torch.ops.fusion_ops
 FN = torch.float8_e4m3fn

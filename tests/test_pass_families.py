@@ -18,6 +18,7 @@ from fusion_passes.testing import (
 )
 from patterns import quant_variants as qv
 from patterns.base import HOPS
+from tests.cache_inputs import rope_case
 
 ops = torch.ops.fusion_ops
 FN, FNUZ = torch.float8_e4m3fn, torch.float8_e4m3fnuz
@@ -70,21 +71,6 @@ def test_norm_quant_families_every_scheme(full_pass, dtype: str) -> None:
     assert_ops_present(full_pass, fused)
     assert op_counts(full_pass)["rms_norm_fp8_group_quant"] == 4  # ue8m0 × fp8 dtype
     assert_bitwise_equal(out, fn(x, res, w))
-
-
-def rope_case(layout: str, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    t, heads = 6, 2
-    proj = torch.randn(t, heads * 512 + 512, generator=g).to(torch.bfloat16)
-    cos_sin = torch.randn(32, 64, generator=g)
-    if layout == "dsv4_fp8":
-        cache = fusion_ops.alloc_mla_cache(3, 4)
-        cache.random_(0, 256, generator=g)  # bytes the write must leave alone
-    else:
-        cache = torch.randn(3, 4, 512, generator=g).to(torch.bfloat16)
-    positions = torch.randint(0, 32, (t,), generator=g)
-    slots = torch.tensor([7, -1, 0, 11, 3, 5])
-    return proj, positions, cos_sin, cache, slots
 
 
 def rope_cache_fn(layout: str, is_neox: bool):

@@ -10,7 +10,7 @@ import torch
 import fusion_ops
 from fusion_passes import FusionPass
 from fusion_passes.testing import assert_bitwise_equal, assert_fully_replaced, run_compiled
-from tests.test_pass_families import rope_case
+from tests.cache_inputs import rope_case
 
 ops = torch.ops.fusion_ops
 FN = torch.float8_e4m3fn

@@ -169,7 +169,7 @@ def scenario_cuda_graph(rank: int, group: str) -> None:
 def scenario_pass(rank: int, group: str) -> None:
     from fusion_passes import FusionPass
     from fusion_passes.testing import assert_bitwise_equal, run_compiled
-    from tests.test_tensor_parallel import STACK, expected_matches, inputs, tp_stack
+    from tests.tp_stack import STACK, expected_matches, inputs, tp_stack
 
     args = [
         a.cuda() if isinstance(a, torch.Tensor) else [t.cuda() for t in a] for a in inputs(rank, 5)

@@ -14,7 +14,7 @@ import fusion_ops
 from fusion_ops.launch_policy import MANY_ROWS
 from fusion_passes import FusionPass
 from fusion_passes.testing import assert_bitwise_equal, run_compiled
-from tests.gpu.test_triton_kernels import DEV, FN, SCHEME_PARAMS, activations, assert_same
+from tests.gpu.kernel_cases import DEV, FN, SCHEME_PARAMS, activations, assert_same
 
 pytestmark = [
     pytest.mark.gpu,

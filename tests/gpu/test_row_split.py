@@ -13,7 +13,7 @@ import torch
 import fusion_ops.triton_backend as triton_backend
 from fusion_ops import launch_policy as policy
 from fusion_ops.reference.norm import NormNumerics
-from tests.gpu.test_triton_kernels import DEV, SCHEME_PARAMS, activations, assert_same
+from tests.gpu.kernel_cases import DEV, SCHEME_PARAMS, activations, assert_same
 
 pytestmark = [
     pytest.mark.gpu,
