@@ -72,6 +72,9 @@ def all_reduce_norm_quant_kernel(
     then, and which a peer writes next in call c + 2: after its call c + 1, which needed this
     rank's call c + 1 data, stored after this call ended.
     """
+    NORM: tl.constexpr = (HAS_RES, DO_NORM, WRITE_Y, WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM, False)
+    QUANT: tl.constexpr = (SCHEME, GROUP, UE8M0)
+    io = (r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr)
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_K)
@@ -99,10 +102,7 @@ def all_reduce_norm_quant_kernel(
         part = _await_sum(own, cur, slot_elems, row, K, pcols, pmask, WORLD, ALIGNED, BITS)
         _norm_quant_part(
             part.to(dtype), col0, _inv_rms(ss, K, tl.cast(eps, tl.float32), INV_BY_FMA),
-            row.to(tl.int64),
-            r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr, r_stride, K, fp8_max, min_scale,
-            HAS_RES, DO_NORM, WRITE_Y, SCHEME, GROUP, UE8M0, PART, WEIGHT_AFTER_ROUNDING,
-            UNROUNDED_SUM,
+            row.to(tl.int64), io, r_stride, K, fp8_max, min_scale, NORM, QUANT, PART,
         )  # fmt: skip
     else:
         for row in range(pid, M, n_programs):
@@ -113,9 +113,8 @@ def all_reduce_norm_quant_kernel(
             tl.store(red_ptr + row.to(tl.int64) * K + cols, total.to(dtype), mask=mask)
             tl.debug_barrier()  # the row is read back by other threads of this program
             _norm_quant_row(
-                row.to(tl.int64), red_ptr, r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr, K,
-                r_stride, K, eps, fp8_max, min_scale, HAS_RES, DO_NORM, WRITE_Y, SCHEME, GROUP,
-                UE8M0, BLOCK_K, WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM, INV_BY_FMA=INV_BY_FMA,
+                row.to(tl.int64), red_ptr, io, K, r_stride, K, eps, fp8_max, min_scale, NORM,
+                QUANT, BLOCK_K, INV_BY_FMA=INV_BY_FMA,
             )  # fmt: skip
     # empty what the previous call used in set (c + 2) % 3: its bytes, whatever its K and dtype
     # were, as int32 words of all bits set

@@ -9,6 +9,11 @@ import triton.language as tl
 from .numerics import _inv_rms, _pdl_start, _sum_of_squares
 from .quant import _fp8_groups, _mxfp4, _mxfp8
 
+#: the row helpers' NORM / QUANT (see below) of a norm written out in the input's dtype
+NORM_ONLY = tl.constexpr((False, True, True, False, False, False))
+WEIGHTLESS_NORM = tl.constexpr((False, True, True, False, False, True))
+NO_QUANT = tl.constexpr((0, 1, False))
+
 
 @triton.jit
 def norm_quant_kernel(
@@ -53,39 +58,46 @@ def norm_quant_kernel(
     INV_BY_FMA: the 1/rms steps by FMA corrections (_inv_rms; same bytes). SPLIT > 1 (decode
     sizes; grid M · SPLIT; speed only, same bytes): program p does part p % SPLIT of row
     p // SPLIT (_norm_quant_split)."""
+    NORM: tl.constexpr = (
+        HAS_RES, DO_NORM, WRITE_Y, WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM, WEIGHTLESS
+    )  # fmt: skip
+    QUANT: tl.constexpr = (SCHEME, GROUP, UE8M0)
+    io = (r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr)
     if SPLIT > 1:
         _norm_quant_split(
-            x_ptr, r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr, x_stride, r_stride, K, eps,
-            fp8_max, min_scale, HAS_RES, DO_NORM, WRITE_Y, SCHEME, GROUP, UE8M0, BLOCK_K, USE_PDL,
-            WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM, WEIGHTLESS, PREFETCH_W, INV_BY_FMA, SPLIT,
+            x_ptr, io, x_stride, r_stride, K, eps, fp8_max, min_scale, NORM, QUANT, BLOCK_K,
+            USE_PDL, PREFETCH_W, INV_BY_FMA, SPLIT,
         )  # fmt: skip
         return
     row = tl.program_id(0).to(tl.int64)
     if PIECE0 == 0:
         w = _pdl_start_with_weight(w_ptr, K, BLOCK_K, USE_PDL, PREFETCH_W, PREFETCH_W)
         _norm_quant_row(
-            row, x_ptr, r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr, x_stride, r_stride, K,
-            eps, fp8_max, min_scale, HAS_RES, DO_NORM, WRITE_Y, SCHEME, GROUP, UE8M0, BLOCK_K,
-            WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM, WEIGHTLESS, w, PREFETCH_W, INV_BY_FMA,
+            row, x_ptr, io, x_stride, r_stride, K, eps, fp8_max, min_scale, NORM, QUANT, BLOCK_K,
+            w, PREFETCH_W, INV_BY_FMA,
         )  # fmt: skip
     else:
         if USE_PDL:  # see _pdl_start
             _pdl_start()
         _norm_quant_pieces(
-            row, x_ptr, r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr, x_stride, r_stride, K,
-            eps, fp8_max, min_scale, HAS_RES, DO_NORM, WRITE_Y, SCHEME, GROUP, UE8M0, BLOCK_K,
-            WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM, WEIGHTLESS, PIECE0, PIECE1, PIECE2, INV_BY_FMA,
+            row, x_ptr, io, x_stride, r_stride, K, eps, fp8_max, min_scale, NORM, QUANT, BLOCK_K,
+            (PIECE0, PIECE1, PIECE2), INV_BY_FMA,
         )  # fmt: skip
+
+
+# The row helpers below take their arguments grouped, as every row kernel passes them:
+#   io    = (r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr): residual in, weight, normed out,
+#           residual out, quant codes, quant scales
+#   NORM  = (HAS_RES, DO_NORM, WRITE_Y, WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM, WEIGHTLESS)
+#   QUANT = (SCHEME, GROUP, UE8M0); SCHEME 0: no quant
+# (Triton inlines them: the same instructions as with the arguments one by one.)
 
 
 @triton.jit
 def _norm_quant_split(
-    x_ptr, r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr, x_stride, r_stride, K, eps, fp8_max,
-    min_scale, HAS_RES: tl.constexpr, DO_NORM: tl.constexpr, WRITE_Y: tl.constexpr,
-    SCHEME: tl.constexpr, GROUP: tl.constexpr, UE8M0: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_PDL: tl.constexpr, WEIGHT_AFTER_ROUNDING: tl.constexpr, UNROUNDED_SUM: tl.constexpr,
-    WEIGHTLESS: tl.constexpr, PREFETCH_W: tl.constexpr, INV_BY_FMA: tl.constexpr,
-    SPLIT: tl.constexpr,
+    x_ptr, io, x_stride, r_stride, K, eps, fp8_max, min_scale, NORM: tl.constexpr,
+    QUANT: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH_W: tl.constexpr,
+    INV_BY_FMA: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
     """A row in SPLIT programs, as the all-reduce kernel splits one: each program takes the
     whole row's 1/rms from the dedicated sum-of-squares load over BLOCK_K (the same load, warps
@@ -94,6 +106,9 @@ def _norm_quant_split(
     alone; parts hold whole quant blocks and groups). The part and its weight are loaded
     before the reduction (the weight before the PDL wait with PREFETCH_W), so their loads are
     in flight during it."""
+    DO_NORM: tl.constexpr = NORM[1]
+    WEIGHTLESS: tl.constexpr = NORM[5]
+    w_ptr = io[1]
     PART: tl.constexpr = BLOCK_K // SPLIT
     pid = tl.program_id(0)
     row = (pid // SPLIT).to(tl.int64)
@@ -109,15 +124,10 @@ def _norm_quant_split(
     if LOAD_W and not PREFETCH_W:
         w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
-    inv = _row_inv_rms(
-        x_ptr, r_ptr, row, x_stride, r_stride, K, eps, HAS_RES, DO_NORM, UNROUNDED_SUM, BLOCK_K,
-        INV_BY_FMA,
-    )  # fmt: skip
+    inv = _row_inv_rms(x_ptr, io[0], row, x_stride, r_stride, K, eps, NORM, BLOCK_K, INV_BY_FMA)
     _norm_quant_part(
-        x, col0, inv, row, r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr, r_stride, K, fp8_max,
-        min_scale, HAS_RES, DO_NORM, WRITE_Y, SCHEME, GROUP, UE8M0, PART,
-        WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM, WEIGHTLESS, w, LOAD_W,
-    )  # fmt: skip
+        x, col0, inv, row, io, r_stride, K, fp8_max, min_scale, NORM, QUANT, PART, w, LOAD_W
+    )
 
 
 @triton.jit
@@ -143,99 +153,65 @@ def _pdl_start_with_weight(
 
 @triton.jit
 def _norm_quant_row(
-    row,
-    x_ptr,
-    r_ptr,
-    w_ptr,
-    y_ptr,
-    res_ptr,
-    q_ptr,
-    s_ptr,
-    x_stride,
-    r_stride,
-    K,
-    eps,
-    fp8_max,
-    min_scale,
-    HAS_RES: tl.constexpr,
-    DO_NORM: tl.constexpr,
-    WRITE_Y: tl.constexpr,
-    SCHEME: tl.constexpr,
-    GROUP: tl.constexpr,
-    UE8M0: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    WEIGHT_AFTER_ROUNDING: tl.constexpr,
-    UNROUNDED_SUM: tl.constexpr,
-    WEIGHTLESS: tl.constexpr = False,
-    w=0,
-    W_LOADED: tl.constexpr = False,
+    row, x_ptr, io, x_stride, r_stride, K, eps, fp8_max, min_scale, NORM: tl.constexpr,
+    QUANT: tl.constexpr, BLOCK_K: tl.constexpr, w=0, W_LOADED: tl.constexpr = False,
     INV_BY_FMA: tl.constexpr = False,
-):
-    """norm_quant_kernel's work on one row (also the tail of all_reduce_norm_quant_kernel);
-    W_LOADED: ``w`` is the weight row, already loaded; INV_BY_FMA: see _inv_rms."""
+):  # fmt: skip
+    """norm_quant_kernel's work on one row (also the row work of the q_kv, norm-rope-cache and
+    all-reduce kernels); W_LOADED: ``w`` is the weight row, already loaded; INV_BY_FMA: see
+    _inv_rms."""
     cols = tl.arange(0, BLOCK_K)
     x = tl.load(x_ptr + row * x_stride + cols, mask=cols < K, other=0.0)
-    inv = _row_inv_rms(
-        x_ptr, r_ptr, row, x_stride, r_stride, K, eps, HAS_RES, DO_NORM, UNROUNDED_SUM, BLOCK_K,
-        INV_BY_FMA,
-    )  # fmt: skip
+    inv = _row_inv_rms(x_ptr, io[0], row, x_stride, r_stride, K, eps, NORM, BLOCK_K, INV_BY_FMA)
     _norm_quant_part(
-        x, 0, inv, row, r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr, r_stride, K, fp8_max,
-        min_scale, HAS_RES, DO_NORM, WRITE_Y, SCHEME, GROUP, UE8M0, BLOCK_K,
-        WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM, WEIGHTLESS, w, W_LOADED,
-    )  # fmt: skip
+        x, 0, inv, row, io, r_stride, K, fp8_max, min_scale, NORM, QUANT, BLOCK_K, w, W_LOADED
+    )
 
 
 @triton.jit
 def _norm_quant_pieces(
-    row, x_ptr, r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr, x_stride, r_stride, K, eps, fp8_max,
-    min_scale, HAS_RES: tl.constexpr, DO_NORM: tl.constexpr, WRITE_Y: tl.constexpr,
-    SCHEME: tl.constexpr, GROUP: tl.constexpr, UE8M0: tl.constexpr, BLOCK_K: tl.constexpr,
-    WEIGHT_AFTER_ROUNDING: tl.constexpr, UNROUNDED_SUM: tl.constexpr, WEIGHTLESS: tl.constexpr,
-    PIECE0: tl.constexpr, PIECE1: tl.constexpr, PIECE2: tl.constexpr,
+    row, x_ptr, io, x_stride, r_stride, K, eps, fp8_max, min_scale, NORM: tl.constexpr,
+    QUANT: tl.constexpr, BLOCK_K: tl.constexpr, PIECES: tl.constexpr,
     INV_BY_FMA: tl.constexpr = False,
 ):  # fmt: skip
     """_norm_quant_row's bytes, with the row after its sum of squares handled as up to three
-    power-of-two pieces at columns 0, PIECE0 and PIECE0 + PIECE1 (PIECEi = 0: none) instead of
-    one block padded to a power of two (7168 = 4096 + 2048 + 1024: no masked lanes). Each
-    piece is loaded before the sum of squares, so its load is in flight during the reduction.
-    The sum of squares is the padded block's, as in every other row kernel; every other step
-    is per column or per quant block, and pieces hold whole blocks (_norm_quant_part)."""
+    power-of-two pieces at columns 0, PIECE0 and PIECE0 + PIECE1 (PIECES = (PIECE0, PIECE1,
+    PIECE2), 0: none) instead of one block padded to a power of two (7168 = 4096 + 2048 +
+    1024: no masked lanes). Each piece is loaded before the sum of squares, so its load is in
+    flight during the reduction. The sum of squares is the padded block's, as in every other
+    row kernel; every other step is per column or per quant block, and pieces hold whole blocks
+    (_norm_quant_part)."""
+    PIECE0: tl.constexpr = PIECES[0]
+    PIECE1: tl.constexpr = PIECES[1]
+    PIECE2: tl.constexpr = PIECES[2]
     x0 = _load_piece(x_ptr, row, x_stride, K, 0, PIECE0)
     if PIECE1 > 0:
         x1 = _load_piece(x_ptr, row, x_stride, K, PIECE0, PIECE1)
     if PIECE2 > 0:
         x2 = _load_piece(x_ptr, row, x_stride, K, PIECE0 + PIECE1, PIECE2)
-    inv = _row_inv_rms(
-        x_ptr, r_ptr, row, x_stride, r_stride, K, eps, HAS_RES, DO_NORM, UNROUNDED_SUM, BLOCK_K,
-        INV_BY_FMA,
-    )  # fmt: skip
-    _norm_quant_part(
-        x0, 0, inv, row, r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr, r_stride, K, fp8_max,
-        min_scale, HAS_RES, DO_NORM, WRITE_Y, SCHEME, GROUP, UE8M0, PIECE0,
-        WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM, WEIGHTLESS,
-    )  # fmt: skip
+    inv = _row_inv_rms(x_ptr, io[0], row, x_stride, r_stride, K, eps, NORM, BLOCK_K, INV_BY_FMA)
+    _norm_quant_part(x0, 0, inv, row, io, r_stride, K, fp8_max, min_scale, NORM, QUANT, PIECE0)
     if PIECE1 > 0:
         _norm_quant_part(
-            x1, PIECE0, inv, row, r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr, r_stride, K,
-            fp8_max, min_scale, HAS_RES, DO_NORM, WRITE_Y, SCHEME, GROUP, UE8M0, PIECE1,
-            WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM, WEIGHTLESS,
-        )  # fmt: skip
+            x1, PIECE0, inv, row, io, r_stride, K, fp8_max, min_scale, NORM, QUANT, PIECE1
+        )
     if PIECE2 > 0:
         _norm_quant_part(
-            x2, PIECE0 + PIECE1, inv, row, r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr, r_stride,
-            K, fp8_max, min_scale, HAS_RES, DO_NORM, WRITE_Y, SCHEME, GROUP, UE8M0, PIECE2,
-            WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM, WEIGHTLESS,
+            x2, PIECE0 + PIECE1, inv, row, io, r_stride, K, fp8_max, min_scale, NORM, QUANT,
+            PIECE2,
         )  # fmt: skip
 
 
 @triton.jit
 def _row_inv_rms(
-    x_ptr, r_ptr, row, x_stride, r_stride, K, eps, HAS_RES: tl.constexpr, DO_NORM: tl.constexpr,
-    UNROUNDED_SUM: tl.constexpr, BLOCK_K: tl.constexpr, INV_BY_FMA: tl.constexpr,
+    x_ptr, r_ptr, row, x_stride, r_stride, K, eps, NORM: tl.constexpr, BLOCK_K: tl.constexpr,
+    INV_BY_FMA: tl.constexpr,
 ):  # fmt: skip
     """The row's 1/rms from its dedicated sum-of-squares load (_sum_of_squares); 0.0 without a
     norm. INV_BY_FMA: see _inv_rms."""
+    HAS_RES: tl.constexpr = NORM[0]
+    DO_NORM: tl.constexpr = NORM[1]
+    UNROUNDED_SUM: tl.constexpr = NORM[4]
     inv = 0.0
     if DO_NORM:
         ss = _sum_of_squares(
@@ -253,38 +229,24 @@ def _load_piece(x_ptr, row, x_stride, K, col0: tl.constexpr, P: tl.constexpr):
 
 @triton.jit
 def _norm_quant_part(
-    x,
-    col0,
-    inv,
-    row,
-    r_ptr,
-    w_ptr,
-    y_ptr,
-    res_ptr,
-    q_ptr,
-    s_ptr,
-    r_stride,
-    K,
-    fp8_max,
-    min_scale,
-    HAS_RES: tl.constexpr,
-    DO_NORM: tl.constexpr,
-    WRITE_Y: tl.constexpr,
-    SCHEME: tl.constexpr,
-    GROUP: tl.constexpr,
-    UE8M0: tl.constexpr,
-    BLOCK: tl.constexpr,
-    WEIGHT_AFTER_ROUNDING: tl.constexpr,
-    UNROUNDED_SUM: tl.constexpr,
-    WEIGHTLESS: tl.constexpr = False,
-    w=0,
-    W_LOADED: tl.constexpr = False,
-):
+    x, col0, inv, row, io, r_stride, K, fp8_max, min_scale, NORM: tl.constexpr,
+    QUANT: tl.constexpr, BLOCK: tl.constexpr, w=0, W_LOADED: tl.constexpr = False,
+):  # fmt: skip
     """The row work on columns [col0, col0 + BLOCK) of the row (x: those columns, loaded; inv:
     the whole row's 1/rms; w: those columns of the weight when W_LOADED): residual add, norm,
     stores, quant. Every output element depends on its column and inv alone, and quant
     blocks/groups lie inside a part (col0 a multiple of BLOCK, BLOCK of the group size), so
     parts of a row give the bytes of the whole row."""
+    r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr = io
+    HAS_RES: tl.constexpr = NORM[0]
+    DO_NORM: tl.constexpr = NORM[1]
+    WRITE_Y: tl.constexpr = NORM[2]
+    WEIGHT_AFTER_ROUNDING: tl.constexpr = NORM[3]
+    UNROUNDED_SUM: tl.constexpr = NORM[4]
+    WEIGHTLESS: tl.constexpr = NORM[5]
+    SCHEME: tl.constexpr = QUANT[0]
+    GROUP: tl.constexpr = QUANT[1]
+    UE8M0: tl.constexpr = QUANT[2]
     cols = col0 + tl.arange(0, BLOCK)
     mask = cols < K
     # fp32 whatever the launcher typed the floats as (Triton's JIT: fp32; Inductor: fp64)
@@ -364,32 +326,31 @@ def q_kv_norm_quant_kernel(
     PREFETCH_W: see _pdl_start_with_weight; PIECE0..2: q's rows as norm_quant_kernel's pieces
     (one row per program); INV_BY_FMA: see _inv_rms (both eps allow it)."""
     LOAD_W: tl.constexpr = PREFETCH_W or ROWS > 1
+    Q_NORM: tl.constexpr = (False, True, WRITE_Y, WEIGHT_AFTER_ROUNDING, False, False)
+    QUANT: tl.constexpr = (SCHEME, GROUP, UE8M0)
+    q_io = (q_ptr, qw_ptr, y_ptr, y_ptr, codes_ptr, scales_ptr)  # no residual (r, res unused)
+    kv_io = (kv_ptr, kvw_ptr, kv_out_ptr, kv_out_ptr, kv_out_ptr, kv_out_ptr)
     first = tl.program_id(0).to(tl.int64) * ROWS
     if tl.program_id(1) == 0 and PIECE0 > 0:
         if USE_PDL:  # see _pdl_start
             _pdl_start()
         _norm_quant_pieces(
-            first, q_ptr, q_ptr, qw_ptr, y_ptr, y_ptr, codes_ptr, scales_ptr, q_stride, q_stride,
-            K_Q, q_eps, fp8_max, min_scale, False, True, WRITE_Y, SCHEME, GROUP, UE8M0, BLOCK_Q,
-            WEIGHT_AFTER_ROUNDING, False, False, PIECE0, PIECE1, PIECE2, INV_BY_FMA,
+            first, q_ptr, q_io, q_stride, q_stride, K_Q, q_eps, fp8_max, min_scale, Q_NORM,
+            QUANT, BLOCK_Q, (PIECE0, PIECE1, PIECE2), INV_BY_FMA,
         )  # fmt: skip
     elif tl.program_id(1) == 0:
         qw = _pdl_start_with_weight(qw_ptr, K_Q, BLOCK_Q, USE_PDL, LOAD_W, PREFETCH_W)
         for i in tl.static_range(ROWS):
             if first + i < M:
                 _norm_quant_row(
-                    first + i, q_ptr, q_ptr, qw_ptr, y_ptr, y_ptr, codes_ptr, scales_ptr,
-                    q_stride, q_stride, K_Q, q_eps, fp8_max, min_scale, False, True, WRITE_Y,
-                    SCHEME, GROUP, UE8M0, BLOCK_Q, WEIGHT_AFTER_ROUNDING, False, False, qw,
-                    LOAD_W, INV_BY_FMA,
+                    first + i, q_ptr, q_io, q_stride, q_stride, K_Q, q_eps, fp8_max, min_scale,
+                    Q_NORM, QUANT, BLOCK_Q, qw, LOAD_W, INV_BY_FMA,
                 )  # fmt: skip
     else:
         kvw = _pdl_start_with_weight(kvw_ptr, K_KV, BLOCK_KV, USE_PDL, LOAD_W, PREFETCH_W)
         for i in tl.static_range(ROWS):
             if first + i < M:
                 _norm_quant_row(
-                    first + i, kv_ptr, kv_ptr, kvw_ptr, kv_out_ptr, kv_out_ptr, kv_out_ptr,
-                    kv_out_ptr, kv_stride, kv_stride, K_KV, kv_eps, fp8_max, min_scale, False,
-                    True, True, 0, 1, False, BLOCK_KV, False, False, False, kvw,
-                    LOAD_W, INV_BY_FMA,  # SCHEME 0: none
+                    first + i, kv_ptr, kv_io, kv_stride, kv_stride, K_KV, kv_eps, fp8_max,
+                    min_scale, NORM_ONLY, NO_QUANT, BLOCK_KV, kvw, LOAD_W, INV_BY_FMA,
                 )  # fmt: skip

@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .norm_quant import _norm_quant_row
+from .norm_quant import NO_QUANT, NORM_ONLY, WEIGHTLESS_NORM, _norm_quant_row
 from .numerics import _ceil_log2_ratio_448, _clamp_keep_nan, _mul_rn, _pdl_start, _pow2
 
 
@@ -241,10 +241,10 @@ def norm_rope_cache_kernel(
     t = tl.program_id(0).to(tl.int64)
     if USE_PDL:  # see _pdl_start
         _pdl_start()
+    io = (x_ptr, w_ptr, kv_out_ptr, kv_out_ptr, kv_out_ptr, kv_out_ptr)  # normed row only
     _norm_quant_row(
-        t, x_ptr, x_ptr, w_ptr, kv_out_ptr, kv_out_ptr, kv_out_ptr, kv_out_ptr, x_stride,
-        x_stride, D, eps, 0.0, 0.0, False, True, True, 0, 1, False, BLOCK_D, False,
-        False, INV_BY_FMA=INV_BY_FMA,
+        t, x_ptr, io, x_stride, x_stride, D, eps, 0.0, 0.0, NORM_ONLY, NO_QUANT, BLOCK_D,
+        INV_BY_FMA=INV_BY_FMA,
     )  # fmt: skip
     tl.debug_barrier()  # the normed row is re-read by other threads of this program
     row = kv_out_ptr + t * D
@@ -295,9 +295,8 @@ def qnorm_rope_cache_kernel(
         src = q_ptr + t * q_stride_t + h * q_stride_h
         row = q_out_ptr + (t * HEADS + h) * D
         _norm_quant_row(
-            0, src, src, src, row, row, row, row, 0, 0, D, q_eps, 0.0, 0.0, False, True,
-            True, 0, 1, False, BLOCK_D, False, False, True,  # SCHEME 0, WEIGHTLESS
-            INV_BY_FMA=INV_BY_FMA,
+            0, src, (src, src, row, row, row, row), 0, 0, D, q_eps, 0.0, 0.0, WEIGHTLESS_NORM,
+            NO_QUANT, BLOCK_D, INV_BY_FMA=INV_BY_FMA,
         )  # fmt: skip
         tl.debug_barrier()  # the normed row is re-read by other threads of this program
         _rope_row(row, row, cs_ptr, pos, D, ROPE, IS_NEOX, BLOCK_D, True, HIP)
