@@ -204,7 +204,8 @@ def run(args: argparse.Namespace, tp: dm.TensorParallel | None = None) -> None:
     max_len = args.cached + 16
     model, caches = dm.build(cfg, max(args.batch), max_len, DEV, tp=tp)
     gemms = gemm_kinds(model)
-    print(f"GEMMs: {gemms}; weights {torch.cuda.memory_allocated() / 2**30:.1f} GiB", flush=True)
+    gib = torch.cuda.memory_allocated() / 2**30
+    print(f"GEMMs: {gemms}; weights and caches {gib:.1f} GiB", flush=True)
     prompts, _ = dm.token_ids(cfg, max(args.batch), args.cached, 1)
     with torch.no_grad():
         for seq in range(max(args.batch)):  # fill the caches once (eager prefill)

@@ -18,6 +18,7 @@ from fusion_passes.testing import (
 )
 from patterns import q_kv_norm
 from patterns import quant_variants as qv
+from tests.cache_inputs import target_cache
 
 ops = torch.ops.fusion_ops
 FN = torch.float8_e4m3fn
@@ -167,11 +168,7 @@ def compressor_case(layout: str, x_dtype: torch.dtype, seed: int = 0):
     pooled = (torch.randn(4, 512, generator=g) * 3).to(x_dtype)
     weight = (1 + 0.1 * torch.randn(512, generator=g)).to(x_dtype)
     cos_sin = torch.randn(32, 64, generator=g)
-    if layout == "dsv4_fp8":
-        cache = fusion_ops.alloc_mla_cache(3, 4)
-        cache.random_(0, 256, generator=g)  # bytes the write must leave alone
-    else:
-        cache = torch.randn(3, 4, 512, generator=g).to(torch.bfloat16)
+    cache = target_cache(layout, g)
     positions = torch.tensor([0, 4, 8, 28])
     slots = torch.tensor([2, -1, 11, 5])  # -1: a group not complete yet (skipped)
     return pooled, weight, cos_sin, cache, positions, slots
