@@ -102,6 +102,11 @@ def op_counts(fusion_pass: FusionPass, stage: str = "after") -> dict[str, int]:
     return total
 
 
+def near_miss_reasons(fusion_pass: FusionPass, family: str) -> list[str]:
+    """The reasons, in words, of every near miss of ``family`` over the graphs the pass saw."""
+    return [m.reason for g in fusion_pass.graphs for m in g.near_misses if m.family == family]
+
+
 def count_op(graph: torch.fx.Graph, op: str) -> int:
     """Calls of ``fusion_ops.<op>`` in ``graph`` (auto_functionalized v1 and v2 included)."""
     return count_fusion_ops(graph).get(op, 0)

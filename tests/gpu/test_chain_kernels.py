@@ -1,4 +1,4 @@
-"""Triton kernels of the deeper DSV4 fusions (run on a GPU: pytest -m gpu).
+"""Triton kernels of the DSV4 chain fusions (run on a GPU: pytest -m gpu).
 
 q_kv_norm_quant_kernel, norm_rope_cache_kernel and qnorm_rope_cache_kernel must equal, bit for
 bit, the standalone Triton ops they replace (what the compile without the pass runs); the cache
