@@ -277,18 +277,23 @@ def scenario_workspace_failure(rank: int, group_name: str) -> None:
 
 
 ALL_SCENARIOS["workspace_failure"] = scenario_workspace_failure
-WIDE_SCENARIOS = ["stack", "opcheck", "scheme_off_and_subgroup", "workspace_failure"]
+# at 4 ranks: the whole stack (matches, bytes, the same on every rank) and the workspace's
+# set-up failure; the op checks and sub-groups run at 2 ranks (rank count does not enter them)
+WIDE_SCENARIOS = ["stack", "workspace_failure"]
 
 
+@pytest.mark.slow
 def test_tensor_parallel_four_ranks() -> None:
     pytest.importorskip("triton")  # the workspace set-up lives in the Triton backend
     mp.spawn(_worker, args=(_free_port(), WIDE_SCENARIOS, 4), nprocs=4)
 
 
-@pytest.mark.slow
-def test_tensor_parallel_eight_ranks() -> None:
+def test_workspace_failure_at_eight_ranks() -> None:
+    """The set-up agreement at the widest group the kernel takes (8: MAX_WORLD); the compiled
+    stack at 8 ranks takes the same code path as at 4 under gloo (8 compiling processes on 2
+    cores: minutes), so it runs at 4 only."""
     pytest.importorskip("triton")
-    mp.spawn(_worker, args=(_free_port(), WIDE_SCENARIOS, 8), nprocs=8)
+    mp.spawn(_worker, args=(_free_port(), ["workspace_failure"], 8), nprocs=8)
 
 
 # --- the reference DeepSeek-V4 with TP=2 ----------------------------------------------------------
