@@ -86,12 +86,7 @@ def _make_workspace(group_name: str, device: torch.device) -> Workspace | None:
         error = f"{type(err).__name__}: {err}"
     failed = failed_ranks(group, error)
     if failed and len(failed) == world:  # no symmetric memory here: the same on every rank
-        warnings.warn(
-            f"fusion_ops: no symmetric memory for group {group_name!r} on {device} "
-            f"({failed[rank]}); the all_reduce_* ops use the functional all-reduce + fused kernel",
-            stacklevel=2,
-        )
-        return None
+        return _without_workspace(group_name, device, failed[rank])
     if failed:  # the others would wait in the rendezvous for these ranks forever
         first = min(failed)
         raise WorkspaceError(
@@ -105,15 +100,19 @@ def _make_workspace(group_name: str, device: torch.device) -> Workspace | None:
         handle = symm_mem.rendezvous(buffer, group_name)
         handle.barrier()  # every rank's slots are empty before any rank stores into them
     except RuntimeError as err:  # no peer mappings here (the same answer on every rank)
-        warnings.warn(
-            f"fusion_ops: no symmetric memory for group {group_name!r} on {device} ({err}); "
-            "the all_reduce_* ops use the functional all-reduce + fused kernel",
-            stacklevel=2,
-        )
-        return None
+        return _without_workspace(group_name, device, str(err))
     ptrs = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=device)
     state = buffer[data_bytes:].view(torch.int32)
     return Workspace(handle, buffer, ptrs, state, slot_bytes, rank, world)
+
+
+def _without_workspace(group_name: str, device: torch.device, reason: str) -> None:
+    """Warn that the group gets no workspace (the ops take the definition's path); None."""
+    warnings.warn(
+        f"fusion_ops: no symmetric memory for group {group_name!r} on {device} ({reason}); "
+        "the all_reduce_* ops use the functional all-reduce + fused kernel",
+        stacklevel=3,
+    )
 
 
 class WorkspaceError(RuntimeError):
