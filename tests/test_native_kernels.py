@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import fusion_ops
 from fusion_ops import backends, native
-from fusion_ops.library import NATIVE_KERNELS, QUICK_CHECKS
+from fusion_ops.library import QUICK_CHECKS, native_kernels
 from fusion_ops.reference import norm as ref_norm
 
 from .test_quick_validation import norm_args
@@ -30,13 +30,13 @@ def test_native_kernels_are_built_here() -> None:
     """The suite runs the C++ kernels (a failed build would silently test the Python ones)."""
     if os.environ.get(native.ENV_VAR, "1").strip() == "0":
         pytest.skip(f"{native.ENV_VAR}=0")
-    assert NATIVE_KERNELS
+    assert native_kernels()
     for name in native.NATIVE_CPU_OPS:
         assert hasattr(ops, f"_python_{name}")
         assert "CPU: registered at" in torch._C._dispatch_dump(f"fusion_ops::{name}")
 
 
-needs_native = pytest.mark.skipif(not NATIVE_KERNELS, reason="C++ CPU kernels not loaded")
+needs_native = pytest.mark.skipif(not native_kernels(), reason="C++ CPU kernels not loaded")
 
 
 def outputs(result: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -185,13 +185,36 @@ def test_last_backend_is_whichever_kernel_ran_last(
     assert fusion_ops.last_backend("rms_norm") == "triton"
 
 
+def test_import_builds_nothing_and_the_first_call_switches() -> None:
+    """``import fusion_ops`` loads no C++ library; the first CPU call of a native op loads it,
+    returns the reference's bytes, and leaves the C++ kernel registered, without a warning."""
+    if not native.enabled():
+        pytest.skip(f"{native.ENV_VAR}=0")
+    code = (
+        "import warnings, torch, fusion_ops\n"
+        "from fusion_ops.library import define\n"
+        "from fusion_ops.reference import norm\n"
+        "warnings.simplefilter('error')\n"
+        "assert define._native_loaded is None\n"
+        "assert not hasattr(torch.ops.fusion_ops_native, 'set_forced')\n"
+        "dump = lambda: torch._C._dispatch_dump('fusion_ops::rms_norm')\n"
+        "assert 'norm_cpu.cpp' not in dump()\n"
+        "x, w = torch.randn(3, 64).half(), torch.rand(64)\n"
+        "assert torch.equal(torch.ops.fusion_ops.rms_norm(x, w, 1e-6), norm.rms_norm(x, w, 1e-6))\n"
+        "assert define._native_loaded is True and 'norm_cpu.cpp' in dump()\n"
+        "assert fusion_ops.last_backend('rms_norm') == 'reference'\n"
+        "assert torch.equal(torch.ops.fusion_ops.rms_norm(x, w, 1e-6), norm.rms_norm(x, w, 1e-6))\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+
+
 def test_without_native_kernels_the_python_kernels_run() -> None:
     """``FUSION_OPS_NATIVE=0``: no C++ kernel, no hidden op, same bytes and messages."""
     code = (
         "import torch, fusion_ops\n"
-        "from fusion_ops.library import NATIVE_KERNELS\n"
+        "from fusion_ops.library import native_kernels\n"
         "from fusion_ops.reference import norm\n"
-        "assert not NATIVE_KERNELS and not hasattr(torch.ops.fusion_ops, '_python_rms_norm')\n"
+        "assert not native_kernels() and not hasattr(torch.ops.fusion_ops, '_python_rms_norm')\n"
         "x, w = torch.randn(3, 64).half(), torch.rand(64)\n"
         "assert torch.equal(torch.ops.fusion_ops.rms_norm(x, w, 1e-6), norm.rms_norm(x, w, 1e-6))\n"
         "try:\n"

@@ -53,13 +53,13 @@ from __future__ import annotations
 import torch
 
 from . import norm, quant, rope_cache  # noqa: F401  (each defines its ops on import)
-from .define import NAMESPACE, NATIVE_KERNELS, NOT_REPLAYED_PREFIX, OP_SCHEMAS, QUICK_CHECKS
+from .define import NAMESPACE, NOT_REPLAYED_PREFIX, OP_SCHEMAS, QUICK_CHECKS, native_kernels
 
 ops = torch.ops.fusion_ops
 
 __all__ = [
     "NAMESPACE",
-    "NATIVE_KERNELS",
+    "native_kernels",
     "NOT_REPLAYED_PREFIX",
     "OP_SCHEMAS",
     "QUICK_CHECKS",

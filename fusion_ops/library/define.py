@@ -1,8 +1,15 @@
 """How an op is defined: schema, validation, fake and the backends' dispatch, in one call
-(:func:`define`), and the C++ kernels of :mod:`fusion_ops.native` wired in where they exist."""
+(:func:`define`), and the C++ kernels of :mod:`fusion_ops.native` wired in where they exist.
+
+The C++ kernels are built and loaded lazily: until then, the dispatch keys they will take
+(``CPU`` of ``native.NATIVE_CPU_OPS``; ``CUDA`` of every replayable op on NVIDIA builds) hold a
+first-call kernel. The first call of any of them (or :func:`native_kernels`) builds/loads the
+library once and puts every op's final kernel in place of the first-call ones: the C++ kernel
+where it loaded, else the Python kernel. Importing ``fusion_ops`` builds nothing."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -13,10 +20,14 @@ from ..backends import register_impl, run_op, use_native_kernels
 
 NAMESPACE = "fusion_ops"
 _LIB = torch.library.Library(NAMESPACE, "DEF")
-#: True when the C++ kernels of fusion_ops.native are loaded
-NATIVE_KERNELS = native.load()
-if NATIVE_KERNELS:
-    use_native_kernels(native)
+#: the C++ kernels may be used in this process (``FUSION_OPS_NATIVE`` is not 0)
+NATIVE_ENABLED = native.enabled()
+# (op, dispatch key) -> the op's Python kernel there, for every key that holds a first-call
+# kernel until the C++ kernels are loaded (or found unavailable)
+_PENDING: dict[tuple[str, str], Callable[..., Any]] = {}
+_FIRST_CALL_LIBS: list[torch.library.Library] = []
+_SWITCH_LOCK = threading.Lock()
+_native_loaded: bool | None = None  # None: not tried yet
 # ops whose CUDA kernel replays their Triton launch from C++ (fusion_ops.native; NVIDIA): every
 # op but the tensor-parallel ones (their kernel uses a per-group workspace and may take NCCL)
 NOT_REPLAYED_PREFIX = "all_reduce_"
@@ -87,21 +98,57 @@ def define(
     _LIB.impl(name, kernel_for(None), "CompositeExplicitAutograd")
     # a C++ kernel (fusion_ops.native) hands what it does not take itself (bad input, forced
     # backends, a signature seen for the first time) to this Python kernel, under a hidden name
-    native_cpu = NATIVE_KERNELS and name in native.NATIVE_CPU_OPS
+    native_cpu = NATIVE_ENABLED and name in native.NATIVE_CPU_OPS
     native_cuda = (
-        NATIVE_KERNELS and not name.startswith(NOT_REPLAYED_PREFIX) and native.replays_cuda()
+        NATIVE_ENABLED and not name.startswith(NOT_REPLAYED_PREFIX) and native.may_replay_cuda()
     )
     # (the replay admits a float argument where it is >= 0, every eps check's rule: replayed ops
     # take eps floats only, tests/test_native_kernels.py)
     if native_cpu or native_cuda:
         _LIB.define(f"_python_{name}{schema}")
-    if native_cpu:
-        _LIB.impl(f"_python_{name}", kernel_for("cpu"), "CPU")
-    else:
-        _LIB.impl(name, kernel_for("cpu"), "CPU")
-    if native_cuda:
-        _LIB.impl(f"_python_{name}", native.recording_kernel(name, kernel_for("cuda")), "CUDA")
-        native.register_cuda_replay(name)
-    else:
-        _LIB.impl(name, kernel_for("cuda"), "CUDA")
+    for key, device_type, lazy in (("CPU", "cpu", native_cpu), ("CUDA", "cuda", native_cuda)):
+        kernel = kernel_for(device_type)
+        if not lazy:
+            _LIB.impl(name, kernel, key)
+            continue
+        recorded = native.recording_kernel(name, kernel) if key == "CUDA" else kernel
+        _LIB.impl(f"_python_{name}", recorded, key)
+        _PENDING[(name, key)] = kernel
+        first = torch.library.Library(NAMESPACE, "IMPL")
+        first.impl(name, _first_call(name), key)
+        _FIRST_CALL_LIBS.append(first)
     torch.library.register_fake(f"{NAMESPACE}::{name}", fake_impl, lib=_LIB)
+
+
+def _first_call(name: str) -> Callable[..., Any]:
+    def kernel(*args: Any, **kwargs: Any) -> Any:
+        native_kernels()
+        return getattr(torch.ops.fusion_ops, name).default(*args, **kwargs)
+
+    return kernel
+
+
+def native_kernels() -> bool:
+    """Build (once per machine) and load the C++ kernels of :mod:`fusion_ops.native` if that has
+    not been tried in this process, and put every op's final kernels in place; True when the C++
+    kernels are loaded. The first call of an op that may have a C++ kernel calls this."""
+    global _native_loaded
+    with _SWITCH_LOCK:
+        if _native_loaded is not None:
+            return _native_loaded
+        # the first-call kernels go before the library loads: its static CPU registrations
+        # would otherwise override kernels registered from Python (a dispatcher warning)
+        for lib in _FIRST_CALL_LIBS:
+            lib._destroy()
+        _FIRST_CALL_LIBS.clear()
+        loaded = NATIVE_ENABLED and native.load()
+        for (name, key), kernel in _PENDING.items():
+            if loaded and key == "CUDA" and native.replays_cuda():
+                native.register_cuda_replay(name)
+            elif not (loaded and key == "CPU"):  # (CPU: norm_cpu.cpp registered itself)
+                _LIB.impl(name, kernel, key)
+        _PENDING.clear()
+        if loaded:
+            use_native_kernels(native)
+        _native_loaded = loaded
+        return loaded

@@ -16,10 +16,12 @@ Bad input and forced backends always reach the op's Python kernel (registered as
 ``last_backend`` behave as before. Replayed launches do not call Triton's launch hooks (proton):
 profile with ``FUSION_OPS_NATIVE=0`` there (torch's profiler sees them).
 
-The library is built on first import with torch's JIT extension builder (a C++ compiler and
-``ninja`` are needed; about 20 s, once) and cached in torch's extension directory
-(``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). ``FUSION_OPS_NATIVE=0`` skips
-it; a failed build warns and leaves the Python kernels in place.
+The library is built at the first call of an op that may have a C++ kernel (or of
+``fusion_ops.library.native_kernels()``, which a deployment can call at start-up), with torch's
+JIT extension builder (a C++ compiler and ``ninja`` are needed; about 20 s, once per machine),
+and cached in torch's extension directory (``$TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``); a later process only loads it. ``FUSION_OPS_NATIVE=0`` skips it;
+a failed build warns and leaves the Python kernels in place.
 """
 
 from __future__ import annotations
@@ -74,9 +76,20 @@ def _cuda_header_dir() -> str | None:
     return str(path) if (path / "cuda.h").exists() else None
 
 
+def enabled() -> bool:
+    """Whether the C++ kernels may be used (``FUSION_OPS_NATIVE`` is not 0)."""
+    return os.environ.get(ENV_VAR, "1").strip() != "0"
+
+
+def may_replay_cuda() -> bool:
+    """Whether CUDA kernels would replay Triton launches once loaded: an NVIDIA build of torch
+    and Triton's cuda.h at hand (what :func:`replays_cuda` says after :func:`load`)."""
+    return torch.version.cuda is not None and torch.version.hip is None and bool(_cuda_header_dir())
+
+
 def load() -> bool:
     """Build (once) and load the C++ kernels; False when disabled or the build failed."""
-    if os.environ.get(ENV_VAR, "1").strip() == "0":
+    if not enabled():
         return False
     global _built_with_cuda_h
     include = _cuda_header_dir()

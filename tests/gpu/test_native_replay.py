@@ -12,14 +12,14 @@ import torch
 import fusion_ops
 from fusion_ops import backends, native
 from fusion_ops.launch_policy import INV_RMS_BY_FMA_MIN_EPS
-from fusion_ops.library import NATIVE_KERNELS
+from fusion_ops.library import native_kernels
 from fusion_passes.testing import assert_bitwise_equal
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(not native_kernels(), reason="the C++ kernels are not built"),
     pytest.mark.skipif(not native.replays_cuda(), reason="NVIDIA builds of torch only"),
-    pytest.mark.skipif(not NATIVE_KERNELS, reason="the C++ kernels are not built"),
 ]
 ops = torch.ops.fusion_ops
 FN = torch.float8_e4m3fn
