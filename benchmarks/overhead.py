@@ -15,6 +15,9 @@ Rows, for ``rms_norm → MXFP4`` of one token (``[1, 256]`` on the CPU, ``[1, 71
 * ``dynamic tokens: …`` (NVIDIA): the three compiled rows again on two tokens with the token
   dim marked dynamic, as vLLM compiles (the graph serves every count >= 2);
 * ``x + x``: one eager aten op, the floor of any eager call;
+* validation (``--device cpu``): each op's full argument check next to its one-expression fast
+  path (``quick``, :data:`fusion_ops.library.QUICK_CHECKS`), what a Python kernel saves by it
+  (the C++ kernels make the same check in C++);
 * CPU only: ``ops.rms_norm`` next to the same math in plain torch (the reference function),
   the wrapper overhead of the op layer, and a bare ``torch.library.Library`` op whose CPU kernel
   is that plain function (the floor any Python-kernel op pays: dispatcher and Python kernel
@@ -28,6 +31,7 @@ Rounds alternate between the rows; the median of the rounds is reported.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -38,6 +42,7 @@ from typing import Any
 import torch
 
 import fusion_ops
+from fusion_ops import backends
 from fusion_ops import launch_policy as policy
 from fusion_ops.reference import norm as ref_norm
 from fusion_ops.reference import quant as ref_quant
@@ -167,7 +172,48 @@ def measure(device: str, calls: int, rounds: int) -> dict[str, Any]:
         result["dispatcher_floor_us"] = (
             us["bare Library op, kernel = plain fn"] - us["rms_norm, plain torch"]
         )
+        result["validation_us"] = validation_us(x, w, calls * 10, rounds)
     return result
+
+
+def validation_us(
+    x: torch.Tensor, w: torch.Tensor, calls: int, rounds: int
+) -> dict[str, dict[str, float]]:
+    """µs per call of each op's full check (``validate``) and of its fast path (``quick``) on
+    valid arguments, as the Python kernel receives them (every schema argument, in order)."""
+    from fusion_ops.library import QUICK_CHECKS
+
+    r = torch.randn_like(x)
+    tensors = {
+        "rms_norm": (x, w, EPS),
+        "fused_add_rms_norm": (x, r, w, EPS),
+        "mxfp4_quant": (x,),
+        "rms_norm_mxfp4_quant": (x, w, EPS),
+        "add_rms_norm_mxfp4_quant": (x, r, w, EPS),
+        "q_kv_rms_norm_mxfp4_quant": (x, w, EPS, x, w, EPS),
+    }
+    out = {}
+    for name, given in tensors.items():
+        schema = getattr(ops, name).default._schema
+        args = (*given, *(a.default_value for a in schema.arguments[len(given) :]))
+        validate, quick = QUICK_CHECKS[name]
+        if not quick(*args):
+            raise RuntimeError(f"{name}: the fast path refuses valid arguments")
+        checks = {
+            "full": functools.partial(validate, *args),
+            "quick": functools.partial(quick, *args),
+        }
+        out[name] = per_call_us(checks, lambda: None, calls, rounds)
+    # the backend choice: cached per (op, device type, forced backend) against the search
+    kind = x.device.type
+    selection = {  # a miss of the cache runs exactly the "full" call
+        "full": lambda: backends._select("rms_norm_mxfp4_quant", torch.device(kind), None),
+        "quick": lambda: backends._selected("rms_norm_mxfp4_quant", kind, None),
+    }
+    out["backend selection (full: search, quick: cached)"] = per_call_us(
+        selection, lambda: None, calls, rounds
+    )
+    return out
 
 
 def dynamic_token_rows(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], Any]]:
@@ -242,6 +288,8 @@ def main() -> None:
         if "rms_norm_wrapper_us" in r:
             print(f"  ops.rms_norm wrapper over plain torch: {r['rms_norm_wrapper_us']:.1f} µs")
             print(f"  of which the dispatcher floor (bare op): {r['dispatcher_floor_us']:.1f} µs")
+        for name, v in r.get("validation_us", {}).items():
+            print(f"  check of {name}: full {v['full']:.2f} µs, quick {v['quick']:.2f} µs")
         if args.profile:
             profile_fused(device)
     if args.json:
