@@ -247,11 +247,10 @@ class MoE(nn.Module):
             cols = self.tp.shard(self.cfg.moe_inter_size)
             self.w2.data = self.w2.data[..., cols].contiguous()
             self.shared_w2.data = self.shared_w2.data[:, cols].contiguous()
-        for name, kind in (("w13", self.kind), ("w2", self.kind)) + (
-            ("shared_w13", self.shared_kind),
-            ("shared_w2", self.shared_kind),
-        ):
-            if kind is not None:
+        kinds = {"w13": self.kind, "w2": self.kind}
+        kinds.update(shared_w13=self.shared_kind, shared_w2=self.shared_kind)
+        for name, kind in kinds.items():
+            if kind is not None:  # FP8 codes and scales replace the bf16 weight
                 codes, scale = linear.quantize_weight(getattr(self, name), kind)
                 delattr(self, name)
                 self.register_buffer(f"{name}_fp8", codes)
@@ -306,36 +305,39 @@ class MoE(nn.Module):
         counts = counts.scatter_add(0, flat, torch.ones_like(flat, dtype=torch.int32))
         offs = counts.cumsum(0, dtype=torch.int32)  # end row of each expert's group
         rows = order // k  # the token of each grouped row
-        act = self._swiglu(self._experts(q[rows], s[rows], "w13", offs, dtype))  # [T·k, 2I]
-        shared_act = self._swiglu(self._shared(q, s, "shared_w13", dtype))  # [T, I]
+        act = self._swiglu(self._gemm(q[rows], s[rows], "w13", dtype, offs))  # [T·k, I]
+        shared_act = self._swiglu(self._gemm(q, s, "shared_w13", dtype))  # [T, I]
         if self.tp is not None:  # down projections row-parallel: this rank's slice of I
             cols = self.tp.shard(cfg.moe_inter_size)
             act, shared_act = act[:, cols], shared_act[:, cols]
-        down = self._experts(*quantize(act, cfg.act_quant, cfg.fp8_dtype), "w2", offs, dtype)
+        down = self._gemm(*quantize(act, cfg.act_quant, cfg.fp8_dtype), "w2", dtype, offs)
         shared_q = quantize(shared_act, cfg.act_quant, cfg.fp8_dtype)
-        shared = self._shared(*shared_q, "shared_w2", dtype)
+        shared = self._gemm(*shared_q, "shared_w2", dtype)
         grouped = torch.arange(t * k, device=flat.device)
         slot_row = torch.empty_like(order).scatter_(0, order, grouped)  # (token, slot) -> row
         routed = (down[slot_row].view(t, k, -1).float() * weights.unsqueeze(-1)).sum(1)
         return (routed + shared.float()).to(dtype)
 
-    def _experts(
-        self, q: torch.Tensor, s: torch.Tensor, name: str, offs: torch.Tensor, dtype: torch.dtype
+    def _gemm(
+        self,
+        q: torch.Tensor,
+        s: torch.Tensor,
+        name: str,
+        dtype: torch.dtype,
+        offs: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Grouped rows [M, K] through expert weights ``name`` [E, N, K] -> [M, N]."""
-        if self.kind is not None:
+        """Quantized rows [M, K] through weight ``name``: the shared expert's [N, K], or with
+        ``offs`` (int32 ends of each expert's rows) the routed experts' [E, N, K] -> [M, N]."""
+        kind = self.shared_kind if offs is None else self.kind
+        if kind is not None:  # FP8 weights: the device's scaled GEMM
             w, ws = getattr(self, f"{name}_fp8"), getattr(self, f"{name}_scale")
+            if offs is None:
+                return linear.scaled_mm(q, s, w, ws, kind, dtype)
             return linear.scaled_grouped_mm(q, s, w, ws, offs, dtype)
-        xd = dequantize(q, s, self.cfg.act_quant, dtype)
-        return torch._grouped_mm(xd, getattr(self, name).transpose(-2, -1), offs=offs)
-
-    def _shared(
-        self, q: torch.Tensor, s: torch.Tensor, name: str, dtype: torch.dtype
-    ) -> torch.Tensor:
-        if self.shared_kind is not None:
-            w, ws = getattr(self, f"{name}_fp8"), getattr(self, f"{name}_scale")
-            return linear.scaled_mm(q, s, w, ws, self.shared_kind, dtype)
-        return dequantize(q, s, self.cfg.act_quant, dtype) @ getattr(self, name).t()
+        xd, w = dequantize(q, s, self.cfg.act_quant, dtype), getattr(self, name)
+        if offs is None:
+            return xd @ w.t()
+        return torch._grouped_mm(xd, w.transpose(-2, -1), offs=offs)
 
 
 class Block(nn.Module):
