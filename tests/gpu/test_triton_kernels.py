@@ -41,6 +41,22 @@ def test_quant_bit_exact(scheme, params, dtype, tokens, k) -> None:
     assert_same(t, r, f"{scheme}{params}")
 
 
+def test_mxfp4_codes_around_every_rounding_threshold() -> None:
+    """Every E2M1 rounding threshold and exponent step, ±64 ulps, both signs, and a dense sweep
+    of [0, 7), each block of 32 led by 6.0 (block scale 2^0, so the codes are the values' own):
+    the kernel's integer form of the rounding gives the reference's bytes."""
+    steps = [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 6.5]
+    centre = torch.tensor(steps, device=DEV).view(torch.int32)
+    near = (centre[:, None] + torch.arange(-64, 65, device=DEV)).view(torch.float32).flatten()
+    sweep = torch.arange(0, 7, 2.0**-12, device=DEV)  # amax < 7: scale 2^0
+    values = torch.cat([near, -near, sweep, -sweep])
+    values = torch.cat([values, values.new_zeros(-values.numel() % (31 * 8))]).view(-1, 31)
+    x = torch.cat([values.new_full((values.shape[0], 1), 6.0), values], 1).view(-1, 256)
+    t, r = both(ops.mxfp4_quant, x)
+    assert (r[1] == 127).all()  # every block's scale is 2^0: the codes are the values' own
+    assert_same(t, r, "mxfp4 around thresholds")
+
+
 # many rows: 4 warps from MANY_ROWS rows at 4097–8192 columns without a residual, and the row in
 # unpadded pieces (7168 = 4096 + 2048 + 1024; 4352 = 4096 + 256; FP8 groups from 1024 rows)
 MANY = [(MANY_ROWS, 7168), (MANY_ROWS + 1, 4352), (1100, 7168)]
