@@ -10,7 +10,9 @@ is the op), every variant checked to give the op's bytes:
 * ``division steps``: INV_BY_FMA off (the 1/rms by div.rn / sqrt.rn);
 * ``weight after the wait``: PREFETCH_W off (the weight loaded after the PDL wait);
 * both of these;
-* ``other rows/program``: 2 rows per program where the op takes 1, and 1 where it takes 2.
+* ``other rows/program``: 2 rows per program where the op takes 1, and 1 where it takes 2;
+* ``q in N programs``: q's row split over N programs (QKvLaunch.q_split) where the op takes another
+  split.
 Timing: CUDA-graph replay, median of five interleaved rounds (benchmarks/kernels.py).
 """
 
@@ -45,8 +47,13 @@ def variant_launches(q_lora: int, t: int) -> dict[str, policy.QKvLaunch]:
             launch, inv_by_fma=False, prefetch_weight=False
         ),
         f"{3 - launch.rows_per_program} rows/program": replace(
-            launch, rows_per_program=3 - launch.rows_per_program
+            launch, rows_per_program=3 - launch.rows_per_program, q_split=1
         ),
+        **{
+            f"q in {n} programs": replace(launch, q_split=n, rows_per_program=1)
+            for n in (1, 2, 4)
+            if launch.q_split != n and launch.pieces == (0, 0, 0)
+        },
     }
 
 

@@ -50,14 +50,18 @@ MANY_ROWS = 2048
 FP8_GROUP_PIECES_MIN_ROWS = 1024
 #: the smallest piece of a row in pieces (columns)
 MIN_PIECE = 256
-#: decode sizes: up to this many rows, a row of norm_quant_kernel goes in several programs, as
-#: many as the tables give for its padded block (the norm alone, and with a block quant), at most
-#: NORM_MAX_SPLIT (evidence: benchmarks/results/row_split_h200.json, benchmarks/row_split.py: a
-#: split of 2 slows add+rms; rows of 512 columns and the norm alone at 2048 gain nothing)
+#: decode sizes: up to this many rows, a row of norm_quant_kernel goes in several programs: for
+#: each padded block, (programs for one row, programs for 2–NORM_SPLIT_MAX_ROWS rows), the norm
+#: alone, with a block quant, with a per-token scale (each program then also takes the whole
+#: row's amax); wider blocks take the widest entry; at most NORM_MAX_SPLIT (evidence:
+#: benchmarks/results/row_split_h200.json, row_split_int_amax_h200.json, benchmarks/row_split.py:
+#: a split of 2 slows add+rms; rows of 512 columns and the norm alone at 2048 gain nothing; 16
+#: programs pay for one row of 8192 with a quant, not for 16 rows; per-token at 2048: not measured)
 NORM_SPLIT_MAX_ROWS = 16
-NORM_MAX_SPLIT = 8
-NORM_SPLIT_BY_BLOCK = {4096: 4, 8192: 8}
-NORM_SPLIT_BY_BLOCK_QUANT = {2048: 4, 4096: 4, 8192: 8}
+NORM_MAX_SPLIT = 16
+NORM_SPLIT_BY_BLOCK = {4096: (4, 4), 8192: (8, 8)}
+NORM_SPLIT_BY_BLOCK_QUANT = {2048: (4, 4), 4096: (4, 4), 8192: (16, 8)}
+NORM_SPLIT_PER_TOKEN_BY_BLOCK = {4096: (8, 4), 8192: (16, 4)}
 #: from this eps on, the FMA 1/rms steps equal the correctly rounded ones on every fp32 sum of
 #: squares (proved exhaustively by tests/gpu/test_inv_rms_steps.py)
 INV_RMS_BY_FMA_MIN_EPS = 2.0**-40
@@ -84,6 +88,22 @@ Q_KV_LOAD_BANDS = (
     LoadBand(block_q=1024, quant=False, rows=(768, 1024), prefetch_weight=False),
     LoadBand(block_q=1024, quant=False, rows=(1025, 1536), inv_by_fma=False),
 )
+
+
+@dataclass(frozen=True)
+class QSplitBand:
+    """q_kv without a quant: q's row in ``programs`` programs for q blocks of ``block_q`` columns
+    over ``rows`` (inclusive)."""
+
+    block_q: int
+    rows: tuple[int, int]
+    programs: int
+    evidence: str = "benchmarks/results/q_kv_split_h200.json"
+
+
+#: measured on an H200 at q_lora 1536 + kv 512 (16 rows 0.98 → 0.88 µs, 128 rows 1.22 → 1.14);
+#: one row, and q_lora 1024 at 1–128 rows: level or slower; a quantized q: not measured
+Q_KV_Q_SPLIT = (QSplitBand(block_q=2048, rows=(2, 128), programs=2),)
 
 # one-shot all-reduce (benchmarks/results/all_reduce_h200x2.json): programs resident at once
 # (they wait on their peers), and a row split over up to MAX_SPLIT programs of ≥ MIN_PART columns
@@ -166,6 +186,7 @@ class NormLaunch:
     prefetch_weight: bool = False
     inv_by_fma: bool = False
     split: int = 1  # programs per row (speed only: the same warps, hence the same sums)
+    int_amax: bool = False  # a quant block's amax and NaN test from one integer max (speed only)
 
     def grid(self, rows: int) -> tuple[int]:
         return (rows * self.split,)
@@ -181,14 +202,20 @@ def norm_parts_per_row(
     rows: int, block_k: int, scheme: str | None, params: tuple[Any, ...], programs: int
 ) -> int:
     """norm_quant_kernel's SPLIT: at decode sizes (<= NORM_SPLIT_MAX_ROWS rows) the programs per
-    row of NORM_SPLIT_BY_BLOCK(_QUANT) (wider blocks: NORM_MAX_SPLIT), halved until every program
-    is resident (rows · split <= programs) and parts hold whole quant groups; 1 for a per-token
-    scale (a row's amax is the whole row's) and beyond NORM_SPLIT_MAX_ROWS rows."""
-    group = quant_group(scheme, params)
-    if rows > NORM_SPLIT_MAX_ROWS or (scheme is not None and group == 0):
+    row of NORM_SPLIT_BY_BLOCK (the norm alone), NORM_SPLIT_BY_BLOCK_QUANT (a block quant) or
+    NORM_SPLIT_PER_TOKEN_BY_BLOCK (a per-token scale), halved until every program is resident
+    (rows · split <= programs) and parts hold whole quant groups; 1 beyond NORM_SPLIT_MAX_ROWS
+    rows."""
+    if rows > NORM_SPLIT_MAX_ROWS:
         return 1
-    table = NORM_SPLIT_BY_BLOCK if scheme is None else NORM_SPLIT_BY_BLOCK_QUANT
-    split = NORM_MAX_SPLIT if block_k > max(table) else table.get(block_k, 1)
+    if scheme is None:
+        table = NORM_SPLIT_BY_BLOCK
+    elif quant_group(scheme, params) == 0:
+        table = NORM_SPLIT_PER_TOKEN_BY_BLOCK
+    else:
+        table = NORM_SPLIT_BY_BLOCK_QUANT
+    one_row, more = table[max(table)] if block_k > max(table) else table.get(block_k, (1, 1))
+    split = one_row if rows == 1 else more
     part = smallest_part(scheme, params)
     while split > 1 and (rows * split > programs or block_k // split < part):
         split //= 2
@@ -208,6 +235,7 @@ def norm_launch(
 ) -> NormLaunch:
     """norm_quant_kernel over ``rows`` rows of ``kdim`` columns (``scheme`` None: no quant)."""
     block = next_power_of_2(kdim)
+    split = norm_parts_per_row(rows, block, scheme, params, device.sm_count)
     return NormLaunch(
         block_k=block,
         num_warps=row_warps(block, rows, residual),
@@ -215,8 +243,16 @@ def norm_launch(
         use_pdl=device.pdl,
         prefetch_weight=has_weight and device.prefetch_weight,
         inv_by_fma=inv_rms_by_fma(device, eps),
-        split=norm_parts_per_row(rows, block, scheme, params, device.sm_count),
+        split=split,
+        int_amax=amax_by_one_max(split, scheme),
     )
+
+
+def amax_by_one_max(split: int, scheme: str | None) -> bool:
+    """norm_quant_kernel's INT_AMAX (speed only): a split row's quant blocks take their amax and
+    NaN test from one integer max (a decode-size part spreads a block over warps, where each
+    reduction costs a barrier; benchmarks/results/row_split_int_amax_h200.json)."""
+    return split > 1 and scheme is not None
 
 
 #: the row counts at which :func:`norm_launch` can change (it is constant between them, for a
@@ -261,9 +297,17 @@ class QKvLaunch:
     use_pdl: bool = False
     prefetch_weight: bool = False
     inv_by_fma: bool = False
+    q_split: int = 1  # programs per q row (speed only: the same warps, hence the same sums)
+
+    def __post_init__(self) -> None:
+        if self.q_split > 1 and (self.rows_per_program > 1 or self.pieces[0]):
+            raise ValueError(
+                f"QKvLaunch: q_split={self.q_split} takes one row per program and no pieces, "
+                f"got rows_per_program={self.rows_per_program}, pieces={self.pieces}"
+            )
 
     def grid(self, rows: int) -> tuple[int, int]:
-        return ((rows + self.rows_per_program - 1) // self.rows_per_program, 2)
+        return ((rows + self.rows_per_program - 1) // self.rows_per_program, self.q_split + 1)
 
 
 def q_kv_rows_per_program(block_q: int, rows: int, quant: bool, q_in_pieces: bool = False) -> int:
@@ -302,17 +346,28 @@ def q_kv_launch(
         if band.block_q == block_q and band.quant == quant and band.rows[0] <= rows <= band.rows[1]:
             prefetch = prefetch if band.prefetch_weight is None else band.prefetch_weight
             by_fma = by_fma if band.inv_by_fma is None else band.inv_by_fma
+    per_program = q_kv_rows_per_program(block_q, rows, quant, pieces[0] > 0)
     return QKvLaunch(
         paired=True,
         block_q=block_q,
         block_kv=block_kv,
         num_warps=warps,
-        rows_per_program=q_kv_rows_per_program(block_q, rows, quant, pieces[0] > 0),
+        rows_per_program=per_program,
         pieces=pieces,
         use_pdl=device.pdl,
         prefetch_weight=prefetch,
         inv_by_fma=by_fma,
+        q_split=q_kv_q_split(block_q, rows, quant) if per_program == 1 and not pieces[0] else 1,
     )
+
+
+def q_kv_q_split(block_q: int, rows: int, quant: bool) -> int:
+    """Programs per q row of q_kv_norm_quant_kernel (speed only; one row per program, no
+    pieces): Q_KV_Q_SPLIT's band for these rows, 1 elsewhere."""
+    for band in Q_KV_Q_SPLIT:
+        if not quant and band.block_q == block_q and band.rows[0] <= rows <= band.rows[1]:
+            return band.programs
+    return 1
 
 
 def chain_launch(d: int, rows: int, device: DeviceFacts, eps: float) -> NormLaunch:

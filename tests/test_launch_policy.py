@@ -121,8 +121,8 @@ def test_the_walk_of_the_policy_meets_every_launch(scheme, params, residual, dev
 @pytest.mark.parametrize("residual", [False, True])
 def test_a_split_row_keeps_its_warps_and_whole_quant_groups(scheme, params, residual) -> None:
     """SPLIT changes nothing a row's bytes depend on: the warps (the sum order) are the unsplit
-    record's, parts are powers of two holding whole quant groups (MXFP blocks: 32); no split
-    for a per-token scale, beyond NORM_SPLIT_MAX_ROWS rows, or beyond the device's programs."""
+    record's, parts are powers of two holding whole quant groups (MXFP blocks and per-token
+    parts: 32); no split beyond NORM_SPLIT_MAX_ROWS rows, or beyond the device's programs."""
     group = max(policy.quant_group(scheme, params), 32 if scheme else 1)
     for kdim in (256, 512, 1536, 4096, 7168, 8192, 16384):
         for rows in (1, 2, 7, policy.NORM_SPLIT_MAX_ROWS, policy.NORM_SPLIT_MAX_ROWS + 1, 4096):
@@ -139,8 +139,6 @@ def test_a_split_row_keeps_its_warps_and_whole_quant_groups(scheme, params, resi
                 assert rows <= policy.NORM_SPLIT_MAX_ROWS and launch.pieces == (0, 0, 0)
                 assert (launch.block_k // launch.split) % group == 0
                 assert rows * launch.split <= PDL.sm_count
-            if scheme == "fp8_per_token":
-                assert launch.split == 1
     few = DeviceFacts(hip=False, pdl=True, prefetch_weight=True, sm_count=20)
     assert policy.norm_launch(7168, 4, few, scheme="mxfp4").split == 4  # 4 · 8 > 20 programs
     assert policy.norm_launch(7168, 4, PDL, scheme="mxfp4").split == 8
@@ -187,6 +185,41 @@ def test_q_kv_load_bands_apply_inside_their_rows_only(band: policy.LoadBand) -> 
                 assert got.inv_by_fma == band.inv_by_fma
         elif not others:
             assert (got.prefetch_weight, got.inv_by_fma) == (True, True), rows
+
+
+@pytest.mark.parametrize("band", policy.Q_KV_Q_SPLIT)
+def test_q_kv_splits_q_inside_its_band_only(band: policy.QSplitBand) -> None:
+    """q's row goes in several programs for plain q inside the band's rows (one row per
+    program, no pieces, the grid's second axis one wider per program), never with a quant."""
+    k_q = band.block_q * 3 // 4  # a padded width of that block (1536 in 2048)
+    lo, hi = band.rows
+    for rows, inside in ((lo - 1, False), (lo, True), (hi, True), (hi + 1, False)):
+        got = policy.q_kv_launch(k_q, 512, rows, PDL)
+        assert got.q_split == (band.programs if inside else 1), rows
+        assert got.grid(rows)[1] == got.q_split + 1
+        if got.q_split > 1:
+            assert got.rows_per_program == 1 and got.pieces == (0, 0, 0)
+        assert policy.q_kv_launch(k_q, 512, rows, PDL, scheme="mxfp4").q_split == 1
+
+
+def test_a_q_split_record_takes_one_row_per_program() -> None:
+    with pytest.raises(ValueError, match="q_split=2 takes one row per program"):
+        policy.QKvLaunch(True, 2048, 512, 8, rows_per_program=2, q_split=2)
+    with pytest.raises(ValueError, match="no pieces"):
+        policy.QKvLaunch(True, 2048, 512, 8, pieces=(1024, 512, 0), q_split=2)
+
+
+def test_a_per_token_scale_splits_by_its_own_table() -> None:
+    """Per-token rows take NORM_SPLIT_PER_TOKEN_BY_BLOCK's split: one row, then 2–16 rows."""
+    per_token = ("fp8_per_token", (False, None))
+    for block, (one_row, more) in policy.NORM_SPLIT_PER_TOKEN_BY_BLOCK.items():
+        kdim = block * 7 // 8
+        for rows, want in ((1, one_row), (2, more), (policy.NORM_SPLIT_MAX_ROWS, more)):
+            got = policy.norm_launch(kdim, rows, PDL, scheme=per_token[0], params=per_token[1])
+            assert got.split == want and got.int_amax, (block, rows)
+        many = policy.NORM_SPLIT_MAX_ROWS + 1
+        got = policy.norm_launch(kdim, many, PDL, scheme=per_token[0], params=per_token[1])
+        assert (got.split, got.int_amax) == (1, False)
 
 
 def test_all_reduce_launch_keeps_the_fused_ops_warps() -> None:

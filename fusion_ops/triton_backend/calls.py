@@ -131,6 +131,7 @@ def norm_quant_meta(launch: NormLaunch, flags: NormFlags, consts: Mapping[str, A
         ("PREFETCH_W", launch.prefetch_weight),
         ("INV_BY_FMA", launch.inv_by_fma),
         ("SPLIT", launch.split),
+        ("INT_AMAX", launch.int_amax),
         ("num_warps", launch.num_warps),
         ("launch_pdl", launch.use_pdl),
     )
@@ -162,6 +163,7 @@ def q_kv_meta(
         ("PIECE1", launch.pieces[1]),
         ("PIECE2", launch.pieces[2]),
         ("INV_BY_FMA", launch.inv_by_fma),
+        ("Q_SPLIT", launch.q_split),
         ("num_warps", launch.num_warps),
         ("launch_pdl", launch.use_pdl),
     )

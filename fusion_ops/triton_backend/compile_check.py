@@ -25,7 +25,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -303,22 +303,35 @@ def _rope_cache_cases() -> Iterator[Case]:
 
 def _q_kv_cases() -> Iterator[Case]:
     """The two-norm kernel: q plain or quantized (every scheme), bf16, PDL once; quantized q of
-    1536 columns also as pieces (1024 + 512, one row per program)."""
+    1536 columns also as pieces (1024 + 512, one row per program); q's row split over programs
+    (decode sizes, PDL) plain, as MXFP4 and with a per-token scale."""
     schemes = {
         label: _norm_quant_schemes()[label]
-        for label in ("none", "mxfp4", "mxfp8", "fp8_group128_e4m3fn", "fp8_group128_e4m3fnuz")
-    }
-    for (label, (scheme, params, q_ty, s_ty)), pdl, pieces in itertools.product(
-        schemes.items(), (False, True), (False, True)
+        for label in (
+            "none", "mxfp4", "mxfp8", "fp8_group128_e4m3fn", "fp8_group128_e4m3fnuz",
+            "fp8_per_token_e4m3fn",
+        )
+    }  # fmt: skip
+    for (label, (scheme, params, q_ty, s_ty)), pdl, pieces, split in itertools.product(
+        schemes.items(), (False, True), (False, True), (False, True)
     ):
-        if (pdl and (pieces or label != "none")) or (pieces and label == "none"):
+        split_labels = ("none", "mxfp4", "fp8_per_token_e4m3fn")
+        if split and not (pdl and not pieces and label in split_labels):
+            continue  # q split: with PDL, three schemes
+        if not split and (
+            (pdl and (pieces or label != "none")) or (pieces and label == "none")
+            or label == "fp8_per_token_e4m3fn"
+        ):  # fmt: skip
             continue  # PDL once (plain q); pieces only with a quant
         tags = ", pdl" if pdl else ", pieces" if pieces else ""
+        tags += ", q split" if split else ""
         # many rows (two per program, or q in pieces), or a few rows with PDL
         launch = policy.q_kv_launch(
             1536 if pieces else 2048, 512, 2 if pdl else policy.MANY_ROWS,
             _NVIDIA_PDL if pdl else _NVIDIA, scheme=scheme, params=params,
         )  # fmt: skip
+        if split:
+            launch = replace(launch, q_split=max(2, launch.q_split))
         yield _case(
             f"q_kv_norm_quant_kernel[{label}, bf16{tags}]",
             k.q_kv_norm_quant_kernel,

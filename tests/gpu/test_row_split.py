@@ -1,7 +1,8 @@
 """norm_quant_kernel with a row split over programs (decode sizes, launch_policy's
-``NormLaunch.split``) writes the bytes of the one-program launch, for every scheme, residual
-and flag (run on a GPU: pytest -m gpu). The policy's own choice at 1–16 rows is also checked
-against the reference backend by tests/gpu/test_triton_kernels.py."""
+``NormLaunch.split``) writes the bytes of the one-program launch, for every scheme (a per-token
+scale included), residual and flag, and so does q_kv_norm with q's row split
+(``QKvLaunch.q_split``) (run on a GPU: pytest -m gpu). The policy's own choice at 1–16 rows is
+also checked against the reference backend by tests/gpu/test_triton_kernels.py."""
 
 from __future__ import annotations
 
@@ -47,10 +48,8 @@ def test_split_rows_write_the_bytes_of_one_program(kdim, rows, scheme, params, r
         split=1,
     )
     group = max(policy.quant_group(scheme, params), 32 if scheme else 1)
-    if scheme is not None and policy.quant_group(scheme, params) == 0:
-        pytest.skip("a per-token scale is the whole row's: never split")
     expected = outputs(x, r, w, scheme, params, base)
-    for split in (2, 4, 8):
+    for split in (2, 4, 8, 16):
         if base.block_k // split < group:
             continue
         got = outputs(x, r, w, scheme, params, replace(base, split=split))
@@ -78,3 +77,26 @@ def test_split_weightless_and_quant_alone(kdim) -> None:
             outputs(x, None, None, "mxfp4", (), base),
             f"mxfp4_quant split {split}",
         )
+
+
+@pytest.mark.parametrize("k_q", [1024, 1536])
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("scheme,params", [(None, ()), *SCHEME_PARAMS])
+def test_q_kv_with_q_split_writes_the_bytes_of_one_program(k_q, rows, scheme, params) -> None:
+    q = activations(rows, k_q, torch.bfloat16, seed=k_q + rows)
+    kv = activations(rows, 512, torch.bfloat16, seed=3 * rows, specials=False)
+    wq = (1 + 0.1 * torch.randn(k_q, device=DEV)).to(torch.bfloat16)
+    wkv = (1 + 0.1 * torch.randn(512, device=DEV)).to(torch.bfloat16)
+    device = triton_backend.device_facts(0)
+    base = replace(
+        policy.q_kv_launch(k_q, 512, rows, device, scheme=scheme, params=params), q_split=1
+    )
+    assert base.paired and base.rows_per_program == 1 and base.pieces == (0, 0, 0)
+
+    def run_q_kv(launch: policy.QKvLaunch) -> list[torch.Tensor]:
+        out = triton_backend.q_kv_norm(q, wq, EPS, kv, wkv, EPS, scheme, params, launch=launch)
+        return [t for t in out if t is not None]
+
+    expected = run_q_kv(base)
+    for q_split in (2, 4):
+        assert_same(run_q_kv(replace(base, q_split=q_split)), expected, f"q_split {q_split}")

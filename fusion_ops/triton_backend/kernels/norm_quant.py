@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from .numerics import _inv_rms, _pdl_start, _sum_of_squares
-from .quant import _fp8_groups, _mxfp4, _mxfp8
+from .quant import _fp8_groups, _fp8_token_part, _mxfp4, _mxfp8
 
 #: the row helpers' NORM / QUANT (see below) of a norm written out in the input's dtype
 NORM_ONLY = tl.constexpr((False, True, True, False, False, False))
@@ -47,6 +47,7 @@ def norm_quant_kernel(
     PREFETCH_W: tl.constexpr = False,
     INV_BY_FMA: tl.constexpr = False,
     SPLIT: tl.constexpr = 1,
+    INT_AMAX: tl.constexpr = False,
 ):
     """One row per program: [x + r →] rms_norm → [quant]; the flags select other libraries'
     rounding points (fusion_ops.reference.norm): the weight applied after rounding the normed
@@ -57,16 +58,19 @@ def norm_quant_kernel(
     _pdl_start_with_weight); pieces are for many rows, where that wait hides nothing.
     INV_BY_FMA: the 1/rms steps by FMA corrections (_inv_rms; same bytes). SPLIT > 1 (decode
     sizes; grid M · SPLIT; speed only, same bytes): program p does part p % SPLIT of row
-    p // SPLIT (_norm_quant_split)."""
+    p // SPLIT (_norm_quant_split). INT_AMAX: the quant blocks' amax and NaN test from one
+    integer max (_amax_bits_and_nan; speed only, same bytes)."""
     NORM: tl.constexpr = (
         HAS_RES, DO_NORM, WRITE_Y, WEIGHT_AFTER_ROUNDING, UNROUNDED_SUM, WEIGHTLESS
     )  # fmt: skip
     QUANT: tl.constexpr = (SCHEME, GROUP, UE8M0)
     io = (r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr)
     if SPLIT > 1:
+        pid = tl.program_id(0)
         _norm_quant_split(
-            x_ptr, io, x_stride, r_stride, K, eps, fp8_max, min_scale, NORM, QUANT, BLOCK_K,
-            USE_PDL, PREFETCH_W, INV_BY_FMA, SPLIT,
+            (pid // SPLIT).to(tl.int64), pid % SPLIT, x_ptr, io, x_stride, r_stride, K, eps,
+            fp8_max, min_scale, NORM, QUANT, BLOCK_K, USE_PDL, PREFETCH_W, INV_BY_FMA, SPLIT,
+            INT_AMAX,
         )  # fmt: skip
         return
     row = tl.program_id(0).to(tl.int64)
@@ -74,14 +78,14 @@ def norm_quant_kernel(
         w = _pdl_start_with_weight(w_ptr, K, BLOCK_K, USE_PDL, PREFETCH_W, PREFETCH_W)
         _norm_quant_row(
             row, x_ptr, io, x_stride, r_stride, K, eps, fp8_max, min_scale, NORM, QUANT, BLOCK_K,
-            w, PREFETCH_W, INV_BY_FMA,
+            w, PREFETCH_W, INV_BY_FMA, INT_AMAX,
         )  # fmt: skip
     else:
         if USE_PDL:  # see _pdl_start
             _pdl_start()
         _norm_quant_pieces(
             row, x_ptr, io, x_stride, r_stride, K, eps, fp8_max, min_scale, NORM, QUANT, BLOCK_K,
-            (PIECE0, PIECE1, PIECE2), INV_BY_FMA,
+            (PIECE0, PIECE1, PIECE2), INV_BY_FMA, INT_AMAX,
         )  # fmt: skip
 
 
@@ -95,24 +99,26 @@ def norm_quant_kernel(
 
 @triton.jit
 def _norm_quant_split(
-    x_ptr, io, x_stride, r_stride, K, eps, fp8_max, min_scale, NORM: tl.constexpr,
+    row, part, x_ptr, io, x_stride, r_stride, K, eps, fp8_max, min_scale, NORM: tl.constexpr,
     QUANT: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH_W: tl.constexpr,
-    INV_BY_FMA: tl.constexpr, SPLIT: tl.constexpr,
+    INV_BY_FMA: tl.constexpr, SPLIT: tl.constexpr, INT_AMAX: tl.constexpr = False,
 ):  # fmt: skip
-    """A row in SPLIT programs, as the all-reduce kernel splits one: each program takes the
-    whole row's 1/rms from the dedicated sum-of-squares load over BLOCK_K (the same load, warps
-    and order as the one-program kernel, so the same bits) and does the row work on its part of
-    BLOCK_K / SPLIT columns (_norm_quant_part: every output depends on its column and 1/rms
-    alone; parts hold whole quant blocks and groups). The part and its weight are loaded
-    before the reduction (the weight before the PDL wait with PREFETCH_W), so their loads are
-    in flight during it."""
+    """Part ``part`` of ``row`` split over SPLIT programs, as the all-reduce kernel splits one:
+    each program takes the whole row's 1/rms from the dedicated sum-of-squares load over BLOCK_K
+    (the same load, warps and order as the one-program kernel, so the same bits) and does the
+    row work on its BLOCK_K / SPLIT columns (_norm_quant_part: every output depends on its
+    column and 1/rms alone; parts hold whole quant blocks and groups). A per-token scale (GROUP
+    = BLOCK_K) is the whole row's: each program also takes the row's amax (_row_normed_amax; a
+    maximum has no order, so the same scale). The part, its residual and its weight are loaded
+    before the reduction (the weight before the PDL wait with PREFETCH_W), so their loads are in
+    flight during it."""
+    HAS_RES: tl.constexpr = NORM[0]
     DO_NORM: tl.constexpr = NORM[1]
     WEIGHTLESS: tl.constexpr = NORM[5]
-    w_ptr = io[1]
+    PER_TOKEN: tl.constexpr = QUANT[0] == 3 and QUANT[1] == BLOCK_K
+    r_ptr, w_ptr = io[0], io[1]
     PART: tl.constexpr = BLOCK_K // SPLIT
-    pid = tl.program_id(0)
-    row = (pid // SPLIT).to(tl.int64)
-    col0 = (pid % SPLIT) * PART
+    col0 = part * PART
     cols = col0 + tl.arange(0, PART)
     mask = cols < K
     w = 0
@@ -124,10 +130,37 @@ def _norm_quant_split(
     if LOAD_W and not PREFETCH_W:
         w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
-    inv = _row_inv_rms(x_ptr, io[0], row, x_stride, r_stride, K, eps, NORM, BLOCK_K, INV_BY_FMA)
+    r = 0
+    if HAS_RES:
+        r = tl.load(r_ptr + row * r_stride + cols, mask=mask, other=0.0)
+    inv = _row_inv_rms(x_ptr, r_ptr, row, x_stride, r_stride, K, eps, NORM, BLOCK_K, INV_BY_FMA)
+    amax_bits = 0
+    if PER_TOKEN:
+        amax_bits = _row_normed_amax_bits(x_ptr, io, row, x_stride, r_stride, K, inv, NORM, BLOCK_K)
     _norm_quant_part(
-        x, col0, inv, row, io, r_stride, K, fp8_max, min_scale, NORM, QUANT, PART, w, LOAD_W
-    )
+        x, col0, inv, row, io, r_stride, K, fp8_max, min_scale, NORM, QUANT, PART, w, LOAD_W,
+        r, HAS_RES, amax_bits, INT_AMAX,
+    )  # fmt: skip
+
+
+@triton.jit
+def _row_normed_amax_bits(
+    x_ptr, io, row, x_stride, r_stride, K, inv, NORM: tl.constexpr, BLOCK_K: tl.constexpr
+):  # fmt: skip
+    """max |y| over the whole normed row y (as _norm_quant_part computes it) as int32 bits:
+    ordered like the magnitudes, NaN patterns above inf's 0x7F800000."""
+    r_ptr, w_ptr = io[0], io[1]
+    cols = tl.arange(0, BLOCK_K)
+    mask = cols < K
+    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
+    r = 0
+    if NORM[0]:
+        r = tl.load(r_ptr + row * r_stride + cols, mask=mask, other=0.0)
+    w = 0
+    if NORM[1] and not NORM[5]:
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    _, y = _add_and_norm(x, r, w, inv, NORM)
+    return tl.max(y.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=0)
 
 
 @triton.jit
@@ -155,7 +188,7 @@ def _pdl_start_with_weight(
 def _norm_quant_row(
     row, x_ptr, io, x_stride, r_stride, K, eps, fp8_max, min_scale, NORM: tl.constexpr,
     QUANT: tl.constexpr, BLOCK_K: tl.constexpr, w=0, W_LOADED: tl.constexpr = False,
-    INV_BY_FMA: tl.constexpr = False,
+    INV_BY_FMA: tl.constexpr = False, INT_AMAX: tl.constexpr = False,
 ):  # fmt: skip
     """norm_quant_kernel's work on one row (also the row work of the q_kv, norm-rope-cache and
     all-reduce kernels); W_LOADED: ``w`` is the weight row, already loaded; INV_BY_FMA: see
@@ -164,15 +197,16 @@ def _norm_quant_row(
     x = tl.load(x_ptr + row * x_stride + cols, mask=cols < K, other=0.0)
     inv = _row_inv_rms(x_ptr, io[0], row, x_stride, r_stride, K, eps, NORM, BLOCK_K, INV_BY_FMA)
     _norm_quant_part(
-        x, 0, inv, row, io, r_stride, K, fp8_max, min_scale, NORM, QUANT, BLOCK_K, w, W_LOADED
-    )
+        x, 0, inv, row, io, r_stride, K, fp8_max, min_scale, NORM, QUANT, BLOCK_K, w, W_LOADED,
+        INT_AMAX=INT_AMAX,
+    )  # fmt: skip
 
 
 @triton.jit
 def _norm_quant_pieces(
     row, x_ptr, io, x_stride, r_stride, K, eps, fp8_max, min_scale, NORM: tl.constexpr,
     QUANT: tl.constexpr, BLOCK_K: tl.constexpr, PIECES: tl.constexpr,
-    INV_BY_FMA: tl.constexpr = False,
+    INV_BY_FMA: tl.constexpr = False, INT_AMAX: tl.constexpr = False,
 ):  # fmt: skip
     """_norm_quant_row's bytes, with the row after its sum of squares handled as up to three
     power-of-two pieces at columns 0, PIECE0 and PIECE0 + PIECE1 (PIECES = (PIECE0, PIECE1,
@@ -190,15 +224,19 @@ def _norm_quant_pieces(
     if PIECE2 > 0:
         x2 = _load_piece(x_ptr, row, x_stride, K, PIECE0 + PIECE1, PIECE2)
     inv = _row_inv_rms(x_ptr, io[0], row, x_stride, r_stride, K, eps, NORM, BLOCK_K, INV_BY_FMA)
-    _norm_quant_part(x0, 0, inv, row, io, r_stride, K, fp8_max, min_scale, NORM, QUANT, PIECE0)
+    _norm_quant_part(
+        x0, 0, inv, row, io, r_stride, K, fp8_max, min_scale, NORM, QUANT, PIECE0,
+        INT_AMAX=INT_AMAX,
+    )  # fmt: skip
     if PIECE1 > 0:
         _norm_quant_part(
-            x1, PIECE0, inv, row, io, r_stride, K, fp8_max, min_scale, NORM, QUANT, PIECE1
-        )
+            x1, PIECE0, inv, row, io, r_stride, K, fp8_max, min_scale, NORM, QUANT, PIECE1,
+            INT_AMAX=INT_AMAX,
+        )  # fmt: skip
     if PIECE2 > 0:
         _norm_quant_part(
             x2, PIECE0 + PIECE1, inv, row, io, r_stride, K, fp8_max, min_scale, NORM, QUANT,
-            PIECE2,
+            PIECE2, INT_AMAX=INT_AMAX,
         )  # fmt: skip
 
 
@@ -228,21 +266,51 @@ def _load_piece(x_ptr, row, x_stride, K, col0: tl.constexpr, P: tl.constexpr):
 
 
 @triton.jit
+def _add_and_norm(x, r, w, inv, NORM: tl.constexpr):
+    """(x [+ r] rounded to x's dtype, the normed value in x's dtype) of loaded columns x, r, w
+    and the row's 1/rms, with NORM's rounding points (fusion_ops.reference.norm)."""
+    HAS_RES: tl.constexpr = NORM[0]
+    DO_NORM: tl.constexpr = NORM[1]
+    WEIGHT_AFTER_ROUNDING: tl.constexpr = NORM[3]
+    UNROUNDED_SUM: tl.constexpr = NORM[4]
+    WEIGHTLESS: tl.constexpr = NORM[5]
+    out_dtype = x.dtype
+    xf = x.to(tl.float32)
+    if HAS_RES:
+        total = xf + r.to(tl.float32)
+        x = total.to(out_dtype)  # residual_out, rounded
+        xf = total if UNROUNDED_SUM else x.to(tl.float32)
+    if DO_NORM and WEIGHTLESS:
+        y = (xf * inv).to(out_dtype)
+    elif DO_NORM:
+        if WEIGHT_AFTER_ROUNDING:  # (n.to(w.dtype) * w).to(x.dtype)
+            n = (xf * inv).to(w.dtype).to(tl.float32)
+            y = (n * w.to(tl.float32)).to(w.dtype).to(out_dtype)
+        else:
+            y = ((xf * inv) * w.to(tl.float32)).to(out_dtype)  # rounded once to x.dtype
+    else:
+        y = x
+    return x, y
+
+
+@triton.jit
 def _norm_quant_part(
     x, col0, inv, row, io, r_stride, K, fp8_max, min_scale, NORM: tl.constexpr,
-    QUANT: tl.constexpr, BLOCK: tl.constexpr, w=0, W_LOADED: tl.constexpr = False,
+    QUANT: tl.constexpr, BLOCK: tl.constexpr, w=0, W_LOADED: tl.constexpr = False, r=0,
+    R_LOADED: tl.constexpr = False, amax_bits=0, INT_AMAX: tl.constexpr = False,
 ):  # fmt: skip
     """The row work on columns [col0, col0 + BLOCK) of the row (x: those columns, loaded; inv:
-    the whole row's 1/rms; w: those columns of the weight when W_LOADED): residual add, norm,
-    stores, quant. Every output element depends on its column and inv alone, and quant
-    blocks/groups lie inside a part (col0 a multiple of BLOCK, BLOCK of the group size), so
-    parts of a row give the bytes of the whole row."""
+    the whole row's 1/rms; w, r: those columns of the weight and residual when W_LOADED,
+    R_LOADED): residual add, norm, stores, quant. Every output element depends on its column
+    and inv alone, and quant blocks/groups lie inside a part (col0 a multiple of BLOCK, BLOCK of
+    the group size), so parts of a row give the bytes of the whole row; a per-token scale of a
+    part (GROUP > BLOCK) comes from ``amax_bits``, the whole row's (_row_normed_amax_bits).
+    INT_AMAX: the blocks' amax and NaN test from one integer max (MXFP4 takes it anyway without
+    a residual; _amax_bits_and_nan)."""
     r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr = io
     HAS_RES: tl.constexpr = NORM[0]
     DO_NORM: tl.constexpr = NORM[1]
     WRITE_Y: tl.constexpr = NORM[2]
-    WEIGHT_AFTER_ROUNDING: tl.constexpr = NORM[3]
-    UNROUNDED_SUM: tl.constexpr = NORM[4]
     WEIGHTLESS: tl.constexpr = NORM[5]
     SCHEME: tl.constexpr = QUANT[0]
     GROUP: tl.constexpr = QUANT[1]
@@ -252,36 +320,28 @@ def _norm_quant_part(
     # fp32 whatever the launcher typed the floats as (Triton's JIT: fp32; Inductor: fp64)
     fp8_max = tl.cast(fp8_max, tl.float32)
     min_scale = tl.cast(min_scale, tl.float32)
-    out_dtype = x.dtype
-    xf = x.to(tl.float32)
-    if HAS_RES:
+    if HAS_RES and not R_LOADED:
         r = tl.load(r_ptr + row * r_stride + cols, mask=mask, other=0.0)
-        total = xf + r.to(tl.float32)
-        x = total.to(out_dtype)  # residual_out, rounded
+    if DO_NORM and not WEIGHTLESS and not W_LOADED:
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    x, y = _add_and_norm(x, r, w, inv, NORM)
+    if HAS_RES:
         tl.store(res_ptr + row * K + cols, x, mask=mask)
-        xf = total if UNROUNDED_SUM else x.to(tl.float32)
-    if DO_NORM and WEIGHTLESS:
-        y = (xf * inv).to(out_dtype)
-    elif DO_NORM:
-        if not W_LOADED:
-            w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-        if WEIGHT_AFTER_ROUNDING:  # (n.to(w.dtype) * w).to(x.dtype)
-            n = (xf * inv).to(w.dtype).to(tl.float32)
-            y = (n * w.to(tl.float32)).to(w.dtype).to(out_dtype)
-        else:
-            y = ((xf * inv) * w.to(tl.float32)).to(out_dtype)  # rounded once to x.dtype
-    else:
-        y = x
     if WRITE_Y:
         tl.store(y_ptr + row * K + cols, y, mask=mask)
     if SCHEME == 1:
-        _mxfp4(y.to(tl.float32), q_ptr, s_ptr, row, K, BLOCK, col0, not HAS_RES)
+        _mxfp4(y.to(tl.float32), q_ptr, s_ptr, row, K, BLOCK, col0, INT_AMAX or not HAS_RES)
     elif SCHEME == 2:
-        _mxfp8(y.to(tl.float32), q_ptr, s_ptr, row, K, BLOCK, col0)
+        _mxfp8(y.to(tl.float32), q_ptr, s_ptr, row, K, BLOCK, col0, INT_AMAX)
+    elif SCHEME == 3 and GROUP > BLOCK:  # a part of a row with a per-token scale
+        _fp8_token_part(
+            y.to(tl.float32), amax_bits, q_ptr, s_ptr, row, K, fp8_max, min_scale, UE8M0, BLOCK,
+            col0,
+        )  # fmt: skip
     elif SCHEME == 3:
         _fp8_groups(
             y.to(tl.float32), q_ptr, s_ptr, row, K, fp8_max, min_scale, GROUP, UE8M0, BLOCK,
-            col0,
+            col0, INT_AMAX,
         )  # fmt: skip
 
 
@@ -318,27 +378,36 @@ def q_kv_norm_quant_kernel(
     PIECE1: tl.constexpr = 0,
     PIECE2: tl.constexpr = 0,
     INV_BY_FMA: tl.constexpr = False,
+    Q_SPLIT: tl.constexpr = 1,
 ):
     """Programs (i, 0): rms_norm of q's rows i·ROWS … i·ROWS + ROWS - 1 [→ quant]; programs
     (i, 1): rms_norm of the same kv rows. Each row is norm_quant_kernel's row work (same helper,
     same flags), so with the standalone kernels' warp count both halves round exactly as two
     standalone launches would. ROWS > 1 (many short rows) loads the weight once for them;
     PREFETCH_W: see _pdl_start_with_weight; PIECE0..2: q's rows as norm_quant_kernel's pieces
-    (one row per program); INV_BY_FMA: see _inv_rms (both eps allow it)."""
+    (one row per program); INV_BY_FMA: see _inv_rms (both eps allow it). Q_SPLIT > 1 (decode
+    sizes, one row per program; speed only): q's row in Q_SPLIT programs (i, 0 … Q_SPLIT - 1)
+    as norm_quant_kernel splits one (_norm_quant_split), kv's row in program (i, Q_SPLIT)."""
     LOAD_W: tl.constexpr = PREFETCH_W or ROWS > 1
     Q_NORM: tl.constexpr = (False, True, WRITE_Y, WEIGHT_AFTER_ROUNDING, False, False)
     QUANT: tl.constexpr = (SCHEME, GROUP, UE8M0)
     q_io = (q_ptr, qw_ptr, y_ptr, y_ptr, codes_ptr, scales_ptr)  # no residual (r, res unused)
     kv_io = (kv_ptr, kvw_ptr, kv_out_ptr, kv_out_ptr, kv_out_ptr, kv_out_ptr)
     first = tl.program_id(0).to(tl.int64) * ROWS
-    if tl.program_id(1) == 0 and PIECE0 > 0:
+    q_part = tl.program_id(1)
+    if Q_SPLIT > 1 and q_part < Q_SPLIT:
+        _norm_quant_split(
+            first, q_part, q_ptr, q_io, q_stride, q_stride, K_Q, q_eps, fp8_max, min_scale,
+            Q_NORM, QUANT, BLOCK_Q, USE_PDL, PREFETCH_W, INV_BY_FMA, Q_SPLIT,
+        )  # fmt: skip
+    elif tl.program_id(1) == 0 and PIECE0 > 0:
         if USE_PDL:  # see _pdl_start
             _pdl_start()
         _norm_quant_pieces(
             first, q_ptr, q_io, q_stride, q_stride, K_Q, q_eps, fp8_max, min_scale, Q_NORM,
             QUANT, BLOCK_Q, (PIECE0, PIECE1, PIECE2), INV_BY_FMA,
         )  # fmt: skip
-    elif tl.program_id(1) == 0:
+    elif Q_SPLIT == 1 and tl.program_id(1) == 0:
         qw = _pdl_start_with_weight(qw_ptr, K_Q, BLOCK_Q, USE_PDL, LOAD_W, PREFETCH_W)
         for i in tl.static_range(ROWS):
             if first + i < M:

@@ -16,15 +16,7 @@ def _mxfp4(y, q_ptr, s_ptr, row, K, BLOCK_K: tl.constexpr, col0, INT_MAX: tl.con
     """MXFP4 codes and scales of y = row[col0 : col0 + BLOCK_K] (col0 a multiple of 32)."""
     NB: tl.constexpr = BLOCK_K // 32
     yb = tl.reshape(y, (NB, 32))
-    if INT_MAX:
-        # |y| as int bits: ordered like the floats, NaN patterns above inf's 0x7F800000, so one
-        # integer max gives the block maximum and whether the block holds a NaN (measured: 7 %
-        # faster for rms→MXFP4, 6–9 % slower for add+rms→MXFP4, hence a switch; same bytes)
-        amax_bits = tl.max(yb.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)
-        has_nan = amax_bits > 0x7F800000
-    else:
-        has_nan = tl.max((yb != yb).to(tl.int32), axis=1) > 0
-        amax_bits = tl.max(tl.abs(yb), axis=1).to(tl.int32, bitcast=True)
+    amax_bits, has_nan = _amax_bits_and_nan(yb, INT_MAX)
     finite_or_inf = tl.minimum(amax_bits, 0x7F800000)  # no int overflow; NaN: overridden below
     rounded = ((finite_or_inf + 0x200000) & -0x800000) >> 23
     field = rounded & 0xFF
@@ -44,6 +36,23 @@ def _mxfp4(y, q_ptr, s_ptr, row, K, BLOCK_K: tl.constexpr, col0, INT_MAX: tl.con
     pair = blk[:, None] * 16 + tl.arange(0, 16)[None, :]
     tl.store(q_ptr + row * (K // 2) + pair, packed, mask=pair < K // 2)
     tl.store(s_ptr + row * (K // 32) + blk, byte.to(tl.uint8), mask=blk < K // 32)
+
+
+@triton.jit
+def _amax_bits_and_nan(t, INT_MAX: tl.constexpr):
+    """(max |t| of each row of t as int32 bits, whether the row holds a NaN); the maximum's
+    bits are meaningful only where there is no NaN. INT_MAX: from one integer max of |t|'s bits
+    (ordered like the floats, NaN patterns above inf's 0x7F800000), else from a float max and a
+    NaN test: two reductions, which cost more where a block spans warps (decode-size parts), and
+    less on many rows with a residual (add+rms→MXFP4 6–9 % faster; rms→MXFP4 7 % slower). The
+    same bytes either way."""
+    if INT_MAX:
+        amax_bits = tl.max(t.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)
+        has_nan = amax_bits > 0x7F800000
+    else:
+        has_nan = tl.max((t != t).to(tl.int32), axis=1) > 0
+        amax_bits = tl.max(tl.abs(t), axis=1).to(tl.int32, bitcast=True)
+    return amax_bits, has_nan
 
 
 @triton.jit
@@ -68,12 +77,12 @@ def _e2m1_code(mag):
 
 
 @triton.jit
-def _mxfp8(y, q_ptr, s_ptr, row, K, BLOCK_K: tl.constexpr, col0):
+def _mxfp8(y, q_ptr, s_ptr, row, K, BLOCK_K: tl.constexpr, col0, INT_MAX: tl.constexpr = False):
     """MXFP8 codes and scales of y = row[col0 : col0 + BLOCK_K] (col0 a multiple of 32)."""
     NB: tl.constexpr = BLOCK_K // 32
     yb = tl.reshape(y, (NB, 32))
-    has_nan = tl.max((yb != yb).to(tl.int32), axis=1) > 0
-    amax = tl.max(tl.abs(yb), axis=1)
+    amax_bits, has_nan = _amax_bits_and_nan(yb, INT_MAX)
+    amax = amax_bits.to(tl.float32, bitcast=True)
     is_inf = amax == float("inf")
     safe = tl.where(is_inf, 1.0, tl.maximum(amax, 1.1754943508222875e-38))
     e = _ceil_log2_ratio_448(safe)
@@ -100,13 +109,14 @@ def _fp8_groups(
     UE8M0: tl.constexpr,
     BLOCK_K: tl.constexpr,
     col0,
+    INT_MAX: tl.constexpr = False,
 ):
     """FP8 codes and scales of groups of y = row[col0 : col0 + BLOCK_K] (col0 a multiple of
-    GROUP; per-token: GROUP = BLOCK_K, col0 = 0)."""
+    GROUP; per-token: GROUP = BLOCK_K, col0 = 0); INT_MAX: see _amax_bits_and_nan."""
     NG: tl.constexpr = BLOCK_K // GROUP
     yg = tl.reshape(y, (NG, GROUP))
-    has_nan = tl.max((yg != yg).to(tl.int32), axis=1) > 0
-    amax = tl.max(tl.abs(yg), axis=1)
+    amax_bits, has_nan = _amax_bits_and_nan(yg, INT_MAX)
+    amax = amax_bits.to(tl.float32, bitcast=True)
     s = _fp8_scale(amax, has_nan, fp8_max, min_scale, UE8M0)
     q = _fp8_values(yg, s[:, None], fp8_max)
     grp = col0 // GROUP + tl.arange(0, NG)
@@ -114,6 +124,22 @@ def _fp8_groups(
     n_groups = tl.maximum(K // GROUP, 1)  # per-token: one group (GROUP = the padded row)
     tl.store(q_ptr + row * K + idx, q.to(q_ptr.dtype.element_ty), mask=idx < K)
     tl.store(s_ptr + row * n_groups + grp, s, mask=grp < n_groups)
+
+
+@triton.jit
+def _fp8_token_part(
+    y, amax_bits, q_ptr, s_ptr, row, K, fp8_max, min_scale, UE8M0: tl.constexpr,
+    BLOCK: tl.constexpr, col0,
+):  # fmt: skip
+    """FP8 codes of y = row[col0 : col0 + BLOCK] under the row's per-token scale, from the whole
+    row's max |y| as int32 bits (NaN patterns above 0x7F800000: the row holds a NaN); the part
+    at column 0 writes the scale. The scale and codes are _fp8_groups' of the whole row."""
+    has_nan = amax_bits > 0x7F800000
+    s = _fp8_scale(amax_bits.to(tl.float32, bitcast=True), has_nan, fp8_max, min_scale, UE8M0)
+    q = _fp8_values(y, s, fp8_max)
+    cols = col0 + tl.arange(0, BLOCK)
+    tl.store(q_ptr + row * K + cols, q.to(q_ptr.dtype.element_ty), mask=cols < K)
+    tl.store(s_ptr + row, s, mask=col0 == 0)
 
 
 @triton.jit
