@@ -327,7 +327,10 @@ def main() -> None:
     )
     parser.add_argument("--only-aiter", action="store_true", help="only the AITER comparison")
     parser.add_argument(
-        "--only", nargs="+", default=None, help="only the norm → quant cases naming one of these"
+        "--only",
+        nargs="+",
+        default=None,
+        help="only the norm → quant cases naming one of these (and the dequant rows: 'dequant')",
     )
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -346,7 +349,8 @@ def main() -> None:
     if not args.only:
         rope_tokens = [1, 16, 128] if args.quick else [1, 16, 128, 1024, 8192]
         rows += bench_rope_cache(rope_tokens, 64, copy_gbs)
-        rows += bench_dequant([64] if args.quick else [64, 1024, 8192], copy_gbs)
+    if not args.only or "dequant" in args.only:  # 4 blocks: one decode sequence's 256 tokens
+        rows += bench_dequant([4, 64] if args.quick else [4, 64, 1024, 8192], copy_gbs)
     meta = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,

@@ -210,3 +210,38 @@ def test_property_mxfp4_dequant_error_bound(values: list[float]) -> None:
     err = (decoded - x.double()).abs()
     saturated = x.double().abs() > 6 * 2.0**u
     assert ((err <= 2.0**u) | saturated).all()
+
+
+def _e2m1_short_form(mag: torch.Tensor) -> torch.Tensor:
+    """The Triton kernel's E2M1 code of 16-bit input (kernels.quant._e2m1_code_short), in
+    torch: v = max(|q|, |q|·0.5 + 0.5) (the product exact, one rounding), then the bit formula
+    ((bits(v) + 0x200000) >> 22, unsigned) − 252 capped at 7."""
+    v = torch.maximum(mag, mag * 0.5 + 0.5)
+    raw = ((v.view(torch.int32).to(torch.int64) + 0x200000) & 0xFFFFFFFF) >> 22
+    return raw.clamp(max=259) - 252
+
+
+def _e2m1_by_thresholds(mag: torch.Tensor) -> torch.Tensor:
+    """The contract: the number of E2M1 midpoints at or below |q| (ties away from zero)."""
+    return sum((mag >= m).to(torch.int64) for m in fusion_ops.formats.FP4_MIDPOINTS)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_e2m1_short_form_equals_the_thresholds_for_every_16_bit_value(dtype) -> None:
+    """Exhaustive: every non-NaN value of the 16-bit type at every MXFP4 block scale 2^−127 …
+    2^127 (q = y·2^−u rounded to fp32, subnormals included) gets the contract's code from the
+    kernel's shorter form."""
+    y = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).float()
+    y = y[~y.isnan()].abs()
+    for u in range(-127, 128, 17):  # 17 scales at a time keep the memory small
+        scales = torch.tensor([2.0 ** -(u + i) for i in range(17) if u + i <= 127])
+        mag = (y[None, :] * scales[:, None]).abs()
+        assert torch.equal(_e2m1_short_form(mag), _e2m1_by_thresholds(mag)), (dtype, u)
+
+
+def test_e2m1_short_form_is_not_for_fp32_values() -> None:
+    """Why fp32 input keeps the comparisons: |q| + 1 rounds there, e.g. 0.25 − 2^−26 (code 0)
+    gives (|q| + 1) / 2 = 0.625 after rounding (code 1), 0.75 − 2^−24 gives 0.875 (code 2)."""
+    mag = torch.tensor([0.25 - 2.0**-26, 0.75 - 2.0**-24])
+    assert _e2m1_by_thresholds(mag).tolist() == [0, 1]
+    assert _e2m1_short_form(mag).tolist() == [1, 2]

@@ -41,14 +41,19 @@ def test_quant_bit_exact(scheme, params, dtype, tokens, k) -> None:
     assert_same(t, r, f"{scheme}{params}")
 
 
-def test_mxfp4_codes_around_every_rounding_threshold() -> None:
-    """Every E2M1 rounding threshold and exponent step, ±64 ulps, both signs, and a dense sweep
-    of [0, 7), each block of 32 led by 6.0 (block scale 2^0, so the codes are the values' own):
-    the kernel's integer form of the rounding gives the reference's bytes."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_mxfp4_codes_around_every_rounding_threshold(dtype) -> None:
+    """Every E2M1 rounding threshold and exponent step, ±64 ulps (bf16: ±8, staying under 7),
+    both signs, and a dense sweep of [0, 7), each block of 32 led by 6.0 (block scale 2^0, so
+    the codes are the values' own): the kernel's integer forms of the rounding (fp32 input, and
+    the shorter one of 16-bit input) give the reference's bytes."""
     steps = [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 6.5]
-    centre = torch.tensor(steps, device=DEV).view(torch.int32)
-    near = (centre[:, None] + torch.arange(-64, 65, device=DEV)).view(torch.float32).flatten()
-    sweep = torch.arange(0, 7, 2.0**-12, device=DEV)  # amax < 7: scale 2^0
+    int_type = torch.int32 if dtype == torch.float32 else torch.int16
+    ulps = 8 if dtype == torch.bfloat16 else 64
+    centre = torch.tensor(steps, device=DEV, dtype=dtype).view(int_type).to(torch.int32)
+    near = centre[:, None] + torch.arange(-ulps, ulps + 1, device=DEV)
+    near = near.to(int_type).view(dtype).flatten()
+    sweep = torch.arange(0, 7, 2.0**-12, device=DEV).to(dtype)  # amax < 7: scale 2^0
     values = torch.cat([near, -near, sweep, -sweep])
     values = torch.cat([values, values.new_zeros(-values.numel() % (31 * 8))]).view(-1, 31)
     x = torch.cat([values.new_full((values.shape[0], 1), 6.0), values], 1).view(-1, 256)

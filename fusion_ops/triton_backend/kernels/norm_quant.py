@@ -330,7 +330,10 @@ def _norm_quant_part(
     if WRITE_Y:
         tl.store(y_ptr + row * K + cols, y, mask=mask)
     if SCHEME == 1:
-        _mxfp4(y.to(tl.float32), q_ptr, s_ptr, row, K, BLOCK, col0, INT_AMAX or not HAS_RES)
+        _mxfp4(
+            y.to(tl.float32), q_ptr, s_ptr, row, K, BLOCK, col0, INT_AMAX or not HAS_RES,
+            y.dtype.primitive_bitwidth == 16,
+        )  # fmt: skip
     elif SCHEME == 2:
         _mxfp8(y.to(tl.float32), q_ptr, s_ptr, row, K, BLOCK, col0, INT_AMAX)
     elif SCHEME == 3 and GROUP > BLOCK:  # a part of a row with a per-token scale

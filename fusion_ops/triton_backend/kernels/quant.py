@@ -12,8 +12,12 @@ SCHEME_NONE, SCHEME_MXFP4, SCHEME_MXFP8, SCHEME_FP8 = 0, 1, 2, 3
 
 
 @triton.jit
-def _mxfp4(y, q_ptr, s_ptr, row, K, BLOCK_K: tl.constexpr, col0, INT_MAX: tl.constexpr):
-    """MXFP4 codes and scales of y = row[col0 : col0 + BLOCK_K] (col0 a multiple of 32)."""
+def _mxfp4(
+    y, q_ptr, s_ptr, row, K, BLOCK_K: tl.constexpr, col0, INT_MAX: tl.constexpr,
+    SHORT: tl.constexpr = False,
+):  # fmt: skip
+    """MXFP4 codes and scales of y = row[col0 : col0 + BLOCK_K] (col0 a multiple of 32); SHORT:
+    y holds values of a 16-bit float type (see _e2m1_code_short)."""
     NB: tl.constexpr = BLOCK_K // 32
     yb = tl.reshape(y, (NB, 32))
     amax_bits, has_nan = _amax_bits_and_nan(yb, INT_MAX)
@@ -27,7 +31,10 @@ def _mxfp4(y, q_ptr, s_ptr, row, K, BLOCK_K: tl.constexpr, col0, INT_MAX: tl.con
     # q's sign bit moved to bit 3 (q's, not y's: a NaN keeps whatever sign the multiply gives it,
     # as in the reference computed on the same device)
     sign = (q.to(tl.int32, bitcast=True) >> 28) & 8
-    code = tl.where(has_nan[:, None], 0, _e2m1_code(tl.abs(q))) | sign
+    if SHORT:  # a NaN block's codes are 0 (its signs stay): the cap 0 instead of 7
+        code = _e2m1_code_short(tl.abs(q), tl.where(has_nan, 0, 7)[:, None]) | sign
+    else:
+        code = tl.where(has_nan[:, None], 0, _e2m1_code(tl.abs(q))) | sign
     # pack pairs (2j, 2j+1) as lo | hi << 4: a weighted sum over a size-2 axis stays inside a
     # thread, where tl.split may shuffle through shared memory
     nibble_weight = (1 + 15 * tl.arange(0, 2))[None, None, :]  # [1, 16]
@@ -67,13 +74,31 @@ def _e2m1_code(mag):
     the contract for every fp32 (checked exhaustively on a stride of the fp32 range and densely
     around every threshold), and, for every non-NaN |q|, to the spelled-out field extraction
     ``2 + 2·(((rounded >> 23) & 0xFF) − 127) + ((rounded >> 22) & 1)`` it replaces (all 2³¹
-    patterns compared; NaN blocks are overridden by the caller): fewer integer operations per
-    element, which the MXFP4 path spends most of.
+    patterns compared; NaN blocks are overridden by the caller).
     """
     bits = mag.to(tl.int32, bitcast=True)
     big = ((bits + 0x200000) >> 22) - 252
     small = (mag >= 0.25).to(tl.int32) + (mag >= 0.75).to(tl.int32)
     return tl.where(bits >= 0x3F800000, tl.minimum(big, 7), small)
+
+
+@triton.jit
+def _e2m1_code_short(mag, cap):
+    """_e2m1_code of |q| = |y|·2^−u for y of a 16-bit float type, in fewer instructions (the
+    MXFP4 path spends most of its time issuing them), capped at ``cap`` (7; 0 for a NaN block).
+
+    Below 1 the codes 0, 1, 2 (thresholds 0.25, 0.75) are those of (|q| + 1) / 2 in [0.5, 1)
+    under the same bit formula (its thresholds 0.625 and 0.875 at exponent 126: (rounded >> 22)
+    − 252 = 0, 1, 2), and (|q| + 1) / 2 < 1 <= |q| from 1 on, so v = max(|q|, (|q| + 1) / 2)
+    takes either form without a compare. It needs (|q| + 1) / 2 exact: y has at most 11
+    significant bits, so |q| + 1 is exact from |q| >= 2^−13, and below that it rounds to under
+    0.625 (code 0). Equal to the seven threshold comparisons of the contract for every bf16 and
+    fp16 value at every scale 2^−127 … 2^127 (tests/test_quant_numerics.py, exhaustive); for
+    fp32 y the rounding of |q| + 1 could cross a threshold (_e2m1_code serves it)."""
+    v = tl.maximum(mag, mag * 0.5 + 0.5)  # the product is exact: one rounding; NaN stays NaN
+    # unsigned: 252 … 510 for finite or inf |q|, 512 … 1023 for NaN (no sign to shift in)
+    raw = (v.to(tl.uint32, bitcast=True) + 0x200000) >> 22
+    return (tl.minimum(raw, (cap + 252).to(tl.uint32)) - 252).to(tl.int32)
 
 
 @triton.jit

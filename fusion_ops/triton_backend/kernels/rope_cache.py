@@ -338,28 +338,35 @@ def dequant_dsv4_kernel(
     TOK: tl.constexpr,
     TO_FP8: tl.constexpr,
 ):
-    """Program (i, c): tokens c·TOK .. c·TOK+TOK−1 of requested block i → out rows."""
+    """Program (i, c): tokens c·TOK .. c·TOK+TOK−1 of requested block i → out rows.
+
+    A token's slot: 448 FP8 codes in 7 tiles of 64 (one UE8M0 scale byte each, in the block's
+    scale area, 8 bytes per token) and 64 bf16 rope values. Every load is issued before any
+    store: the compiler cannot tell the output from the cache, so a store between loads would
+    make each later load wait for it (one memory round trip per tile at decode sizes)."""
     i = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1).to(tl.int64)
     block, ok = _requested_block(ids_ptr, i, num_blocks)
     base = cache_ptr + block * block_stride
     tok = c * TOK + tl.arange(0, TOK)
+    t = tl.arange(0, 8)  # tiles 0..6 (7: padding, masked)
     j = tl.arange(0, 64)
-    out_rows = out_ptr + (i * BS + tok)[:, None] * 512
-    for tile in tl.static_range(7):
-        codes = tl.load(base + tok[:, None] * 576 + tile * 64 + j[None, :], mask=ok, other=0)
-        vals = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-        byte = tl.load(base + BS * 576 + tok * 8 + tile, mask=ok, other=0).to(tl.int32)
-        factor = tl.where(byte == 255, float("nan"), _pow2(tl.minimum(byte, 254) - 127))
-        v = (vals * factor[:, None]).to(tl.bfloat16)
-        if TO_FP8:
-            v = _cast_fp8_like_compiled(v, fp8_max, out_ptr.dtype.element_ty)
-        tl.store(out_rows + tile * 64 + j[None, :], v)
+    col = t[None, :, None] * 64 + j[None, None, :]  # [1, 8, 64]: output column
+    in_tile = col < 448
+    codes = tl.load(base + tok[:, None, None] * 576 + col, mask=in_tile & ok, other=0)
+    scale_bytes = base + BS * 576 + tok[:, None] * 8 + t[None, :]  # [TOK, 8]
+    byte = tl.load(scale_bytes, mask=(t < 7)[None, :] & ok, other=0).to(tl.int32)
     rope_ptr = (base + 448).to(tl.pointer_type(tl.bfloat16))
     rope = tl.load(rope_ptr + tok[:, None] * 288 + j[None, :], mask=ok, other=0.0)
+    factor = tl.where(byte == 255, float("nan"), _pow2(tl.minimum(byte, 254) - 127))
+    vals = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    v = (vals * factor[:, :, None]).to(tl.bfloat16)
+    rows = (i * BS + tok) * 512
     if TO_FP8:
+        v = _cast_fp8_like_compiled(v, fp8_max, out_ptr.dtype.element_ty)
         rope = _cast_fp8_like_compiled(rope, fp8_max, out_ptr.dtype.element_ty)
-    tl.store(out_rows + 448 + j[None, :], rope)
+    tl.store(out_ptr + rows[:, None, None] + col, v, mask=in_tile)
+    tl.store(out_ptr + rows[:, None] + 448 + j[None, :], rope)
 
 
 @triton.jit
