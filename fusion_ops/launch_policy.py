@@ -53,10 +53,11 @@ MIN_PIECE = 256
 #: decode sizes: up to this many rows, a row of norm_quant_kernel goes in several programs: for
 #: each padded block, (programs for one row, programs for 2–NORM_SPLIT_MAX_ROWS rows), the norm
 #: alone, with a block quant, with a per-token scale (each program then also takes the whole
-#: row's amax); wider blocks take the widest entry; at most NORM_MAX_SPLIT (evidence:
-#: benchmarks/results/row_split_h200.json, row_split_per_token_h200.json, row_split_int_amax_h200.json;
-#: a split of 2 slows add+rms; rows of 512 columns and the norm alone at 2048 gain nothing; 16
-#: programs pay for one row of 8192 with a quant, not for 16 rows; per-token at 2048: not measured)
+#: row's amax); wider blocks take the widest entry; at most NORM_MAX_SPLIT. Evidence in
+#: benchmarks/results/ (benchmarks/row_split.py): row_split_h200.json,
+#: row_split_per_token_h200.json, row_split_int_amax_h200.json: a split of 2 slows add+rms; rows
+#: of 512 columns and the norm alone at 2048 gain nothing; 16 programs pay for one row of 8192
+#: with a quant, not for 16 rows; per-token at 2048: not measured.
 NORM_SPLIT_MAX_ROWS = 16
 NORM_MAX_SPLIT = 16
 NORM_SPLIT_BY_BLOCK = {4096: (4, 4), 8192: (8, 8)}
