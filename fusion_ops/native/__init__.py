@@ -26,6 +26,7 @@ a failed build warns and leaves the Python kernels in place.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import warnings
@@ -67,8 +68,10 @@ _TRITON_VERSIONS = ("3.5.", "3.6.")
 _built_with_cuda_h = False  # set by load()
 
 
+@functools.cache
 def _cuda_header_dir() -> str | None:
-    """Triton ships cuda.h (for its own launchers); found without importing triton."""
+    """Triton ships cuda.h (for its own launchers); found without importing triton (once: the
+    ops' definitions ask for each op at import)."""
     spec = importlib.util.find_spec("triton")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -84,7 +87,12 @@ def enabled() -> bool:
 def may_replay_cuda() -> bool:
     """Whether CUDA kernels would replay Triton launches once loaded: an NVIDIA build of torch
     and Triton's cuda.h at hand (what :func:`replays_cuda` says after :func:`load`)."""
-    return torch.version.cuda is not None and torch.version.hip is None and bool(_cuda_header_dir())
+    return _nvidia_torch() and bool(_cuda_header_dir())
+
+
+def _nvidia_torch() -> bool:
+    """A CUDA build of torch (not ROCm's)."""
+    return torch.version.cuda is not None and torch.version.hip is None
 
 
 def load() -> bool:
@@ -118,7 +126,7 @@ def load() -> bool:
 def replays_cuda() -> bool:
     """Whether CUDA kernels replay Triton launches in this process: NVIDIA builds of torch, the
     library built with cuda.h (Triton's copy)."""
-    return _built_with_cuda_h and torch.version.cuda is not None and torch.version.hip is None
+    return _built_with_cuda_h and _nvidia_torch()
 
 
 def set_forced(backend: str | None) -> None:
