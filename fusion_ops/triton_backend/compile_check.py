@@ -80,7 +80,9 @@ _NVIDIA_PDL = DeviceFacts(hip=False, pdl=True, prefetch_weight=True, sm_count=13
 _FP8_TORCH = {"e4m3fn": torch.float8_e4m3fn, "e4m3fnuz": torch.float8_e4m3fnuz}
 
 
-def _case(name: str, kernel: JITFunction, types: dict[str, str], meta: Meta, **kw: Any) -> Case:
+def make_case(name: str, kernel: JITFunction, types: dict[str, str], meta: Meta, **kw: Any) -> Case:
+    """A compile of ``kernel`` with the runtime argument types ``types`` and a launch's ``meta``
+    (as the calling conventions in .calls build it: constexprs and launch options)."""
     constexprs, options = split_meta(kernel, meta)
     return Case(name, kernel, types, constexprs, options, **kw)
 
@@ -105,7 +107,9 @@ def _norm_quant_schemes() -> dict[str, tuple[str | None, tuple[Any, ...], str, s
     return schemes
 
 
-def _norm_quant_types(dtype: str, q_ty: str, s_ty: str) -> dict[str, str]:
+def norm_quant_types(dtype: str, q_ty: str, s_ty: str) -> dict[str, str]:
+    """norm_quant_kernel's runtime argument types: activations of ``dtype``, codes and scales of
+    the Triton types ``q_ty`` and ``s_ty``."""
     return {
         **{p: f"*{dtype}" for p in ("x_ptr", "r_ptr", "w_ptr", "y_ptr", "res_ptr")},
         "q_ptr": f"*{q_ty}",
@@ -134,7 +138,7 @@ def _norm_quant_cases() -> Iterator[Case]:
         # other rounding points (vLLM IR's): once per scheme for a 16-bit dtype
         if other and (dtype != "bf16" or "ue8m0" in label):
             continue
-        types = _norm_quant_types(dtype, q_ty, s_ty)
+        types = norm_quant_types(dtype, q_ty, s_ty)
         flags = NormFlags(
             residual=has_res,
             write_y=scheme is None,
@@ -147,7 +151,7 @@ def _norm_quant_cases() -> Iterator[Case]:
             8192, _ONE_PROGRAM_ROWS, _NVIDIA_PDL if pdl else _NVIDIA, scheme=scheme, params=params,
             residual=has_res,
         )  # fmt: skip
-        yield _case(
+        yield make_case(
             f"norm_quant_kernel[{label}, {dtype}, {'add+' if has_res else ''}rms"
             f"{', pdl' if pdl else ''}{', vllm_ir numerics' if other else ''}]",
             k.norm_quant_kernel,
@@ -169,7 +173,7 @@ def _norm_quant_cases() -> Iterator[Case]:
                 continue
             many = f"{rows} row{'s' if rows > 1 else ''}: {launch.num_warps} warps"
             many += f", split {launch.split}" if split else ""
-            yield _case(
+            yield make_case(
                 f"norm_quant_kernel[{label}, {dtype}, {'add+' if has_res else ''}rms, "
                 + (f"pieces {pieces}" if launch.num_warps == 4 and pieces else
                    f"{many}{', pieces ' + pieces if pieces else ''}")
@@ -189,10 +193,10 @@ def _norm_quant_cases() -> Iterator[Case]:
         launch = policy.norm_launch(
             width, _ONE_PROGRAM_ROWS, _NVIDIA, has_weight=not weightless, eps=eps
         )
-        yield _case(
+        yield make_case(
             f"norm_quant_kernel[none, {dtype}, {label}]",
             k.norm_quant_kernel,
-            _norm_quant_types(dtype, dtype, dtype),
+            norm_quant_types(dtype, dtype, dtype),
             norm_quant_meta(
                 launch, NormFlags(weightless=weightless), scheme_constants(None, (), 1)
             ),
@@ -213,7 +217,7 @@ def _all_reduce_cases() -> Iterator[Case]:
         consts = scheme_constants(scheme, params, 8192)
         launch = policy.all_reduce_launch(8192, rows, _NVIDIA, group=consts["GROUP"], eps=1e-6)
         meta = all_reduce_meta(launch, 2, 16, True, scheme is None, NormNumerics(), consts)
-        yield _case(
+        yield make_case(
             f"all_reduce_norm_quant_kernel[{label}, bf16, world 2, split {launch.split}]",
             k.all_reduce_norm_quant_kernel,
             {
@@ -332,7 +336,7 @@ def _q_kv_cases() -> Iterator[Case]:
         )  # fmt: skip
         if split:
             launch = replace(launch, q_split=max(2, launch.q_split))
-        yield _case(
+        yield make_case(
             f"q_kv_norm_quant_kernel[{label}, bf16{tags}]",
             k.q_kv_norm_quant_kernel,
             {
@@ -365,7 +369,7 @@ def _chain_case(
     """A norm + rope + cache-write kernel over a few rows of 512 (HIP is set per target by
     compile_to_isa)."""
     launch = policy.chain_launch(geometry["D"], 2, _NVIDIA, 1e-6)
-    return _case(name, kernel, types, (*geometry.items(), *chain_meta(launch, hip=False)))
+    return make_case(name, kernel, types, (*geometry.items(), *chain_meta(launch, hip=False)))
 
 
 def _norm_rope_cache_cases() -> Iterator[Case]:
@@ -480,6 +484,24 @@ def cases() -> list[Case]:
 
 def compile_to_isa(case: Case, target: GPUTarget, with_cubin: bool) -> dict[str, int]:
     """Run Triton's stages for ``target`` down to the assembly; returns bytes per stage."""
+    last = "cubin" if with_cubin and target.backend == "cuda" else _ISA_STAGE[target.backend]
+    sizes: dict[str, int] = {}
+    compile_stages(case, target, last, sizes)
+    return sizes
+
+
+def compile_stages(
+    case: Case,
+    target: GPUTarget,
+    last: str,
+    sizes: dict[str, int] | None = None,
+    divisible: tuple[str, ...] = (),
+) -> Any:
+    """``case`` compiled through Triton's stages for ``target`` up to stage ``last`` ("ptx",
+    "cubin", "amdgcn", ...), returned as that stage makes it (text or bytes); ``sizes`` gets the
+    bytes of every stage run. ``divisible``: runtime arguments to specialize as multiples of 16
+    (``tt.divisibility``, what Triton's launcher gives aligned pointers and strides; the check
+    itself compiles without it)."""
     backend = make_backend(target)
     signature = dict(case.types)
     constexprs = dict(case.constexprs)
@@ -492,7 +514,9 @@ def compile_to_isa(case: Case, target: GPUTarget, with_cubin: bool) -> dict[str,
             if name in constexprs:
                 constexprs[name] = False
     signature.update({name: "constexpr" for name in constexprs})
-    src = ASTSource(fn=case.kernel, signature=signature, constexprs=constexprs)
+    names = case.kernel.arg_names
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+    src = ASTSource(fn=case.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     options = {**dict(PINNED_OPTIONS), **dict(case.options)}  # as the launcher compiles them
     if target.backend != "cuda":
         options.pop("launch_pdl", None)  # a CUDA launch option only (kernels guard USE_PDL)
@@ -506,13 +530,12 @@ def compile_to_isa(case: Case, target: GPUTarget, with_cubin: bool) -> dict[str,
         target, opts, backend.get_codegen_implementation(opts), backend.get_module_map(), context
     )
     metadata: dict[str, Any] = {"hash": "compile-check", "target": target, **opts.__dict__}
-    last = "cubin" if with_cubin and target.backend == "cuda" else _ISA_STAGE[target.backend]
-    sizes = {}
     for ext, stage in stages.items():
         module = stage(module, metadata)
-        sizes[ext] = len(module) if isinstance(module, (str, bytes)) else len(str(module))
+        if sizes is not None:
+            sizes[ext] = len(module) if isinstance(module, (str, bytes)) else len(str(module))
         if ext == last:
-            return sizes
+            return module
     raise RuntimeError(f"no stage {last!r} for {target}")
 
 
