@@ -108,10 +108,10 @@ def _norm_quant_split(
     (the same load, warps and order as the one-program kernel, so the same bits) and does the
     row work on its BLOCK_K / SPLIT columns (_norm_quant_part: every output depends on its
     column and 1/rms alone; parts hold whole quant blocks and groups). A per-token scale (GROUP
-    = BLOCK_K) is the whole row's: each program also takes the row's amax (_row_normed_amax; a
-    maximum has no order, so the same scale). The part, its residual and its weight are loaded
-    before the reduction (the weight before the PDL wait with PREFETCH_W), so their loads are in
-    flight during it."""
+    = BLOCK_K) is the whole row's: each program also takes the row's amax
+    (_row_normed_amax_bits; a maximum has no order, so the same scale). The part, its residual
+    and its weight are loaded before the reduction (the weight before the PDL wait with
+    PREFETCH_W), so their loads are in flight during it."""
     HAS_RES: tl.constexpr = NORM[0]
     DO_NORM: tl.constexpr = NORM[1]
     WEIGHTLESS: tl.constexpr = NORM[5]
