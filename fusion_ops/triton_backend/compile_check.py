@@ -309,24 +309,16 @@ def _q_kv_cases() -> Iterator[Case]:
     """The two-norm kernel: q plain or quantized (every scheme), bf16, PDL once; quantized q of
     1536 columns also as pieces (1024 + 512, one row per program); q's row split over programs
     (decode sizes, PDL) plain, as MXFP4 and with a per-token scale."""
-    schemes = {
-        label: _norm_quant_schemes()[label]
-        for label in (
-            "none", "mxfp4", "mxfp8", "fp8_group128_e4m3fn", "fp8_group128_e4m3fnuz",
-            "fp8_per_token_e4m3fn",
-        )
-    }  # fmt: skip
-    for (label, (scheme, params, q_ty, s_ty)), pdl, pieces, split in itertools.product(
-        schemes.items(), (False, True), (False, True), (False, True)
-    ):
-        split_labels = ("none", "mxfp4", "fp8_per_token_e4m3fn")
-        if split and not (pdl and not pieces and label in split_labels):
-            continue  # q split: with PDL, three schemes
-        if not split and (
-            (pdl and (pieces or label != "none")) or (pieces and label == "none")
-            or label == "fp8_per_token_e4m3fn"
-        ):  # fmt: skip
-            continue  # PDL once (plain q); pieces only with a quant
+    schemes = _norm_quant_schemes()
+    quantized = ("mxfp4", "mxfp8", "fp8_group128_e4m3fn", "fp8_group128_e4m3fnuz")
+    variants = (  # (scheme label, pdl, q in pieces, q split)
+        *((label, False, False, False) for label in ("none", *quantized)),
+        *((label, False, True, False) for label in quantized),  # pieces only with a quant
+        ("none", True, False, False),  # PDL once (plain q)
+        *((label, True, False, True) for label in ("none", "mxfp4", "fp8_per_token_e4m3fn")),
+    )
+    for label, pdl, pieces, split in variants:
+        scheme, params, q_ty, s_ty = schemes[label]
         tags = ", pdl" if pdl else ", pieces" if pieces else ""
         tags += ", q split" if split else ""
         # many rows (two per program, or q in pieces), or a few rows with PDL
