@@ -59,10 +59,15 @@ MIN_PIECE = 256
 #: of 512 columns and the norm alone at 2048 gain nothing; 16 programs pay for one row of 8192
 #: with a quant, not for 16 rows; per-token at 2048: not measured.
 NORM_SPLIT_MAX_ROWS = 16
-NORM_MAX_SPLIT = 16
 NORM_SPLIT_BY_BLOCK = {4096: (4, 4), 8192: (8, 8)}
 NORM_SPLIT_BY_BLOCK_QUANT = {2048: (4, 4), 4096: (4, 4), 8192: (16, 8)}
 NORM_SPLIT_PER_TOKEN_BY_BLOCK = {4096: (8, 4), 8192: (16, 4)}
+NORM_MAX_SPLIT = max(
+    n
+    for table in (NORM_SPLIT_BY_BLOCK, NORM_SPLIT_BY_BLOCK_QUANT, NORM_SPLIT_PER_TOKEN_BY_BLOCK)
+    for pair in table.values()
+    for n in pair
+)
 #: from this eps on, the FMA 1/rms steps equal the correctly rounded ones on every fp32 sum of
 #: squares (proved exhaustively by tests/gpu/test_inv_rms_steps.py)
 INV_RMS_BY_FMA_MIN_EPS = 2.0**-40
