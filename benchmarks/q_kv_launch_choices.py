@@ -1,7 +1,7 @@
 """q_kv_norm's launch choices that keep its bytes, against vLLM's fused_q_kv_rmsnorm (NVIDIA).
 
     python benchmarks/q_kv_launch_choices.py --vllm-source <vllm>/.../fused_qk_rmsnorm.py
-        [--q-lora 1024 1536] [--tokens 1 16 128 ...] [--json out.json]
+        [--q-lora 1024 1536] [--tokens 1 16 128 ...] [--warps 4 8] [--json out.json]
 
 The Triton backend's q_kv launch function with the launch policy's record for the rows, and with
 one or two fields of that record changed (where the policy already takes that value, the variant
@@ -12,7 +12,9 @@ is the op), every variant checked to give the op's bytes:
 * both of these;
 * ``other rows/program``: 2 rows per program where the op takes 1, and 1 where it takes 2;
 * ``q in N programs``: q's row split over N programs (QKvLaunch.q_split) where the op takes another
-  split.
+  split;
+* ``N warps`` (``--warps``): the record with N warps (other warps give other sums, so other
+  bytes: choosing one is a change of ``launch_policy.row_warps``, which the standalone norms share).
 Timing: CUDA-graph replay, median of five interleaved rounds (benchmarks/kernels.py).
 """
 
@@ -35,8 +37,10 @@ ops = torch.ops.fusion_ops
 EPS = 1e-6
 
 
-def variant_launches(q_lora: int, t: int) -> dict[str, policy.QKvLaunch]:
-    """The policy's record for ``t`` rows and the variants of it (same bytes)."""
+def variant_launches(
+    q_lora: int, t: int, warps: tuple[int, ...] = ()
+) -> dict[str, policy.QKvLaunch]:
+    """The policy's record for ``t`` rows and the variants of it (same bytes, but ``warps``)."""
     facts = triton_backend.device_facts(torch.cuda.current_device())
     launch = policy.q_kv_launch(q_lora, 512, t, facts)
     return {
@@ -54,15 +58,16 @@ def variant_launches(q_lora: int, t: int) -> dict[str, policy.QKvLaunch]:
             for n in (1, 2, 4)
             if launch.q_split != n and launch.pieces == (0, 0, 0)
         },
+        **{f"{w} warps": replace(launch, num_warps=w) for w in warps if w != launch.num_warps},
     }
 
 
-def bench_shape(vllm: Any, q_lora: int, t: int) -> dict[str, Any]:
+def bench_shape(vllm: Any, q_lora: int, t: int, warps: tuple[int, ...] = ()) -> dict[str, Any]:
     q, wq, kv, wkv = split_projection(t, q_lora)
     fns: dict[str, Callable[[], Any]] = {}
     same: dict[str, bool] = {}
     want = ops.q_kv_rms_norm(q, wq, EPS, kv, wkv, EPS)
-    for name, launch in variant_launches(q_lora, t).items():
+    for name, launch in variant_launches(q_lora, t, warps).items():
 
         def call(launch: policy.QKvLaunch = launch) -> Any:
             y, _, _, kv_out = triton_backend.q_kv_norm(
@@ -90,12 +95,14 @@ def main() -> None:
     parser.add_argument(
         "--tokens", type=int, nargs="+", default=[1, 16, 128, 512, 768, 1024, 1280, 1536, 2048]
     )
+    parser.add_argument("--warps", type=int, nargs="+", default=[])
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     vllm = load_vllm_kernel(args.vllm_source)
     warm_up()
     torch.manual_seed(0)
-    rows = [bench_shape(vllm, q_lora, t) for q_lora in args.q_lora for t in args.tokens]
+    warps = tuple(args.warps)
+    rows = [bench_shape(vllm, q_lora, t, warps) for q_lora in args.q_lora for t in args.tokens]
     report(rows, args.json)
 
 

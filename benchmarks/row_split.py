@@ -1,13 +1,17 @@
 """A row over several programs at decode sizes: norm_quant_kernel's SPLIT (NVIDIA).
 
     python benchmarks/row_split.py [--json out.json] [--rows 1 4 16] [--widths 512 1536 4096 7168]
+        [--splits 1 2 4 8 16] [--warps 4 8 16] [--floor]
 
 ``launch_policy.norm_launch`` splits a row of at most ``NORM_SPLIT_MAX_ROWS`` rows into up to
 ``NORM_MAX_SPLIT`` programs of whole quant groups (``launch_policy.smallest_part``; same warps,
 hence the same sums: the same bytes, tests/gpu/test_row_split.py). This times the norm ops
 (rms_norm, fused_add_rms_norm, and each with MXFP4, FP8-group-128 and FP8 per-token quant) with
 the policy's record for the rows and SPLIT 1, 2, 4, 8 or 16 instead of its own, to set those
-thresholds.
+thresholds. ``--warps``: also with these warp counts instead of the record's (other warps give
+other sums, so other bytes: a choice among them is a change of ``launch_policy.row_warps``, the
+rule the standalone and fused launches share). ``--floor``: the launch floor at each shape, a
+kernel of the same grid that only waits for its predecessor (PDL) and one that copies the row.
 Timing: CUDA-graph replay, median of three interleaved rounds (benchmarks/kernels.py).
 """
 
@@ -19,6 +23,8 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+import triton
+import triton.language as tl
 
 import fusion_ops  # noqa: F401  (registers the ops)
 import fusion_ops.triton_backend as triton_backend
@@ -36,12 +42,13 @@ SCHEMES: dict[str, tuple[str | None, tuple[Any, ...]]] = {
 
 
 def op_calls(
-    rows: int, kdim: int, split: int, two_maxes: bool = False
+    rows: int, kdim: int, split: int, two_maxes: bool = False, warps: int | None = None
 ) -> dict[str, Callable[[], Any]]:
     """The norm ops over ``rows`` rows of ``kdim``, launched with the policy's record for them and
     ``split`` programs per row (left out where a part would be smaller than a quant group); a split
     quant takes its blocks' amax from one integer max, as the policy launches it, and with
-    ``two_maxes`` also from a float max and a NaN test (" (two maxes)")."""
+    ``two_maxes`` also from a float max and a NaN test (" (two maxes)"); ``warps``: that many
+    warps instead of the record's."""
     x = torch.randn(rows, kdim, device="cuda", dtype=torch.bfloat16)
     r = torch.randn_like(x)
     w = (1 + 0.1 * torch.randn(kdim, device="cuda")).to(torch.bfloat16)
@@ -54,7 +61,10 @@ def op_calls(
             )
             if launch.block_k // split < policy.smallest_part(scheme, params):
                 continue
-            forced = replace(launch, split=split, int_amax=policy.amax_by_one_max(split, scheme))
+            forced = replace(
+                launch, split=split, int_amax=policy.amax_by_one_max(split, scheme),
+                num_warps=warps or launch.num_warps,
+            )  # fmt: skip
             name = f"{'add+' if residual else ''}rms{suffix}"
             variants = {name: forced}
             if forced.int_amax and two_maxes:
@@ -64,6 +74,33 @@ def op_calls(
                     triton_backend.norm_quant(x, res, w, EPS, s, p, s is None, launch=f)
                 )
     return calls
+
+
+@triton.jit
+def _floor_kernel(x_ptr, y_ptr, K, PART: tl.constexpr, COPY: tl.constexpr):
+    """One part of a row per program, after the PDL wait: nothing (COPY False) or a copy."""
+    tl.extra.cuda.gdc_wait()
+    tl.extra.cuda.gdc_launch_dependents()
+    if COPY:
+        cols = tl.program_id(0) * PART + tl.arange(0, PART)
+        tl.store(y_ptr + cols, tl.load(x_ptr + cols, mask=cols < K), mask=cols < K)
+
+
+def floor_calls(rows: int, kdim: int, split: int, warps: int) -> dict[str, Callable[[], Any]]:
+    """The launch floor of a grid of rows · split programs of ``warps`` warps, with PDL: an empty
+    kernel and a copy of the rows (bf16)."""
+    x = torch.randn(rows, kdim, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    part = triton.next_power_of_2(kdim) // split
+    grid = (rows * -(-kdim // part),)
+    return {
+        f"floor: empty ({warps} warps)": lambda: _floor_kernel[grid](
+            x, y, x.numel(), PART=part, COPY=False, num_warps=warps, launch_pdl=True
+        ),
+        f"floor: copy ({warps} warps)": lambda: _floor_kernel[grid](
+            x, y, x.numel(), PART=part, COPY=True, num_warps=warps, launch_pdl=True
+        ),
+    }
 
 
 def policy_split(name: str, rows: int, kdim: int) -> int:
@@ -82,6 +119,9 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--widths", type=int, nargs="+", default=[512, 1536, 4096, 7168])
+    parser.add_argument("--splits", type=int, nargs="+", default=list(SPLITS))
+    parser.add_argument("--warps", type=int, nargs="+", default=[], help="also these warps")
+    parser.add_argument("--floor", action="store_true", help="also the launch floor")
     parser.add_argument(
         "--two-maxes", action="store_true", help="also time split quants with two reductions"
     )
@@ -89,23 +129,34 @@ def main() -> None:
     warm_up()
     torch.manual_seed(0)
     out = []
+    combos = [(s, None) for s in args.splits] + [(s, w) for w in args.warps for s in args.splits]
     for kdim in args.widths:
         for rows in args.rows:
-            by_split = {s: op_calls(rows, kdim, s, args.two_maxes) for s in SPLITS}
-            names = dict.fromkeys(n for calls in by_split.values() for n in calls)
+            by_combo = {
+                f"{s}" if w is None else f"{s}/{w}w": op_calls(rows, kdim, s, args.two_maxes, w)
+                for s, w in combos
+            }
+            if args.floor:
+                for w in args.warps or [policy.row_warps(policy.next_power_of_2(kdim), rows)]:
+                    by_combo[f"16/{w}w"] = {
+                        **by_combo.get(f"16/{w}w", {}),
+                        **floor_calls(rows, kdim, 16, w),
+                    }
+            names = dict.fromkeys(n for calls in by_combo.values() for n in calls)
             for name in names:
-                fns = {str(s): by_split[s][name] for s in SPLITS if name in by_split[s]}
+                fns = {c: calls[name] for c, calls in by_combo.items() if name in calls}
                 times = bench_interleaved(fns)
-                best = min((t, s) for s, t in times.items() if t is not None)[1]
+                best = min((t, c) for c, t in times.items() if t is not None)[1]
+                split = policy_split(name, rows, kdim) if not name.startswith("floor") else "-"
                 print(
-                    f"{name:20s} {rows:3d}×{kdim:<5d} "
-                    + "  ".join(f"split {s} {us:5.2f}" for s, us in times.items())
-                    + f"   best {best}, policy {policy_split(name, rows, kdim)}",
+                    f"{name:26s} {rows:3d}×{kdim:<5d} "
+                    + "  ".join(f"{c} {us:5.2f}" for c, us in times.items() if us is not None)
+                    + f"   best {best}, policy {split}",
                     flush=True,
                 )
                 out.append(
                     {"op": name, "rows": rows, "kdim": kdim, "us_by_split": times,
-                     "policy_split": policy_split(name, rows, kdim)}
+                     "policy_split": split}
                 )  # fmt: skip
     report(out, args.json)
 
