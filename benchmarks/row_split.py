@@ -10,8 +10,10 @@ hence the same sums: the same bytes, tests/gpu/test_row_split.py). This times th
 the policy's record for the rows and SPLIT 1, 2, 4, 8 or 16 instead of its own, to set those
 thresholds. ``--warps``: also with these warp counts instead of the record's (other warps give
 other sums, so other bytes: a choice among them is a change of ``launch_policy.row_warps``, the
-rule the standalone and fused launches share). ``--floor``: the launch floor at each shape, a
-kernel of the same grid that only waits for its predecessor (PDL) and one that copies the row.
+rule the standalone and fused launches share). ``--floor``: the launch floor at each shape and
+split: kernels of the same grid that only wait for their predecessor (PDL), copy the row, or
+also read the whole row (x, or x and a residual) in every program for a 1/rms, as a split norm
+does.
 Timing: CUDA-graph replay, median of three interleaved rounds (benchmarks/kernels.py).
 """
 
@@ -62,7 +64,7 @@ def op_calls(
             if launch.block_k // split < policy.smallest_part(scheme, params):
                 continue
             forced = replace(
-                launch, split=split, int_amax=policy.amax_by_one_max(split, scheme),
+                launch, split=split, int_amax=policy.amax_by_one_max(split, scheme, residual),
                 num_warps=warps or launch.num_warps,
             )  # fmt: skip
             name = f"{'add+' if residual else ''}rms{suffix}"
@@ -77,29 +79,52 @@ def op_calls(
 
 
 @triton.jit
-def _floor_kernel(x_ptr, y_ptr, K, PART: tl.constexpr, COPY: tl.constexpr):
-    """One part of a row per program, after the PDL wait: nothing (COPY False) or a copy."""
+def _floor_kernel(
+    x_ptr, r_ptr, y_ptr, K, PARTS, PART: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr
+):  # fmt: skip
+    """Program p: part p % PARTS of row p // PARTS, after the PDL wait. MODE 0: nothing; 1: copy
+    the part; 2: the part times 1/rms of the whole row x, each program reading the whole row (as
+    a split norm program does); 3: the same of x + r (as a split add+norm program does)."""
     tl.extra.cuda.gdc_wait()
     tl.extra.cuda.gdc_launch_dependents()
-    if COPY:
-        cols = tl.program_id(0) * PART + tl.arange(0, PART)
-        tl.store(y_ptr + cols, tl.load(x_ptr + cols, mask=cols < K), mask=cols < K)
+    if MODE > 0:
+        row = (tl.program_id(0) // PARTS).to(tl.int64)
+        cols = (tl.program_id(0) % PARTS) * PART + tl.arange(0, PART)
+        part = tl.load(x_ptr + row * K + cols, mask=cols < K, other=0.0).to(tl.float32)
+        if MODE > 1:
+            full = tl.arange(0, BLOCK)
+            xs = tl.load(x_ptr + row * K + full, mask=full < K, other=0.0).to(tl.float32)
+            if MODE == 3:
+                xs += tl.load(r_ptr + row * K + full, mask=full < K, other=0.0).to(tl.float32)
+                part += tl.load(r_ptr + row * K + cols, mask=cols < K, other=0.0).to(tl.float32)
+            part = part / tl.sqrt(tl.sum(xs * xs, axis=0) / K + 1e-6)
+        tl.store(y_ptr + row * K + cols, part.to(y_ptr.dtype.element_ty), mask=cols < K)
+
+
+FLOOR_MODES = {"empty": 0, "copy": 1, "row read + 1/rms": 2, "x + r rows read + 1/rms": 3}
 
 
 def floor_calls(rows: int, kdim: int, split: int, warps: int) -> dict[str, Callable[[], Any]]:
-    """The launch floor of a grid of rows · split programs of ``warps`` warps, with PDL: an empty
-    kernel and a copy of the rows (bf16)."""
+    """The launch floor of rows · split programs of ``warps`` warps, with PDL (FLOOR_MODES: see
+    _floor_kernel), bf16."""
     x = torch.randn(rows, kdim, device="cuda", dtype=torch.bfloat16)
-    y = torch.empty_like(x)
-    part = triton.next_power_of_2(kdim) // split
-    grid = (rows * -(-kdim // part),)
+    r, y = torch.randn_like(x), torch.empty_like(x)
+    block = triton.next_power_of_2(kdim)
+    parts = -(-kdim // (block // split))
     return {
-        f"floor: empty ({warps} warps)": lambda: _floor_kernel[grid](
-            x, y, x.numel(), PART=part, COPY=False, num_warps=warps, launch_pdl=True
-        ),
-        f"floor: copy ({warps} warps)": lambda: _floor_kernel[grid](
-            x, y, x.numel(), PART=part, COPY=True, num_warps=warps, launch_pdl=True
-        ),
+        f"floor: {name} ({warps} warps)": lambda mode=mode: _floor_kernel[(rows * parts,)](
+            x,
+            r,
+            y,
+            kdim,
+            parts,
+            PART=block // split,
+            BLOCK=block,
+            MODE=mode,
+            num_warps=warps,
+            launch_pdl=True,
+        )  # fmt: skip
+        for name, mode in FLOOR_MODES.items()
     }
 
 
@@ -136,12 +161,11 @@ def main() -> None:
                 f"{s}" if w is None else f"{s}/{w}w": op_calls(rows, kdim, s, args.two_maxes, w)
                 for s, w in combos
             }
-            if args.floor:
-                for w in args.warps or [policy.row_warps(policy.next_power_of_2(kdim), rows)]:
-                    by_combo[f"16/{w}w"] = {
-                        **by_combo.get(f"16/{w}w", {}),
-                        **floor_calls(rows, kdim, 16, w),
-                    }
+            if args.floor:  # each split, with the record's warps for these rows and --warps
+                own = policy.row_warps(policy.next_power_of_2(kdim), rows)
+                for s, w in combos:
+                    key = f"{s}" if w is None else f"{s}/{w}w"
+                    by_combo[key] = {**by_combo[key], **floor_calls(rows, kdim, s, w or own)}
             names = dict.fromkeys(n for calls in by_combo.values() for n in calls)
             for name in names:
                 fns = {c: calls[name] for c, calls in by_combo.items() if name in calls}

@@ -250,15 +250,20 @@ def norm_launch(
         prefetch_weight=has_weight and device.prefetch_weight,
         inv_by_fma=inv_rms_by_fma(device, eps),
         split=split,
-        int_amax=amax_by_one_max(split, scheme),
+        int_amax=amax_by_one_max(split, scheme, residual),
     )
 
 
-def amax_by_one_max(split: int, scheme: str | None) -> bool:
-    """norm_quant_kernel's INT_AMAX (speed only): a split row's quant blocks take their amax and
-    NaN test from one integer max (a decode-size part spreads a block over warps, where each
-    reduction costs a barrier; benchmarks/results/row_split_int_amax_h200.json)."""
-    return split > 1 and scheme is not None
+def amax_by_one_max(split: int, scheme: str | None, residual: bool = False) -> bool:
+    """The row kernels' INT_AMAX (speed only: the same bytes): a quant block's amax and NaN test
+    from one integer max of its bits instead of a float max and a NaN test. A split row takes it
+    (a decode-size part spreads a block over warps, where each reduction costs a barrier;
+    benchmarks/results/row_split_int_amax_h200.json), and MXFP4 without a residual at every row
+    count (rms→MXFP4 7 % faster on many rows, add+rms→MXFP4 6–9 % slower: H100,
+    benchmarks/results/log.md)."""
+    if scheme is None:
+        return False
+    return split > 1 or (scheme == "mxfp4" and not residual)
 
 
 #: the row counts at which :func:`norm_launch` can change (it is constant between them, for a
@@ -304,6 +309,7 @@ class QKvLaunch:
     prefetch_weight: bool = False
     inv_by_fma: bool = False
     q_split: int = 1  # programs per q row (speed only: the same warps, hence the same sums)
+    int_amax: bool = False  # q's quant blocks' amax and NaN test from one integer max (speed only)
 
     def __post_init__(self) -> None:
         if self.q_split > 1 and (self.rows_per_program > 1 or self.pieces[0]):
@@ -353,6 +359,7 @@ def q_kv_launch(
             prefetch = prefetch if band.prefetch_weight is None else band.prefetch_weight
             by_fma = by_fma if band.inv_by_fma is None else band.inv_by_fma
     per_program = q_kv_rows_per_program(block_q, rows, quant, pieces[0] > 0)
+    q_split = q_kv_q_split(block_q, rows, quant) if per_program == 1 and not pieces[0] else 1
     return QKvLaunch(
         paired=True,
         block_q=block_q,
@@ -363,7 +370,8 @@ def q_kv_launch(
         use_pdl=device.pdl,
         prefetch_weight=prefetch,
         inv_by_fma=by_fma,
-        q_split=q_kv_q_split(block_q, rows, quant) if per_program == 1 and not pieces[0] else 1,
+        q_split=q_split,
+        int_amax=amax_by_one_max(q_split, scheme),
     )
 
 

@@ -222,6 +222,27 @@ def test_a_per_token_scale_splits_by_its_own_table() -> None:
         assert (got.split, got.int_amax) == (1, False)
 
 
+@pytest.mark.parametrize("residual", [False, True])
+def test_the_one_max_amax_for_split_rows_and_mxfp4_without_residual(residual: bool) -> None:
+    """INT_AMAX is the policy's, not a rule inside the kernel: every split quant row takes it,
+    and MXFP4 without a residual at every row count (also q of q_kv, which has none); a norm
+    without a quant never does."""
+    schemes = (("mxfp4", ()), ("mxfp8", ()), ("fp8_group", (128, False, None)), (None, ()))
+    for scheme, params in schemes:
+        for rows in (*policy.ROW_BOUNDARIES, 4 * policy.MANY_ROWS):
+            got = policy.norm_launch(7168, rows, PDL, scheme=scheme, params=params,
+                                     residual=residual)  # fmt: skip
+            always = scheme == "mxfp4" and not residual
+            assert got.int_amax == (scheme is not None and (got.split > 1 or always)), (
+                scheme, rows, got,
+            )  # fmt: skip
+    for rows in (1, 16, 4096):
+        mxfp4 = policy.q_kv_launch(1536, 512, rows, PDL, scheme="mxfp4")
+        fp8 = policy.q_kv_launch(1536, 512, rows, PDL, scheme="fp8_group", params=(128,))
+        assert mxfp4.int_amax and not fp8.int_amax, rows
+        assert not policy.q_kv_launch(1536, 512, rows, PDL).int_amax, rows
+
+
 def test_all_reduce_launch_keeps_the_fused_ops_warps() -> None:
     """The one-shot kernel rounds a row as the fused add-norm op does: the same warps for the
     same rows; its split keeps every program resident."""

@@ -164,6 +164,7 @@ def q_kv_meta(
         ("PIECE2", launch.pieces[2]),
         ("INV_BY_FMA", launch.inv_by_fma),
         ("Q_SPLIT", launch.q_split),
+        ("INT_AMAX", launch.int_amax),
         ("num_warps", launch.num_warps),
         ("launch_pdl", launch.use_pdl),
     )

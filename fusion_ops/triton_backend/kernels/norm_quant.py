@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from .numerics import _inv_rms, _pdl_start, _sum_of_squares
-from .quant import _fp8_groups, _fp8_token_part, _mxfp4, _mxfp8
+from .quant import _abs_bits_max, _fp8_groups, _fp8_token_part, _mxfp4, _mxfp8
 
 #: the row helpers' NORM / QUANT (see below) of a norm written out in the input's dtype
 NORM_ONLY = tl.constexpr((False, True, True, False, False, False))
@@ -147,8 +147,8 @@ def _norm_quant_split(
 def _row_normed_amax_bits(
     x_ptr, io, row, x_stride, r_stride, K, inv, NORM: tl.constexpr, BLOCK_K: tl.constexpr
 ):  # fmt: skip
-    """max |y| over the whole normed row y (as _norm_quant_part computes it) as int32 bits:
-    ordered like the magnitudes, NaN patterns above inf's 0x7F800000."""
+    """max |y| over the whole normed row y (as _norm_quant_part computes it) as int32 bits
+    (_abs_bits_max)."""
     r_ptr, w_ptr = io[0], io[1]
     cols = tl.arange(0, BLOCK_K)
     mask = cols < K
@@ -160,7 +160,7 @@ def _row_normed_amax_bits(
     if NORM[1] and not NORM[5]:
         w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     _, y = _add_and_norm(x, r, w, inv, NORM)
-    return tl.max(y.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=0)
+    return _abs_bits_max(y.to(tl.float32), 0)
 
 
 @triton.jit
@@ -305,8 +305,8 @@ def _norm_quant_part(
     and inv alone, and quant blocks/groups lie inside a part (col0 a multiple of BLOCK, BLOCK of
     the group size), so parts of a row give the bytes of the whole row; a per-token scale of a
     part (GROUP > BLOCK) comes from ``amax_bits``, the whole row's (_row_normed_amax_bits).
-    INT_AMAX: the blocks' amax and NaN test from one integer max (MXFP4 takes it anyway without
-    a residual; _amax_bits_and_nan)."""
+    INT_AMAX: the blocks' amax and NaN test from one integer max (_amax_bits_and_nan; the
+    launch policy's ``amax_by_one_max``)."""
     r_ptr, w_ptr, y_ptr, res_ptr, q_ptr, s_ptr = io
     HAS_RES: tl.constexpr = NORM[0]
     DO_NORM: tl.constexpr = NORM[1]
@@ -331,7 +331,7 @@ def _norm_quant_part(
         tl.store(y_ptr + row * K + cols, y, mask=mask)
     if SCHEME == 1:
         _mxfp4(
-            y.to(tl.float32), q_ptr, s_ptr, row, K, BLOCK, col0, INT_AMAX or not HAS_RES,
+            y.to(tl.float32), q_ptr, s_ptr, row, K, BLOCK, col0, INT_AMAX,
             y.dtype.primitive_bitwidth == 16,
         )  # fmt: skip
     elif SCHEME == 2:
@@ -382,6 +382,7 @@ def q_kv_norm_quant_kernel(
     PIECE2: tl.constexpr = 0,
     INV_BY_FMA: tl.constexpr = False,
     Q_SPLIT: tl.constexpr = 1,
+    INT_AMAX: tl.constexpr = False,
 ):
     """Programs (i, 0): rms_norm of q's rows i·ROWS … i·ROWS + ROWS - 1 [→ quant]; programs
     (i, 1): rms_norm of the same kv rows. Each row is norm_quant_kernel's row work (same helper,
@@ -390,7 +391,8 @@ def q_kv_norm_quant_kernel(
     PREFETCH_W: see _pdl_start_with_weight; PIECE0..2: q's rows as norm_quant_kernel's pieces
     (one row per program); INV_BY_FMA: see _inv_rms (both eps allow it). Q_SPLIT > 1 (decode
     sizes, one row per program; speed only): q's row in Q_SPLIT programs (i, 0 … Q_SPLIT - 1)
-    as norm_quant_kernel splits one (_norm_quant_split), kv's row in program (i, Q_SPLIT)."""
+    as norm_quant_kernel splits one (_norm_quant_split), kv's row in program (i, Q_SPLIT).
+    INT_AMAX: q's quant blocks' amax and NaN test from one integer max (see norm_quant_kernel)."""
     LOAD_W: tl.constexpr = PREFETCH_W or ROWS > 1
     Q_NORM: tl.constexpr = (False, True, WRITE_Y, WEIGHT_AFTER_ROUNDING, False, False)
     QUANT: tl.constexpr = (SCHEME, GROUP, UE8M0)
@@ -401,14 +403,14 @@ def q_kv_norm_quant_kernel(
     if Q_SPLIT > 1 and q_part < Q_SPLIT:
         _norm_quant_split(
             first, q_part, q_ptr, q_io, q_stride, q_stride, K_Q, q_eps, fp8_max, min_scale,
-            Q_NORM, QUANT, BLOCK_Q, USE_PDL, PREFETCH_W, INV_BY_FMA, Q_SPLIT,
+            Q_NORM, QUANT, BLOCK_Q, USE_PDL, PREFETCH_W, INV_BY_FMA, Q_SPLIT, INT_AMAX,
         )  # fmt: skip
     elif tl.program_id(1) == 0 and PIECE0 > 0:
         if USE_PDL:  # see _pdl_start
             _pdl_start()
         _norm_quant_pieces(
             first, q_ptr, q_io, q_stride, q_stride, K_Q, q_eps, fp8_max, min_scale, Q_NORM,
-            QUANT, BLOCK_Q, (PIECE0, PIECE1, PIECE2), INV_BY_FMA,
+            QUANT, BLOCK_Q, (PIECE0, PIECE1, PIECE2), INV_BY_FMA, INT_AMAX,
         )  # fmt: skip
     elif Q_SPLIT == 1 and tl.program_id(1) == 0:
         qw = _pdl_start_with_weight(qw_ptr, K_Q, BLOCK_Q, USE_PDL, LOAD_W, PREFETCH_W)
@@ -416,7 +418,7 @@ def q_kv_norm_quant_kernel(
             if first + i < M:
                 _norm_quant_row(
                     first + i, q_ptr, q_io, q_stride, q_stride, K_Q, q_eps, fp8_max, min_scale,
-                    Q_NORM, QUANT, BLOCK_Q, qw, LOAD_W, INV_BY_FMA,
+                    Q_NORM, QUANT, BLOCK_Q, qw, LOAD_W, INV_BY_FMA, INT_AMAX,
                 )  # fmt: skip
     else:
         kvw = _pdl_start_with_weight(kvw_ptr, K_KV, BLOCK_KV, USE_PDL, LOAD_W, PREFETCH_W)
