@@ -11,9 +11,7 @@ the policy's record for the rows and SPLIT 1, 2, 4, 8 or 16 instead of its own, 
 thresholds. ``--warps``: also with these warp counts instead of the record's (other warps give
 other sums, so other bytes: a choice among them is a change of ``launch_policy.row_warps``, the
 rule the standalone and fused launches share). ``--floor``: the launch floor at each shape and
-split: kernels of the same grid that only wait for their predecessor (PDL), copy the row, or
-also read the whole row (x, or x and a residual) in every program for a 1/rms, as a split norm
-does.
+split: kernels of the same grid that only wait for their predecessor (PDL), or copy the row.
 Timing: CUDA-graph replay, median of three interleaved rounds (benchmarks/kernels.py).
 """
 
@@ -79,52 +77,30 @@ def op_calls(
 
 
 @triton.jit
-def _floor_kernel(
-    x_ptr, r_ptr, y_ptr, K, PARTS, PART: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr
-):  # fmt: skip
-    """Program p: part p % PARTS of row p // PARTS, after the PDL wait. MODE 0: nothing; 1: copy
-    the part; 2: the part times 1/rms of the whole row x, each program reading the whole row (as
-    a split norm program does); 3: the same of x + r (as a split add+norm program does)."""
+def _floor_kernel(x_ptr, y_ptr, K, PARTS, PART: tl.constexpr, COPY: tl.constexpr):
+    """Program p: part p % PARTS of row p // PARTS, after the PDL wait: nothing, or a copy."""
     tl.extra.cuda.gdc_wait()
     tl.extra.cuda.gdc_launch_dependents()
-    if MODE > 0:
+    if COPY:
         row = (tl.program_id(0) // PARTS).to(tl.int64)
         cols = (tl.program_id(0) % PARTS) * PART + tl.arange(0, PART)
-        part = tl.load(x_ptr + row * K + cols, mask=cols < K, other=0.0).to(tl.float32)
-        if MODE > 1:
-            full = tl.arange(0, BLOCK)
-            xs = tl.load(x_ptr + row * K + full, mask=full < K, other=0.0).to(tl.float32)
-            if MODE == 3:
-                xs += tl.load(r_ptr + row * K + full, mask=full < K, other=0.0).to(tl.float32)
-                part += tl.load(r_ptr + row * K + cols, mask=cols < K, other=0.0).to(tl.float32)
-            part = part / tl.sqrt(tl.sum(xs * xs, axis=0) / K + 1e-6)
-        tl.store(y_ptr + row * K + cols, part.to(y_ptr.dtype.element_ty), mask=cols < K)
-
-
-FLOOR_MODES = {"empty": 0, "copy": 1, "row read + 1/rms": 2, "x + r rows read + 1/rms": 3}
+        part = tl.load(x_ptr + row * K + cols, mask=cols < K)
+        tl.store(y_ptr + row * K + cols, part, mask=cols < K)
 
 
 def floor_calls(rows: int, kdim: int, split: int, warps: int) -> dict[str, Callable[[], Any]]:
-    """The launch floor of rows · split programs of ``warps`` warps, with PDL (FLOOR_MODES: see
-    _floor_kernel), bf16."""
+    """The launch floor of rows · split programs of ``warps`` warps, with PDL: a kernel that only
+    waits for its predecessor, and one that copies the rows (bf16) as the split programs own
+    them."""
     x = torch.randn(rows, kdim, device="cuda", dtype=torch.bfloat16)
-    r, y = torch.randn_like(x), torch.empty_like(x)
-    block = triton.next_power_of_2(kdim)
-    parts = -(-kdim // (block // split))
+    y = torch.empty_like(x)
+    part = triton.next_power_of_2(kdim) // split
+    parts = -(-kdim // part)
     return {
-        f"floor: {name} ({warps} warps)": lambda mode=mode: _floor_kernel[(rows * parts,)](
-            x,
-            r,
-            y,
-            kdim,
-            parts,
-            PART=block // split,
-            BLOCK=block,
-            MODE=mode,
-            num_warps=warps,
-            launch_pdl=True,
-        )  # fmt: skip
-        for name, mode in FLOOR_MODES.items()
+        f"floor: {name} ({warps} warps)": lambda copy=copy: _floor_kernel[(rows * parts,)](
+            x, y, kdim, parts, PART=part, COPY=copy, num_warps=warps, launch_pdl=True
+        )
+        for name, copy in (("empty", False), ("copy", True))
     }
 
 
