@@ -441,3 +441,22 @@ def all_reduce_launch(
 #: KV-cache dequant: tokens per program of the DSV4 layout, elements per program of the gather
 DEQUANT_DSV4_TOKENS = 16
 GATHER_BLOCK = 4096
+
+
+@dataclass(frozen=True)
+class DequantLaunch:
+    """A launch of dequant_dsv4_kernel: ``tokens`` tokens of a cache block per program (speed
+    only: every output element depends on its token's slot alone)."""
+
+    tokens: int
+    num_warps: int
+
+    def grid(self, blocks: int, block_size: int) -> tuple[int, int]:
+        return (blocks, block_size // self.tokens)
+
+
+def dequant_launch(blocks: int, block_size: int, to_fp8: bool) -> DequantLaunch:
+    """dequant_dsv4_kernel over ``blocks`` requested blocks of ``block_size`` tokens (FP8 or
+    bf16 output); the launcher falls back to the reference when ``tokens`` does not divide the
+    block."""
+    return DequantLaunch(tokens=min(block_size, DEQUANT_DSV4_TOKENS), num_warps=4)

@@ -196,8 +196,13 @@ def rms_norm_rope_mla_cache_write(
 
 
 def _dequant(
-    kv_cache: torch.Tensor, block_ids: torch.Tensor, layout: str, fp8_dtype: torch.dtype | None
+    kv_cache: torch.Tensor,
+    block_ids: torch.Tensor,
+    layout: str,
+    fp8_dtype: torch.dtype | None,
+    launch: policy.DequantLaunch | None = None,
 ) -> torch.Tensor:
+    """``launch``: the policy's record for these blocks unless given (benchmarks override it)."""
     nb, bs, row = kv_cache.shape
     n = block_ids.shape[0]
     to_fp8 = fp8_dtype is not None
@@ -206,13 +211,14 @@ def _dequant(
         out = torch.empty(
             (n * bs, 512), device=kv_cache.device, dtype=fp8_dtype if to_fp8 else torch.bfloat16
         )
-        tok = min(bs, policy.DEQUANT_DSV4_TOKENS)
-        if n and bs % tok == 0:
+        launch = launch or policy.dequant_launch(n, bs, to_fp8)
+        if n and bs % launch.tokens == 0:
             _dequant_dsv4_launch(
-                (n, bs // tok),
+                launch.grid(n, bs),
                 (kv_cache, block_ids, out, kv_cache.stride(0), nb, fmax),
-                (("BS", bs), ("TOK", tok), ("TO_FP8", to_fp8), ("num_warps", 4)),
-            )
+                (("BS", bs), ("TOK", launch.tokens), ("TO_FP8", to_fp8),
+                 ("num_warps", launch.num_warps)),
+            )  # fmt: skip
             return out
         return _reference_dequant(kv_cache, block_ids, layout, fp8_dtype)
     out = torch.empty(
