@@ -65,7 +65,7 @@ def main() -> None:
     for blocks in args.blocks:
         for fp8 in (False, True):
             times = bench_interleaved(calls(blocks, args.tokens, args.warps, fp8))
-            rec = policy.dequant_launch(blocks, BLOCK_SIZE, fp8)
+            rec = policy.dequant_launch(BLOCK_SIZE)
             best = min((t, name) for name, t in times.items() if t is not None)
             print(
                 f"{'fp8 ' if fp8 else 'bf16'} {blocks:5d} blocks: policy ({rec.tokens}t/"

@@ -20,6 +20,7 @@ that holds its evidence.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -438,8 +439,12 @@ def all_reduce_launch(
     )
 
 
-#: KV-cache dequant: tokens per program of the DSV4 layout, elements per program of the gather
-DEQUANT_DSV4_TOKENS = 16
+#: KV-cache dequant of the DSV4 layout: tokens of a block per program and warps (4 and 4: as
+#: fast as the fastest of 2–32 tokens × 1–8 warps, or within 0.1 µs of it, from 5 to 1024 blocks,
+#: bf16 and FP8 output; 16 tokens took 1.66 / 2.32 µs at 5 blocks against 1.47 / 1.50:
+#: benchmarks/results/dequant_tiles_h200.json); elements per program of the bf16 layout's gather
+DEQUANT_DSV4_TOKENS = 4
+DEQUANT_DSV4_WARPS = 4
 GATHER_BLOCK = 4096
 
 
@@ -455,8 +460,9 @@ class DequantLaunch:
         return (blocks, block_size // self.tokens)
 
 
-def dequant_launch(blocks: int, block_size: int, to_fp8: bool) -> DequantLaunch:
-    """dequant_dsv4_kernel over ``blocks`` requested blocks of ``block_size`` tokens (FP8 or
-    bf16 output); the launcher falls back to the reference when ``tokens`` does not divide the
-    block."""
-    return DequantLaunch(tokens=min(block_size, DEQUANT_DSV4_TOKENS), num_warps=4)
+def dequant_launch(block_size: int) -> DequantLaunch:
+    """dequant_dsv4_kernel over blocks of ``block_size`` tokens (the same record for every block
+    count and output type, as measured): DEQUANT_DSV4_TOKENS tokens per program, fewer where
+    they would not divide the block (a power of two: the kernel's tile)."""
+    tokens = math.gcd(block_size, DEQUANT_DSV4_TOKENS)
+    return DequantLaunch(tokens=tokens, num_warps=DEQUANT_DSV4_WARPS)

@@ -288,3 +288,13 @@ def test_calling_conventions_name_the_kernels_parameters() -> None:
         constexprs = {kernel.arg_names[i] for i in kernel.constexprs}
         assert set(chain) - options <= constexprs, kernel.__name__
     assert len(calls.norm_quant_args(*range(11), consts)) == len(calls.NORM_QUANT_ARGS)
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 3, 6, 16, 64, 256])
+def test_dequant_tiles_divide_the_cache_block(block_size: int) -> None:
+    """Every record's tile is a power of two that divides the block, so the kernel covers each
+    block exactly (no fallback to the reference) and never reads past it."""
+    launch = policy.dequant_launch(block_size)
+    assert launch.tokens & (launch.tokens - 1) == 0 and block_size % launch.tokens == 0
+    assert launch.tokens <= policy.DEQUANT_DSV4_TOKENS
+    assert launch.grid(5, block_size) == (5, block_size // launch.tokens)

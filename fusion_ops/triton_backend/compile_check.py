@@ -426,6 +426,7 @@ def _qnorm_rope_cache_cases() -> Iterator[Case]:
 
 
 def _dequant_cases() -> Iterator[Case]:
+    dequant = policy.dequant_launch(64)
     for out in ("bf16", "e4m3fn", "e4m3fnuz"):
         to_fp8 = out != "bf16"
         out_ty = _FP8[out] if to_fp8 else "bf16"
@@ -440,8 +441,8 @@ def _dequant_cases() -> Iterator[Case]:
                 "num_blocks": "i32",
                 "fp8_max": "fp32",
             },
-            {"BS": 64, "TOK": 16, "TO_FP8": to_fp8},
-            {"num_warps": 4},
+            {"BS": 64, "TOK": dequant.tokens, "TO_FP8": to_fp8},
+            {"num_warps": dequant.num_warps},
             hip_only_fnuz=out == "e4m3fnuz",
         )
         yield Case(

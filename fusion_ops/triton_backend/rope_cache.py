@@ -211,7 +211,7 @@ def _dequant(
         out = torch.empty(
             (n * bs, 512), device=kv_cache.device, dtype=fp8_dtype if to_fp8 else torch.bfloat16
         )
-        launch = launch or policy.dequant_launch(n, bs, to_fp8)
+        launch = launch or policy.dequant_launch(bs)
         if n and bs % launch.tokens == 0:
             _dequant_dsv4_launch(
                 launch.grid(n, bs),
