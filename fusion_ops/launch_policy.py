@@ -439,12 +439,14 @@ def all_reduce_launch(
     )
 
 
-#: KV-cache dequant of the DSV4 layout: tokens of a block per program and warps (4 and 4: as
-#: fast as the fastest of 2–32 tokens × 1–8 warps, or within 0.1 µs of it, from 5 to 1024 blocks,
-#: bf16 and FP8 output; 16 tokens took 1.66 / 2.32 µs at 5 blocks against 1.47 / 1.50:
-#: benchmarks/results/dequant_tiles_h200.json); elements per program of the bf16 layout's gather
+#: KV-cache dequant of the DSV4 layout: tokens of a block per program and warps. 4 and 4 beat
+#: the former 16 and 4 at 5–1024 blocks, bf16 and FP8 output (5 blocks, one decode sequence:
+#: 1.65 → 1.47 µs bf16, 2.32 → 1.50 FP8), but bf16 at 64 blocks (2.55 vs 2.62); the fastest of
+#: 2–32 tokens × 1–8 warps differs by size and is up to 1.2 µs faster at 320 blocks FP8 (one
+#: run: benchmarks/results/dequant_tiles_h200.json)
 DEQUANT_DSV4_TOKENS = 4
 DEQUANT_DSV4_WARPS = 4
+#: elements per program of the bf16 layout's gather
 GATHER_BLOCK = 4096
 
 
