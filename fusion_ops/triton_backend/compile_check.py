@@ -206,19 +206,20 @@ def _norm_quant_cases() -> Iterator[Case]:
 def _all_reduce_cases() -> Iterator[Case]:
     """The one-shot all-reduce kernel: every scheme (FP8 as e4m3fn and, for gfx942, e4m3fnuz),
     with and without the norm-only output, bf16 (what tensor-parallel layers reduce), rows
-    whole and split over 8 programs (decode sizes)."""
+    whole and split over 8 programs (decode sizes), at 2, 4 and 8 ranks (WORLD unrolls the
+    sends and the rank-order sum)."""
     schemes = {
         label: _norm_quant_schemes()[label]
         for label in ("none", "mxfp4", "mxfp8", "fp8_group128_e4m3fn", "fp8_group128_e4m3fnuz")
     }
-    for (label, (scheme, params, q_ty, s_ty)), rows in itertools.product(
-        schemes.items(), (200, 16)
+    for (label, (scheme, params, q_ty, s_ty)), rows, world in itertools.product(
+        schemes.items(), (200, 16), (2, 4, 8)
     ):
         consts = scheme_constants(scheme, params, 8192)
         launch = policy.all_reduce_launch(8192, rows, _NVIDIA, group=consts["GROUP"], eps=1e-6)
-        meta = all_reduce_meta(launch, 2, 16, True, scheme is None, NormNumerics(), consts)
+        meta = all_reduce_meta(launch, world, 16, True, scheme is None, NormNumerics(), consts)
         yield make_case(
-            f"all_reduce_norm_quant_kernel[{label}, bf16, world 2, split {launch.split}]",
+            f"all_reduce_norm_quant_kernel[{label}, bf16, world {world}, split {launch.split}]",
             k.all_reduce_norm_quant_kernel,
             {
                 "x_ptr": "*bf16",
