@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
@@ -25,9 +28,15 @@ KERNELS = Path(fusion_ops.__file__).parent / "triton_backend" / "kernels"
 
 
 @pytest.fixture(scope="module")
-def interpreted() -> ModuleType:
+def interpreted() -> Iterator[ModuleType]:
     """fusion_ops' kernels module loaded again with the interpreter on: its @triton.jit
-    functions become interpreted functions that run on CPU tensors."""
+    functions become interpreted functions that run on CPU tensors. triton.language's own jit
+    functions (tl.sum, tl.max, ...) were made when Triton was imported, interpreter off: while
+    the fixture lives, ``tl`` names interpreted copies of them."""
+    from triton import language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
     name = "fusion_ops_interpreted_kernels"
     spec = importlib.util.spec_from_file_location(
         name, KERNELS / "__init__.py", submodule_search_locations=[str(KERNELS)]
@@ -41,7 +50,12 @@ def interpreted() -> ModuleType:
         spec.loader.exec_module(module)
     finally:
         knobs.runtime.interpret = previous
-    return module
+    with pytest.MonkeyPatch.context() as patch:
+        for attr in dir(tl):
+            member = getattr(tl, attr)
+            if isinstance(member, JITFunction):
+                patch.setattr(tl, attr, InterpretedFunction(member.fn))
+        yield module
 
 
 @pytest.mark.parametrize("fp8", [False, True])
@@ -73,3 +87,51 @@ def test_dequant_bytes_do_not_depend_on_the_tile(interpreted: ModuleType, fp8: b
         for warps in (1, 4):
             got = run(policy.DequantLaunch(tokens=tokens, num_warps=warps))
             assert torch.equal(got, want), (tokens, warps)
+
+
+_SPLIT_SCHEMES = {  # name -> (scheme, params)
+    "norm": (None, ()),
+    "mxfp4": ("mxfp4", ()),
+    "fp8_group128": ("fp8_group", (128, False, torch.float8_e4m3fn)),
+    "fp8_per_token": ("fp8_per_token", (False, torch.float8_e4m3fn)),
+}
+_NO_GPU = policy.DeviceFacts(hip=False, pdl=False, prefetch_weight=False, sm_count=132)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("name", sorted(_SPLIT_SCHEMES))
+def test_a_split_row_gives_the_bytes_of_one_program(
+    interpreted: ModuleType, monkeypatch: pytest.MonkeyPatch, name: str, residual: bool
+) -> None:
+    """norm_quant_kernel with a row over 2–16 programs (SPLIT, the decode-size path) writes the
+    bytes of one program per row: the normed row, residual_out, codes and scales (a per-token
+    scale from every program's whole-row amax; the one-max amax of a split quant), through the
+    op's own launcher with the interpreted kernel in place of the compiled one."""
+    from fusion_ops.triton_backend import norms
+
+    def launch(grid: tuple[int, ...], args: tuple[Any, ...], meta: Any) -> None:
+        options = {key: value for key, value in meta if key != "launch_pdl"}
+        interpreted.norm_quant_kernel[grid](*args, **options)
+
+    monkeypatch.setattr(norms, "_norm_quant_launch", launch)
+    scheme, params = _SPLIT_SCHEMES[name]
+    torch.manual_seed(0)
+    kdim, rows = 1000, 3  # one padded block of 1024: parts of 512 … 64 columns
+    x = torch.randn(rows, kdim).to(torch.bfloat16)
+    x[1, 17] = float("nan")  # a NaN block / group / row
+    x[2] *= 1e4
+    r = torch.randn_like(x) if residual else None
+    w = (1 + 0.1 * torch.randn(kdim)).to(torch.bfloat16)
+    base = policy.norm_launch(kdim, rows, _NO_GPU, scheme=scheme, params=params, residual=residual)
+    base = replace(base, split=1, int_amax=policy.amax_by_one_max(1, scheme, residual))
+    base = replace(base, inv_by_fma=False)  # its seeds are PTX: the interpreter runs no PTX
+    want = norms.norm_quant(x, r, w, 1e-6, scheme, params, scheme is None, launch=base)
+    for split in (2, 4, 8, 16):
+        if base.block_k // split < policy.smallest_part(scheme, params):
+            continue
+        forced = replace(base, split=split, int_amax=policy.amax_by_one_max(split, scheme))
+        got = norms.norm_quant(x, r, w, 1e-6, scheme, params, scheme is None, launch=forced)
+        for a, b, part in zip(got, want, ("y", "residual_out", "codes", "scales"), strict=True):
+            assert (a is None) == (b is None), part
+            if a is not None:
+                assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (split, part)
