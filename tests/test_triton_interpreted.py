@@ -25,6 +25,8 @@ triton = pytest.importorskip("triton", reason="needs triton (CI installs it)")
 knobs = pytest.importorskip("triton.knobs", reason="needs a Triton with knobs (3.4+)")
 
 KERNELS = Path(fusion_ops.__file__).parent / "triton_backend" / "kernels"
+# numpy's own warnings where the interpreter computes an inf (large rows, NaN/inf payloads)
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +60,14 @@ def interpreted() -> Iterator[ModuleType]:
         yield module
 
 
+_TRITON = tuple(int(part) for part in triton.__version__.split(".")[:2])
+
+
+@pytest.mark.skipif(
+    _TRITON >= (3, 9),
+    reason="Triton 3.9's interpreter rejects a load mask of a tensor & a scalar bool ('mask has "
+    "unsupported dtype'); compiled kernels take it (the compile check builds this one)",
+)
 @pytest.mark.parametrize("fp8", [False, True])
 def test_dequant_bytes_do_not_depend_on_the_tile(interpreted: ModuleType, fp8: bool) -> None:
     """dequant_dsv4_kernel with every tile of a 64-token block (1–32 tokens per program, 1 or 4
