@@ -145,3 +145,36 @@ def test_a_split_row_gives_the_bytes_of_one_program(
             assert (a is None) == (b is None), part
             if a is not None:
                 assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (split, part)
+
+
+@pytest.mark.parametrize("name", ["norm", "mxfp4", "fp8_per_token"])
+def test_q_kv_with_q_split_gives_the_bytes_of_one_program(
+    interpreted: ModuleType, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """q_kv_norm_quant_kernel with q's row over 2 or 4 programs (Q_SPLIT) writes the bytes of
+    one program per q row (normed q or its codes and scales, and the normed kv)."""
+    from fusion_ops.triton_backend import norms
+
+    def launch(grid: tuple[int, ...], args: tuple[Any, ...], meta: Any) -> None:
+        options = {key: value for key, value in meta if key != "launch_pdl"}
+        interpreted.q_kv_norm_quant_kernel[grid](*args, **options)
+
+    monkeypatch.setattr(norms, "_q_kv_launch", launch)
+    scheme, params = _SPLIT_SCHEMES[name]
+    torch.manual_seed(0)
+    q = torch.randn(3, 1536).to(torch.bfloat16)
+    kv = torch.randn(3, 512).to(torch.bfloat16)
+    q[1, 40] = float("nan")
+    wq = (1 + 0.1 * torch.randn(1536)).to(torch.bfloat16)
+    wkv = (1 + 0.1 * torch.randn(512)).to(torch.bfloat16)
+    base = policy.q_kv_launch(1536, 512, 3, _NO_GPU, scheme=scheme, params=params)
+    base = replace(base, inv_by_fma=False, q_split=1)  # (the FMA seeds are PTX)
+    want = norms.q_kv_norm(q, wq, 1e-6, kv, wkv, 1e-6, scheme, params, launch=base)
+    for split in (2, 4):
+        got = norms.q_kv_norm(
+            q, wq, 1e-6, kv, wkv, 1e-6, scheme, params, launch=replace(base, q_split=split)
+        )
+        for a, b, part in zip(got, want, ("q", "codes", "scales", "kv"), strict=True):
+            assert (a is None) == (b is None), part
+            if a is not None:
+                assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (split, part)
