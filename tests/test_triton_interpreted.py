@@ -108,15 +108,35 @@ _SPLIT_SCHEMES = {  # name -> (scheme, params)
 _NO_GPU = policy.DeviceFacts(hip=False, pdl=False, prefetch_weight=False, sm_count=132)
 
 
+def _norm_variants(
+    base: policy.NormLaunch, kdim: int, scheme: str | None, params: tuple[Any, ...], res: bool
+) -> dict[str, policy.NormLaunch]:
+    """Every speed-only choice of a NormLaunch against ``base`` (one program per row, one
+    padded block): a row over 2–16 programs, unpadded pieces (block quants without a residual),
+    the other amax reduction, the weight loaded first."""
+    out = {}
+    for split in (2, 4, 8, 16):
+        if base.block_k // split >= policy.smallest_part(scheme, params):
+            one_max = policy.amax_by_one_max(split, scheme, res)
+            out[f"split {split}"] = replace(base, split=split, int_amax=one_max)
+    pieces = policy.row_pieces(kdim, policy.MANY_ROWS, scheme, params, res)
+    if pieces[0]:
+        out[f"pieces {pieces}"] = replace(base, pieces=pieces)
+    if scheme is not None:
+        out["other amax reduction"] = replace(base, int_amax=not base.int_amax)
+    out["weight first"] = replace(base, prefetch_weight=True)
+    return out
+
+
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("name", sorted(_SPLIT_SCHEMES))
-def test_a_split_row_gives_the_bytes_of_one_program(
+def test_speed_only_launch_choices_keep_the_bytes(
     interpreted: ModuleType, monkeypatch: pytest.MonkeyPatch, name: str, residual: bool
 ) -> None:
-    """norm_quant_kernel with a row over 2–16 programs (SPLIT, the decode-size path) writes the
-    bytes of one program per row: the normed row, residual_out, codes and scales (a per-token
-    scale from every program's whole-row amax; the one-max amax of a split quant), through the
-    op's own launcher with the interpreted kernel in place of the compiled one."""
+    """norm_quant_kernel launched with each speed-only choice of its record (_norm_variants;
+    the decode-size split among them) writes the bytes of one program per row: the normed row,
+    residual_out, codes and scales (a NaN block, group and row included), through the op's own
+    launcher with the interpreted kernel in place of the compiled one."""
     from fusion_ops.triton_backend import norms
 
     def launch(grid: tuple[int, ...], args: tuple[Any, ...], meta: Any) -> None:
@@ -126,7 +146,7 @@ def test_a_split_row_gives_the_bytes_of_one_program(
     monkeypatch.setattr(norms, "_norm_quant_launch", launch)
     scheme, params = _SPLIT_SCHEMES[name]
     torch.manual_seed(0)
-    kdim, rows = 1000, 3  # one padded block of 1024: parts of 512 … 64 columns
+    kdim, rows = 1792, 3  # one padded block of 2048 (parts of 1024 … 128), or pieces 1024+512+256
     x = torch.randn(rows, kdim).to(torch.bfloat16)
     x[1, 17] = float("nan")  # a NaN block / group / row
     x[2] *= 1e4
@@ -136,23 +156,26 @@ def test_a_split_row_gives_the_bytes_of_one_program(
     base = replace(base, split=1, int_amax=policy.amax_by_one_max(1, scheme, residual))
     base = replace(base, inv_by_fma=False)  # its seeds are PTX: the interpreter runs no PTX
     want = norms.norm_quant(x, r, w, 1e-6, scheme, params, scheme is None, launch=base)
-    for split in (2, 4, 8, 16):
-        if base.block_k // split < policy.smallest_part(scheme, params):
-            continue
-        forced = replace(base, split=split, int_amax=policy.amax_by_one_max(split, scheme))
+    variants = _norm_variants(base, kdim, scheme, params, residual)
+    assert any(label.startswith("split") for label in variants)
+    assert any(label.startswith("pieces") for label in variants) == (
+        scheme in ("mxfp4", "fp8_group") and not residual
+    )
+    for label, forced in variants.items():
         got = norms.norm_quant(x, r, w, 1e-6, scheme, params, scheme is None, launch=forced)
         for a, b, part in zip(got, want, ("y", "residual_out", "codes", "scales"), strict=True):
             assert (a is None) == (b is None), part
             if a is not None:
-                assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (split, part)
+                assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (label, part)
 
 
-@pytest.mark.parametrize("name", ["norm", "mxfp4", "fp8_per_token"])
-def test_q_kv_with_q_split_gives_the_bytes_of_one_program(
+@pytest.mark.parametrize("name", sorted(_SPLIT_SCHEMES))
+def test_q_kv_speed_only_launch_choices_keep_the_bytes(
     interpreted: ModuleType, monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:
-    """q_kv_norm_quant_kernel with q's row over 2 or 4 programs (Q_SPLIT) writes the bytes of
-    one program per q row (normed q or its codes and scales, and the normed kv)."""
+    """q_kv_norm_quant_kernel with q's row over 2 or 4 programs (Q_SPLIT), two rows per program,
+    q in pieces (with a quant), or the weights loaded first writes the bytes of one program per
+    row (normed q or its codes and scales, and the normed kv)."""
     from fusion_ops.triton_backend import norms
 
     def launch(grid: tuple[int, ...], args: tuple[Any, ...], meta: Any) -> None:
@@ -168,13 +191,19 @@ def test_q_kv_with_q_split_gives_the_bytes_of_one_program(
     wq = (1 + 0.1 * torch.randn(1536)).to(torch.bfloat16)
     wkv = (1 + 0.1 * torch.randn(512)).to(torch.bfloat16)
     base = policy.q_kv_launch(1536, 512, 3, _NO_GPU, scheme=scheme, params=params)
-    base = replace(base, inv_by_fma=False, q_split=1)  # (the FMA seeds are PTX)
+    base = replace(base, inv_by_fma=False, q_split=1, rows_per_program=1)  # (FMA seeds: PTX)
     want = norms.q_kv_norm(q, wq, 1e-6, kv, wkv, 1e-6, scheme, params, launch=base)
-    for split in (2, 4):
-        got = norms.q_kv_norm(
-            q, wq, 1e-6, kv, wkv, 1e-6, scheme, params, launch=replace(base, q_split=split)
-        )
+    variants = {
+        "q split 2": replace(base, q_split=2),
+        "q split 4": replace(base, q_split=4),
+        "2 rows per program": replace(base, rows_per_program=2),
+        "weights first": replace(base, prefetch_weight=True),
+    }
+    if scheme is not None and policy.quant_group(scheme, params):
+        variants["q in pieces"] = replace(base, pieces=(1024, 512, 0))
+    for label, forced in variants.items():
+        got = norms.q_kv_norm(q, wq, 1e-6, kv, wkv, 1e-6, scheme, params, launch=forced)
         for a, b, part in zip(got, want, ("q", "codes", "scales", "kv"), strict=True):
             assert (a is None) == (b is None), part
             if a is not None:
-                assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (split, part)
+                assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (label, part)
