@@ -108,6 +108,24 @@ _SPLIT_SCHEMES = {  # name -> (scheme, params)
 _NO_GPU = policy.DeviceFacts(hip=False, pdl=False, prefetch_weight=False, sm_count=132)
 
 
+def _launcher(kernel: Any) -> Any:
+    """A launcher's stand-in (grid, runtime args, meta) that runs ``kernel`` interpreted (the
+    interpreter takes no ``launch_pdl``; the records here have PDL off)."""
+
+    def launch(grid: tuple[int, ...], args: tuple[Any, ...], meta: Any) -> None:
+        kernel[grid](*args, **{key: value for key, value in meta if key != "launch_pdl"})
+
+    return launch
+
+
+def _assert_same_bytes(got: tuple[Any, ...], want: tuple[Any, ...], parts: tuple[str, ...],
+                       label: str) -> None:  # fmt: skip
+    for a, b, part in zip(got, want, parts, strict=True):
+        assert (a is None) == (b is None), (label, part)
+        if a is not None:
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (label, part)
+
+
 def _norm_variants(
     base: policy.NormLaunch, kdim: int, scheme: str | None, params: tuple[Any, ...], res: bool
 ) -> dict[str, policy.NormLaunch]:
@@ -139,11 +157,7 @@ def test_speed_only_launch_choices_keep_the_bytes(
     launcher with the interpreted kernel in place of the compiled one."""
     from fusion_ops.triton_backend import norms
 
-    def launch(grid: tuple[int, ...], args: tuple[Any, ...], meta: Any) -> None:
-        options = {key: value for key, value in meta if key != "launch_pdl"}
-        interpreted.norm_quant_kernel[grid](*args, **options)
-
-    monkeypatch.setattr(norms, "_norm_quant_launch", launch)
+    monkeypatch.setattr(norms, "_norm_quant_launch", _launcher(interpreted.norm_quant_kernel))
     scheme, params = _SPLIT_SCHEMES[name]
     torch.manual_seed(0)
     kdim, rows = 1792, 3  # one padded block of 2048 (parts of 1024 … 128), or pieces 1024+512+256
@@ -163,10 +177,7 @@ def test_speed_only_launch_choices_keep_the_bytes(
     )
     for label, forced in variants.items():
         got = norms.norm_quant(x, r, w, 1e-6, scheme, params, scheme is None, launch=forced)
-        for a, b, part in zip(got, want, ("y", "residual_out", "codes", "scales"), strict=True):
-            assert (a is None) == (b is None), part
-            if a is not None:
-                assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (label, part)
+        _assert_same_bytes(got, want, ("y", "residual_out", "codes", "scales"), label)
 
 
 @pytest.mark.parametrize("name", sorted(_SPLIT_SCHEMES))
@@ -178,11 +189,7 @@ def test_q_kv_speed_only_launch_choices_keep_the_bytes(
     row (normed q or its codes and scales, and the normed kv)."""
     from fusion_ops.triton_backend import norms
 
-    def launch(grid: tuple[int, ...], args: tuple[Any, ...], meta: Any) -> None:
-        options = {key: value for key, value in meta if key != "launch_pdl"}
-        interpreted.q_kv_norm_quant_kernel[grid](*args, **options)
-
-    monkeypatch.setattr(norms, "_q_kv_launch", launch)
+    monkeypatch.setattr(norms, "_q_kv_launch", _launcher(interpreted.q_kv_norm_quant_kernel))
     scheme, params = _SPLIT_SCHEMES[name]
     torch.manual_seed(0)
     q = torch.randn(3, 1536).to(torch.bfloat16)
@@ -203,7 +210,4 @@ def test_q_kv_speed_only_launch_choices_keep_the_bytes(
         variants["q in pieces"] = replace(base, pieces=(1024, 512, 0))
     for label, forced in variants.items():
         got = norms.q_kv_norm(q, wq, 1e-6, kv, wkv, 1e-6, scheme, params, launch=forced)
-        for a, b, part in zip(got, want, ("q", "codes", "scales", "kv"), strict=True):
-            assert (a is None) == (b is None), part
-            if a is not None:
-                assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (label, part)
+        _assert_same_bytes(got, want, ("q", "codes", "scales", "kv"), label)
