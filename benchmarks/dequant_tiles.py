@@ -22,7 +22,7 @@ import torch
 import fusion_ops
 from benchmarks.kernels import bench_interleaved, report, warm_up
 from fusion_ops import launch_policy as policy
-from fusion_ops.triton_backend.rope_cache import _dequant
+from fusion_ops.triton_backend.rope_cache import dequant
 
 FN = torch.float8_e4m3fn
 BLOCK_SIZE = 64
@@ -36,17 +36,17 @@ def calls(
     cache.random_(0, 200)
     ids = torch.randperm(blocks + 1, device="cuda")[:blocks]
     out_dtype = FN if fp8 else None
-    want = _dequant(cache, ids, "dsv4_fp8", out_dtype)
+    want = dequant(cache, ids, "dsv4_fp8", out_dtype)
     fns: dict[str, Callable[[], Any]] = {
-        "policy": lambda: _dequant(cache, ids, "dsv4_fp8", out_dtype)
+        "policy": lambda: dequant(cache, ids, "dsv4_fp8", out_dtype)
     }
     for tok in tokens:
         for w in warps:
             launch = policy.DequantLaunch(tokens=tok, num_warps=w)
-            got = _dequant(cache, ids, "dsv4_fp8", out_dtype, launch)
+            got = dequant(cache, ids, "dsv4_fp8", out_dtype, launch)
             if not torch.equal(got.view(torch.uint8), want.view(torch.uint8)):
                 raise AssertionError(f"{launch}: other bytes than the policy's record")
-            fns[f"{tok}t/{w}w"] = lambda launch=launch: _dequant(
+            fns[f"{tok}t/{w}w"] = lambda launch=launch: dequant(
                 cache, ids, "dsv4_fp8", out_dtype, launch
             )
     return fns

@@ -52,12 +52,23 @@ def interpreted() -> Iterator[ModuleType]:
         spec.loader.exec_module(module)
     finally:
         knobs.runtime.interpret = previous
-    with pytest.MonkeyPatch.context() as patch:
-        for attr in dir(tl):
-            member = getattr(tl, attr)
-            if isinstance(member, JITFunction):
-                patch.setattr(tl, attr, InterpretedFunction(member.fn))
-        yield module
+    # the interpreter patches triton.language's modules while it runs a function and does not
+    # restore all of it for nested interpreted functions: put every attribute back afterwards,
+    # so kernels compiled later in this process see the real language
+    spaces = (tl, tl.core, tl.standard, tl.math, tl.tensor, tl.dtype)
+    saved = [(space, dict(vars(space))) for space in spaces]
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            for attr in dir(tl):
+                member = getattr(tl, attr)
+                if isinstance(member, JITFunction):
+                    patch.setattr(tl, attr, InterpretedFunction(member.fn))
+            yield module
+    finally:
+        for space, attrs in saved:
+            for attr, value in attrs.items():
+                if vars(space).get(attr) is not value:
+                    setattr(space, attr, value)
 
 
 _TRITON = tuple(int(part) for part in triton.__version__.split(".")[:2])

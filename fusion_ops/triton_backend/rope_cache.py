@@ -195,14 +195,15 @@ def rms_norm_rope_mla_cache_write(
     return kv_out
 
 
-def _dequant(
+def dequant(
     kv_cache: torch.Tensor,
     block_ids: torch.Tensor,
     layout: str,
     fp8_dtype: torch.dtype | None,
     launch: policy.DequantLaunch | None = None,
 ) -> torch.Tensor:
-    """``launch``: the policy's record for these blocks unless given (benchmarks override it)."""
+    """The dequant_cache(_fp8) launcher: ``kv_cache``'s blocks ``block_ids`` as rows, bf16 or cast
+    to ``fp8_dtype``; ``launch``: the policy's record unless given (benchmarks override it)."""
     nb, bs, row = kv_cache.shape
     n = block_ids.shape[0]
     to_fp8 = fp8_dtype is not None
@@ -242,11 +243,11 @@ def _reference_dequant(kv_cache, block_ids, layout, fp8_dtype):  # type: ignore[
 
 @register_impl("dequant_cache", "triton")
 def dequant_cache(kv_cache, block_ids, layout):  # type: ignore[no-untyped-def]
-    return _dequant(kv_cache, block_ids, layout, None)
+    return dequant(kv_cache, block_ids, layout, None)
 
 
 @register_impl("dequant_cache_fp8", "triton")
 def dequant_cache_fp8(kv_cache, block_ids, layout, fp8_dtype):  # type: ignore[no-untyped-def]
     if fp8_dtype == FNUZ and not IS_HIP:
         return _reference_dequant(kv_cache, block_ids, layout, fp8_dtype)
-    return _dequant(kv_cache, block_ids, layout, fp8_dtype)
+    return dequant(kv_cache, block_ids, layout, fp8_dtype)
